@@ -1,0 +1,79 @@
+//! Connecting to PostgreSQL and applying `migrations/`.
+
+use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::PgPool;
+use std::borrow::Cow;
+use std::str::FromStr;
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("the database URL is not valid")]
+    BadUrl(#[source] sqlx::Error),
+    #[error("cannot connect to PostgreSQL at {target}")]
+    Connect {
+        target: String,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("applying migrations failed")]
+    Migrate(#[source] sqlx::migrate::MigrateError),
+}
+
+/// The migrations in `migrations/`, compiled into the binary so that it can migrate a
+/// database from anywhere.
+pub fn migrator() -> Migrator {
+    let files: [(i64, &str, &str); 1] = [(
+        1,
+        "event store",
+        include_str!("../../migrations/0001_event_store.sql"),
+    )];
+    Migrator {
+        migrations: Cow::Owned(
+            files
+                .into_iter()
+                .map(|(version, description, sql)| {
+                    Migration::new(
+                        version,
+                        Cow::Borrowed(description),
+                        MigrationType::Simple,
+                        Cow::Borrowed(sql),
+                        false,
+                    )
+                })
+                .collect(),
+        ),
+        ..Migrator::DEFAULT
+    }
+}
+
+/// Where a URL points, without its password, for messages.
+pub fn describe(url: &str) -> String {
+    match PgConnectOptions::from_str(url) {
+        Ok(o) => format!(
+            "{}:{}/{} as {}",
+            o.get_host(),
+            o.get_port(),
+            o.get_database().unwrap_or("postgres"),
+            o.get_username()
+        ),
+        Err(_) => "<invalid URL>".into(),
+    }
+}
+
+/// A pool with `max_connections`, failing fast when the server is not there.
+pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, DbError> {
+    let options = PgConnectOptions::from_str(url).map_err(DbError::BadUrl)?;
+    PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect_with(options)
+        .await
+        .map_err(|source| DbError::Connect { target: describe(url), source })
+}
+
+/// Applies every migration not yet applied. Needs a role that owns the schema.
+pub async fn migrate(pool: &PgPool) -> Result<(), DbError> {
+    migrator().run(pool).await.map_err(DbError::Migrate)
+}

@@ -1,0 +1,108 @@
+//! Reading the event store directly: one run's events in order, ranges by position.
+//! Used by the relay, audit and replay tooling; queries never read events otherwise.
+
+use chrono::{DateTime, Utc};
+use factory_nats::EventEnvelope;
+use sqlx::postgres::PgRow;
+use sqlx::{PgExecutor, Row};
+use uuid::Uuid;
+
+pub(crate) const ENVELOPE_COLUMNS: &str = "position, aggregate_type, aggregate_id, sequence, \
+     event_type, event_version, run_id, recorded_at, payload, metadata, hash";
+
+/// The store keeps cqrs-es's externally tagged form `{"EventType": {..}}`; readers get the
+/// inner object.
+fn untag(event_type: &str, payload: serde_json::Value) -> serde_json::Value {
+    match payload {
+        serde_json::Value::Object(mut map) if map.len() == 1 && map.contains_key(event_type) => {
+            map.remove(event_type).unwrap_or_default()
+        }
+        other => other,
+    }
+}
+
+pub(crate) fn envelope_from_row(row: &PgRow) -> Result<EventEnvelope, sqlx::Error> {
+    let event_type: String = row.try_get("event_type")?;
+    let payload: serde_json::Value = row.try_get("payload")?;
+    let hash: Vec<u8> = row.try_get("hash")?;
+    Ok(EventEnvelope {
+        position: row.try_get("position")?,
+        aggregate_type: row.try_get("aggregate_type")?,
+        aggregate_id: row.try_get("aggregate_id")?,
+        sequence: row.try_get("sequence")?,
+        payload: untag(&event_type, payload),
+        event_type,
+        event_version: row.try_get("event_version")?,
+        run_id: row.try_get::<Option<Uuid>, _>("run_id")?,
+        recorded_at: row.try_get::<DateTime<Utc>, _>("recorded_at")?,
+        metadata: row.try_get("metadata")?,
+        hash: hex(&hash),
+    })
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+/// Every event of one run, in position order. Empty when the run does not exist.
+pub async fn run_events<'e>(
+    db: impl PgExecutor<'e>,
+    run_id: Uuid,
+    up_to: Option<i64>,
+) -> Result<Vec<EventEnvelope>, sqlx::Error> {
+    let sql = format!(
+        "SELECT {ENVELOPE_COLUMNS} FROM events WHERE run_id = $1 AND position <= $2 ORDER BY position"
+    );
+    sqlx::query(&sql)
+        .bind(run_id)
+        .bind(up_to.unwrap_or(i64::MAX))
+        .fetch_all(db)
+        .await?
+        .iter()
+        .map(envelope_from_row)
+        .collect()
+}
+
+/// Events with `after < position <= up_to`, in order, at most `limit`.
+pub async fn range<'e>(
+    db: impl PgExecutor<'e>,
+    after: i64,
+    up_to: i64,
+    limit: i64,
+) -> Result<Vec<EventEnvelope>, sqlx::Error> {
+    let sql = format!(
+        "SELECT {ENVELOPE_COLUMNS} FROM events WHERE position > $1 AND position <= $2 \
+         ORDER BY position LIMIT $3"
+    );
+    sqlx::query(&sql)
+        .bind(after)
+        .bind(up_to)
+        .bind(limit)
+        .fetch_all(db)
+        .await?
+        .iter()
+        .map(envelope_from_row)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn untag_takes_the_inner_object_only_when_tagged_by_the_event_type() {
+        let tagged = serde_json::json!({"StageStarted": {"stage": "ba"}});
+        assert_eq!(untag("StageStarted", tagged), serde_json::json!({"stage": "ba"}));
+        let other = serde_json::json!({"Other": {"stage": "ba"}});
+        assert_eq!(untag("StageStarted", other.clone()), other);
+    }
+
+    #[test]
+    fn hex_is_lowercase_two_digits_per_byte() {
+        assert_eq!(hex(&[0, 15, 255]), "000fff");
+    }
+}

@@ -1,0 +1,375 @@
+//! The relay: PostgreSQL -> JetStream, every event, in position order, exactly once in the
+//! stream.
+//!
+//! * **Safe horizon.** Positions come from a sequence, so a transaction may hold a lower
+//!   position and commit after one with a higher position. The relay never reads past a
+//!   position some still-running transaction might hold: `events_horizon()` returns the
+//!   highest position drawn so far (`V`) and then a snapshot. Every position `<= V` was drawn
+//!   by a transaction whose id is below that snapshot's `xmax` (the insert trigger takes the
+//!   transaction id before drawing the position). So once a later snapshot's `xmin` reaches
+//!   that `xmax`, every one of those transactions has committed or aborted, and all events up
+//!   to `V` are visible: `V` is safe. When no transaction is running (`xmin == xmax`), `V` is
+//!   safe at once.
+//! * **Checkpoint after PubAck.** The checkpoint (position and stream sequence) is written to
+//!   PostgreSQL only after JetStream acknowledged every message up to it. On restart, messages
+//!   the stream holds past the checkpoint are read back and not published again; anything
+//!   else in doubt is repeated with the same `Nats-Msg-Id`, which JetStream drops.
+//! * **One active relay.** A session advisory lock; other processes wait as standbys.
+//! * **Woken** in-process by the store, across processes by LISTEN/NOTIFY, and by a poll.
+
+use crate::events;
+use async_nats::jetstream;
+use factory_nats::{EventEnvelope, Topology, cloud_event_headers};
+use sqlx::postgres::PgListener;
+use sqlx::{Connection, PgConnection, PgPool};
+use std::collections::{HashSet, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::{Duration, Instant};
+use tokio::sync::Notify;
+
+#[derive(Debug, Clone)]
+pub struct RelayOptions {
+    /// Names the checkpoint and the advisory lock.
+    pub name: String,
+    pub batch_size: usize,
+    /// The backstop poll when no wake-up arrives.
+    pub poll_interval: Duration,
+    /// How long to wait for JetStream's acknowledgement of a publish.
+    pub ack_timeout: Duration,
+}
+
+impl Default for RelayOptions {
+    fn default() -> Self {
+        Self {
+            name: "relay".into(),
+            batch_size: 2000,
+            poll_interval: Duration::from_millis(500),
+            ack_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error("the event store could not be read or the checkpoint written")]
+    Database(#[from] sqlx::Error),
+    #[error("JetStream did not accept the events")]
+    Publish(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("the relay's leadership lock connection was lost")]
+    LostLock,
+}
+
+/// Progress the relay reports, for readiness and metrics.
+#[derive(Debug, Default)]
+pub struct RelayProgress {
+    /// The last position acknowledged by JetStream.
+    pub published: AtomicI64,
+}
+
+pub struct Relay {
+    pool: PgPool,
+    js: jetstream::Context,
+    topology: Topology,
+    options: RelayOptions,
+    wake: Arc<Notify>,
+    progress: Arc<RelayProgress>,
+}
+
+impl Relay {
+    pub fn new(pool: PgPool, js: jetstream::Context, topology: Topology, options: RelayOptions) -> Self {
+        let mut js = js;
+        js.set_timeout(options.ack_timeout);
+        Self {
+            pool,
+            js,
+            topology,
+            options,
+            wake: Arc::new(Notify::new()),
+            progress: Arc::default(),
+        }
+    }
+
+    /// Wake the relay when this process commits (see `Store::committed`).
+    pub fn with_wake(mut self, wake: Arc<Notify>) -> Self {
+        self.wake = wake;
+        self
+    }
+
+    pub fn progress(&self) -> Arc<RelayProgress> {
+        self.progress.clone()
+    }
+
+    /// Runs until the task is dropped. Errors are logged and retried with backoff; they
+    /// never lose an event.
+    pub async fn run(self) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match self.lead().await {
+                Ok(()) => backoff = Duration::from_millis(100),
+                Err(error) => {
+                    tracing::warn!(error = %error_chain(&error), ?backoff, "relay interrupted; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    /// Takes the leadership lock (waiting as a standby while another relay holds it), then
+    /// publishes until an error.
+    async fn lead(&self) -> Result<(), RelayError> {
+        let mut lock = PgConnection::connect_with(&self.pool.connect_options()).await?;
+        let key = format!("factory-relay:{}", self.options.name);
+        loop {
+            let acquired: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtextextended($1, 0))")
+                .bind(&key)
+                .fetch_one(&mut lock)
+                .await?;
+            if acquired {
+                break;
+            }
+            tracing::debug!("another relay is active; standing by");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        tracing::info!(name = %self.options.name, "relay active");
+        let mut listener = PgListener::connect_with(&self.pool).await?;
+        listener.listen("factory_events").await?;
+        self.topology
+            .ensure_streams(&self.js)
+            .await
+            .map_err(|e| RelayError::Publish(Box::new(e)))?;
+        let mut cursor = self.recover().await?;
+        self.progress.published.store(cursor.position, Ordering::Relaxed);
+        let mut horizon = Horizon::default();
+        let mut lock_checked = Instant::now();
+        loop {
+            let (drawn, xmin, xmax): (i64, i64, i64) =
+                sqlx::query_as("SELECT last_position, xmin, xmax FROM events_horizon()")
+                    .fetch_one(&self.pool)
+                    .await?;
+            let safe = horizon.observe(drawn, xmin, xmax);
+            let mut full_batch = false;
+            if safe > cursor.position {
+                full_batch = self.publish_up_to(&mut cursor, safe).await?;
+            }
+            if lock_checked.elapsed() > Duration::from_secs(1) {
+                sqlx::query("SELECT 1").execute(&mut lock).await.map_err(|_| RelayError::LostLock)?;
+                lock_checked = Instant::now();
+            }
+            if full_batch {
+                continue;
+            }
+            // In-flight transactions end with a commit (NOTIFY) or an abort (no NOTIFY):
+            // look again soon rather than at the backstop interval.
+            let pause = if horizon.is_waiting() {
+                Duration::from_millis(2)
+            } else {
+                self.options.poll_interval
+            };
+            tokio::select! {
+                _ = self.wake.notified() => {}
+                notification = listener.recv() => {
+                    if let Err(error) = notification {
+                        tracing::debug!(%error, "LISTEN connection interrupted; it reconnects");
+                    }
+                }
+                _ = tokio::time::sleep(pause) => {}
+            }
+        }
+    }
+
+    /// Where to resume: the checkpoint, reconciled with what the stream actually holds.
+    async fn recover(&self) -> Result<Cursor, RelayError> {
+        let row: Option<(i64, i64)> = sqlx::query_as(
+            "SELECT position, stream_sequence FROM relay_checkpoints WHERE name = $1",
+        )
+        .bind(&self.options.name)
+        .fetch_optional(&self.pool)
+        .await?;
+        let (mut position, mut stream_sequence) = row.unwrap_or((0, 0));
+        let mut already = HashSet::new();
+        let publish_err = |e: Box<dyn std::error::Error + Send + Sync>| RelayError::Publish(e);
+        let mut stream = self
+            .js
+            .get_stream(&self.topology.events_stream)
+            .await
+            .map_err(|e| publish_err(e.into()))?;
+        let state = stream.info().await.map_err(|e| publish_err(e.into()))?.state.clone();
+        let last = state.last_sequence;
+        if state.messages == 0 || last < stream_sequence as u64 {
+            // The stream holds less than we published (lost or recreated): publish again
+            // from what it still has.
+            let kept = if state.messages == 0 {
+                0
+            } else {
+                self.position_at(&stream, last).await?
+            };
+            if position > kept {
+                tracing::warn!(checkpoint = position, stream_has = kept, "stream is behind the store; republishing");
+            }
+            position = position.min(kept);
+            stream_sequence = last as i64;
+        } else if last > stream_sequence as u64 {
+            // Published after the last checkpoint (a crash between PubAck and checkpoint):
+            // remember those positions so they are not published a second time.
+            const MAX_SCAN: u64 = 50_000;
+            let from = (stream_sequence as u64 + 1).max(last.saturating_sub(MAX_SCAN));
+            for seq in from..=last {
+                already.insert(self.position_at(&stream, seq).await?);
+            }
+            stream_sequence = last as i64;
+        }
+        Ok(Cursor { position, stream_sequence, already })
+    }
+
+    async fn position_at(&self, stream: &jetstream::stream::Stream, seq: u64) -> Result<i64, RelayError> {
+        let message = stream
+            .get_raw_message(seq)
+            .await
+            .map_err(|e| RelayError::Publish(e.into()))?;
+        let envelope: EventEnvelope = serde_json::from_slice(&message.payload)
+            .map_err(|e| RelayError::Publish(e.into()))?;
+        Ok(envelope.position)
+    }
+
+    /// Publishes one batch after `cursor` up to `safe`; true when more are waiting.
+    async fn publish_up_to(&self, cursor: &mut Cursor, safe: i64) -> Result<bool, RelayError> {
+        let limit = self.options.batch_size as i64;
+        let batch = events::range(&self.pool, cursor.position, safe, limit).await?;
+        let full = batch.len() as i64 == limit;
+        let mut acks = Vec::with_capacity(batch.len());
+        for envelope in &batch {
+            if cursor.already.remove(&envelope.position) {
+                continue;
+            }
+            let subject = self.topology.event_subject(
+                envelope.run_id.map(|r| r.to_string()).as_deref(),
+                &envelope.aggregate_type,
+                &envelope.event_type,
+            );
+            let body = serde_json::to_vec(envelope).map_err(|e| RelayError::Publish(e.into()))?;
+            let ack = self
+                .js
+                .send_publish(subject, jetstream::message::PublishMessage::build().payload(body.into()).headers(cloud_event_headers(envelope)))
+                .await
+                .map_err(|e| RelayError::Publish(e.into()))?;
+            acks.push(ack);
+        }
+        let mut stream_sequence = cursor.stream_sequence;
+        for ack in acks {
+            let ack = ack.await.map_err(|e| RelayError::Publish(e.into()))?;
+            if !ack.duplicate {
+                stream_sequence = stream_sequence.max(ack.sequence as i64);
+            }
+        }
+        // Every position up to `safe` is settled; when the batch was not full we have seen
+        // all of them, including gaps left by aborted transactions.
+        let position = if full {
+            batch.last().map(|e| e.position).unwrap_or(cursor.position)
+        } else {
+            safe
+        };
+        sqlx::query(
+            "INSERT INTO relay_checkpoints (name, position, stream_sequence) VALUES ($1, $2, $3) \
+             ON CONFLICT (name) DO UPDATE SET position = $2, stream_sequence = $3, updated_at = now()",
+        )
+        .bind(&self.options.name)
+        .bind(position)
+        .bind(stream_sequence)
+        .execute(&self.pool)
+        .await?;
+        cursor.position = position;
+        cursor.stream_sequence = stream_sequence;
+        self.progress.published.store(position, Ordering::Relaxed);
+        Ok(full)
+    }
+}
+
+struct Cursor {
+    position: i64,
+    stream_sequence: i64,
+    /// Positions found in the stream past the checkpoint at start-up.
+    already: HashSet<i64>,
+}
+
+/// The safe horizon (see the module docs): pairs of (highest drawn position, snapshot
+/// xmax) waiting for every transaction below that xmax to end.
+#[derive(Debug, Default)]
+struct Horizon {
+    waiting: VecDeque<(i64, i64)>,
+    safe: i64,
+}
+
+impl Horizon {
+    fn observe(&mut self, drawn: i64, xmin: i64, xmax: i64) -> i64 {
+        if xmin == xmax {
+            // No transaction is running: everything drawn so far is settled.
+            self.waiting.clear();
+            self.safe = self.safe.max(drawn);
+            return self.safe;
+        }
+        while let Some(&(position, until)) = self.waiting.front() {
+            if until > xmin {
+                break;
+            }
+            self.safe = self.safe.max(position);
+            self.waiting.pop_front();
+        }
+        if drawn > self.safe {
+            match self.waiting.back_mut() {
+                Some(last) if last.1 == xmax => last.0 = last.0.max(drawn),
+                _ => self.waiting.push_back((drawn, xmax)),
+            }
+        }
+        self.safe
+    }
+
+    fn is_waiting(&self) -> bool {
+        !self.waiting.is_empty()
+    }
+}
+
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Horizon;
+
+    #[test]
+    fn idle_database_makes_everything_drawn_safe() {
+        let mut h = Horizon::default();
+        assert_eq!(h.observe(10, 500, 500), 10);
+        assert!(!h.is_waiting());
+    }
+
+    #[test]
+    fn running_transactions_hold_the_horizon_until_they_end() {
+        let mut h = Horizon::default();
+        // Position 11 drawn; transaction 100 still running (xmin 100, xmax 102).
+        assert_eq!(h.observe(11, 100, 102), 0);
+        assert!(h.is_waiting());
+        // 100 ended but 101 still runs: xmin 101 < 102, still not safe.
+        assert_eq!(h.observe(12, 101, 103), 0);
+        // Everything below 102 ended: 11 is safe, 12 waits for xmax 103.
+        assert_eq!(h.observe(12, 102, 104), 11);
+        assert_eq!(h.observe(12, 103, 104), 12);
+    }
+
+    #[test]
+    fn horizon_never_goes_back() {
+        let mut h = Horizon::default();
+        assert_eq!(h.observe(20, 7, 7), 20);
+        assert_eq!(h.observe(20, 8, 9), 20);
+        assert_eq!(h.observe(25, 9, 9), 25);
+    }
+}

@@ -1,0 +1,134 @@
+//! Executing commands: cqrs-es with the postgres-es repository, optimistic concurrency
+//! retried from fresh state, and an in-process signal that events were committed.
+
+use cqrs_es::{Aggregate, AggregateError, CqrsFramework};
+use cqrs_es::persist::PersistedEventStore;
+use factory_domain::{
+    Objective, ObjectiveCommand, ObjectiveError, ObjectiveId, Run, RunCommand, RunError, RunId,
+    SharedServices,
+};
+use postgres_es::PostgresEventRepository;
+use sqlx::PgPool;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Notify;
+
+type Framework<A> = CqrsFramework<A, PersistedEventStore<PostgresEventRepository, A>>;
+
+/// How often a command that lost an optimistic-concurrency race is retried from fresh state
+/// before the conflict is reported.
+const MAX_ATTEMPTS: u32 = 32;
+
+/// Why a command was not carried out.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError<E: std::error::Error + 'static> {
+    /// The aggregate refused the command; nothing was written.
+    #[error(transparent)]
+    Refused(E),
+    /// Other writers kept winning the race for this aggregate.
+    #[error("the command lost {MAX_ATTEMPTS} concurrent-write races in a row; try again")]
+    Conflict,
+    #[error("the event store failed")]
+    Store(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// The write side: one cqrs-es framework per aggregate over one pool.
+pub struct Store {
+    pool: PgPool,
+    runs: Framework<Run>,
+    objectives: Framework<Objective>,
+    committed: Arc<Notify>,
+}
+
+impl Store {
+    pub fn new(pool: PgPool, services: SharedServices) -> Self {
+        Self {
+            runs: postgres_es::postgres_cqrs(pool.clone(), vec![], services.clone()),
+            objectives: postgres_es::postgres_cqrs(pool.clone(), vec![], services),
+            pool,
+            committed: Arc::new(Notify::new()),
+        }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Signalled after every command that committed events, so an in-process relay can
+    /// publish at once instead of waiting for NOTIFY.
+    pub fn committed(&self) -> Arc<Notify> {
+        self.committed.clone()
+    }
+
+    pub async fn execute_run(
+        &self,
+        run_id: RunId,
+        command: RunCommand,
+    ) -> Result<(), CommandError<RunError>> {
+        self.execute(&self.runs, &run_id.to_string(), run_id, command).await
+    }
+
+    pub async fn execute_objective(
+        &self,
+        objective_id: ObjectiveId,
+        run_id: RunId,
+        command: ObjectiveCommand,
+    ) -> Result<(), CommandError<ObjectiveError>> {
+        self.execute(&self.objectives, &objective_id.to_string(), run_id, command).await
+    }
+
+    async fn execute<A>(
+        &self,
+        framework: &Framework<A>,
+        aggregate_id: &str,
+        run_id: RunId,
+        command: A::Command,
+    ) -> Result<(), CommandError<A::Error>>
+    where
+        A: Aggregate,
+        A::Command: Clone,
+        A::Error: 'static,
+    {
+        let metadata = HashMap::from([("run_id".to_string(), run_id.to_string())]);
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match framework
+                .execute_with_metadata(aggregate_id, command.clone(), metadata.clone())
+                .await
+            {
+                Ok(()) => {
+                    self.committed.notify_waiters();
+                    return Ok(());
+                }
+                Err(AggregateError::UserError(e)) => return Err(CommandError::Refused(e)),
+                Err(AggregateError::AggregateConflict) if attempt < MAX_ATTEMPTS => {
+                    tracing::debug!(aggregate_id, attempt, "concurrent write; retrying from fresh state");
+                    tokio::time::sleep(conflict_backoff(attempt)).await;
+                }
+                Err(AggregateError::AggregateConflict) => return Err(CommandError::Conflict),
+                Err(
+                    AggregateError::DatabaseConnectionError(e)
+                    | AggregateError::DeserializationError(e)
+                    | AggregateError::UnexpectedError(e),
+                ) => return Err(CommandError::Store(e)),
+            }
+        }
+    }
+}
+
+/// Short, growing, jittered pauses: the winner's commit takes a millisecond or two.
+fn conflict_backoff(attempt: u32) -> Duration {
+    let base_us = 200u64 << attempt.min(6);
+    Duration::from_micros(base_us / 2 + rand_below(base_us))
+}
+
+fn rand_below(n: u64) -> u64 {
+    // A cheap jitter source; uniformity does not matter here.
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos() as u64)
+        .unwrap_or(0);
+    nanos % n.max(1)
+}

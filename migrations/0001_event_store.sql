@@ -1,0 +1,150 @@
+-- The event store: the Factory's immutable audit memory.
+--
+-- cqrs-es/postgres-es write (aggregate_type, aggregate_id, sequence, event_type,
+-- event_version, payload, metadata). Everything else is computed here, by the database, on
+-- insert, so that no writer can skip or forge it:
+--   position     global order of every event (the relay publishes in this order)
+--   xid          the inserting transaction's id, taken BEFORE the position is drawn; the
+--                relay's safe horizon relies on that order (docs/architecture.md)
+--   recorded_at  when the row was inserted
+--   run_id       from metadata.run_id, so one run's events can be read in order
+--   hash         sha256(previous hash of the same aggregate || canonical bytes of this event)
+-- UPDATE, DELETE and TRUNCATE raise an error; the application role may only INSERT and SELECT.
+
+CREATE SEQUENCE events_position_seq AS bigint;
+
+CREATE TABLE events (
+    aggregate_type text        NOT NULL,
+    aggregate_id   text        NOT NULL,
+    sequence       bigint      NOT NULL CHECK (sequence >= 1),
+    event_type     text        NOT NULL,
+    event_version  text        NOT NULL,
+    payload        jsonb       NOT NULL,
+    metadata       jsonb       NOT NULL,
+    position       bigint      NOT NULL,
+    xid            xid8        NOT NULL,
+    recorded_at    timestamptz NOT NULL,
+    run_id         uuid,
+    hash           bytea       NOT NULL,
+    PRIMARY KEY (aggregate_type, aggregate_id, sequence)
+);
+
+CREATE UNIQUE INDEX events_position_idx ON events (position);
+CREATE INDEX events_run_idx ON events (run_id, position) WHERE run_id IS NOT NULL;
+
+-- The bytes a hash covers. Documented in docs/architecture.md so that an auditor can
+-- recompute the chain outside the database. jsonb's text form is canonical (keys sorted).
+CREATE FUNCTION event_canonical_bytes(
+    aggregate_type text, aggregate_id text, sequence bigint, event_type text,
+    event_version text, payload jsonb, metadata jsonb, position bigint,
+    recorded_at timestamptz, run_id uuid
+) RETURNS bytea LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT convert_to(concat_ws(chr(31),
+        aggregate_type, aggregate_id, sequence::text, event_type, event_version,
+        position::text, (extract(epoch FROM recorded_at) * 1000000)::bigint::text,
+        coalesce(run_id::text, ''), payload::text, metadata::text), 'UTF8')
+$$;
+
+CREATE FUNCTION events_before_insert() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    previous bytea;
+BEGIN
+    -- The transaction id first, then the position: every position is drawn by a
+    -- transaction whose id was assigned before it (the relay's horizon proof needs this).
+    NEW.xid := pg_current_xact_id();
+    NEW.position := nextval('events_position_seq');
+    NEW.recorded_at := clock_timestamp();
+    NEW.run_id := nullif(NEW.metadata ->> 'run_id', '')::uuid;
+    IF NEW.sequence > 1 THEN
+        SELECT e.hash INTO previous FROM events e
+         WHERE e.aggregate_type = NEW.aggregate_type
+           AND e.aggregate_id = NEW.aggregate_id
+           AND e.sequence = NEW.sequence - 1;
+        IF previous IS NULL THEN
+            RAISE EXCEPTION 'event %/% sequence % has no predecessor: sequences must have no gaps',
+                NEW.aggregate_type, NEW.aggregate_id, NEW.sequence
+                USING ERRCODE = 'integrity_constraint_violation';
+        END IF;
+    END IF;
+    NEW.hash := sha256(coalesce(previous, ''::bytea) || event_canonical_bytes(
+        NEW.aggregate_type, NEW.aggregate_id, NEW.sequence, NEW.event_type,
+        NEW.event_version, NEW.payload, NEW.metadata, NEW.position, NEW.recorded_at,
+        NEW.run_id));
+    RETURN NEW;
+END
+$$;
+
+CREATE TRIGGER events_before_insert BEFORE INSERT ON events
+    FOR EACH ROW EXECUTE FUNCTION events_before_insert();
+
+CREATE FUNCTION events_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'the event store is append-only: % on events is refused', TG_OP
+        USING ERRCODE = 'insufficient_privilege';
+END
+$$;
+
+CREATE TRIGGER events_append_only BEFORE UPDATE OR DELETE OR TRUNCATE ON events
+    FOR EACH STATEMENT EXECUTE FUNCTION events_append_only();
+
+-- Wakes the relay (and anyone listening) when events commit. NOTIFY is delivered at
+-- commit, and repeats within one transaction collapse into one.
+CREATE FUNCTION events_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('factory_events', '');
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER events_notify AFTER INSERT ON events
+    FOR EACH STATEMENT EXECUTE FUNCTION events_notify();
+
+-- The highest position drawn so far, then a snapshot taken after reading it. Two
+-- statements on purpose: in READ COMMITTED each gets its own snapshot, in this order.
+CREATE FUNCTION events_horizon(OUT last_position bigint, OUT xmin bigint, OUT xmax bigint)
+LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    snap pg_snapshot;
+BEGIN
+    SELECT CASE WHEN s.is_called THEN s.last_value ELSE 0 END INTO last_position
+      FROM events_position_seq s;
+    SELECT pg_current_snapshot() INTO snap;
+    xmin := pg_snapshot_xmin(snap)::text::bigint;
+    xmax := pg_snapshot_xmax(snap)::text::bigint;
+END
+$$;
+
+-- postgres-es snapshots (used by aggregates configured with snapshotting).
+CREATE TABLE snapshots (
+    aggregate_type   text   NOT NULL,
+    aggregate_id     text   NOT NULL,
+    last_sequence    bigint NOT NULL CHECK (last_sequence >= 0),
+    current_snapshot bigint NOT NULL CHECK (current_snapshot >= 0),
+    payload          jsonb  NOT NULL,
+    PRIMARY KEY (aggregate_type, aggregate_id, last_sequence)
+);
+
+-- The relay's progress: the last position whose PubAck was received, and the stream
+-- sequence JetStream gave it.
+CREATE TABLE relay_checkpoints (
+    name            text        PRIMARY KEY,
+    position        bigint      NOT NULL,
+    stream_sequence bigint      NOT NULL,
+    updated_at      timestamptz NOT NULL DEFAULT now()
+);
+
+-- The application role: INSERT and SELECT on events, nothing more.
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'factory') THEN
+        CREATE ROLE factory NOLOGIN;
+    END IF;
+END
+$$;
+
+REVOKE ALL ON events FROM PUBLIC;
+GRANT SELECT, INSERT ON events TO factory;
+GRANT USAGE, SELECT ON SEQUENCE events_position_seq TO factory;
+GRANT SELECT, INSERT, UPDATE, DELETE ON snapshots TO factory;
+GRANT SELECT, INSERT, UPDATE ON relay_checkpoints TO factory;
+GRANT EXECUTE ON FUNCTION events_horizon() TO factory;
