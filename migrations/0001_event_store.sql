@@ -35,14 +35,14 @@ CREATE INDEX events_run_idx ON events (run_id, position) WHERE run_id IS NOT NUL
 -- The bytes a hash covers. Documented in docs/architecture.md so that an auditor can
 -- recompute the chain outside the database. jsonb's text form is canonical (keys sorted).
 CREATE FUNCTION event_canonical_bytes(
-    aggregate_type text, aggregate_id text, sequence bigint, event_type text,
-    event_version text, payload jsonb, metadata jsonb, position bigint,
-    recorded_at timestamptz, run_id uuid
+    p_aggregate_type text, p_aggregate_id text, p_sequence bigint, p_event_type text,
+    p_event_version text, p_payload jsonb, p_metadata jsonb, p_position bigint,
+    p_recorded_at timestamptz, p_run_id uuid
 ) RETURNS bytea LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
     SELECT convert_to(concat_ws(chr(31),
-        aggregate_type, aggregate_id, sequence::text, event_type, event_version,
-        position::text, (extract(epoch FROM recorded_at) * 1000000)::bigint::text,
-        coalesce(run_id::text, ''), payload::text, metadata::text), 'UTF8')
+        p_aggregate_type, p_aggregate_id, p_sequence::text, p_event_type, p_event_version,
+        p_position::text, (extract(epoch FROM p_recorded_at) * 1000000)::bigint::text,
+        coalesce(p_run_id::text, ''), p_payload::text, p_metadata::text), 'UTF8')
 $$;
 
 CREATE FUNCTION events_before_insert() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -148,3 +148,5 @@ GRANT USAGE, SELECT ON SEQUENCE events_position_seq TO factory;
 GRANT SELECT, INSERT, UPDATE, DELETE ON snapshots TO factory;
 GRANT SELECT, INSERT, UPDATE ON relay_checkpoints TO factory;
 GRANT EXECUTE ON FUNCTION events_horizon() TO factory;
+-- Readiness (`/readyz`) checks which migrations are applied.
+GRANT SELECT ON _sqlx_migrations TO factory;

@@ -179,7 +179,7 @@ impl Config {
     pub fn log_filter() -> String {
         std::env::var("FACTORY_LOG")
             .or_else(|_| std::env::var("RUST_LOG"))
-            .unwrap_or_else(|_| "info".into())
+            .unwrap_or_else(|_| "info,sqlx=warn,async_nats=warn".into())
     }
 }
 
