@@ -19,16 +19,23 @@ pub struct Config {
     pub embedded_nats_port: u16,
     pub embedded_pg_port: u16,
     pub nats_url: Option<String>,
+    /// Prefixes stream names and subjects, so that several stacks can share one NATS.
+    pub nats_namespace: Option<String>,
     pub database_url: Option<SecretString>,
     /// A role that may migrate (owner of the schema); defaults to `database_url`, or the
     /// embedded superuser.
     pub database_admin_url: Option<SecretString>,
     pub admin_token: Option<SecretString>,
+    /// Read by the model router when the teams arrive (contract §1, §5); accepted and
+    /// validated now so that a stack configured for them starts today.
+    #[allow(dead_code)]
     pub demo: Option<bool>,
     pub db_max_connections: u32,
     pub relay_batch_size: usize,
     pub relay_poll_interval: Duration,
+    #[allow(dead_code)]
     pub openai_compatible_url: Option<String>,
+    #[allow(dead_code)]
     pub openai_compatible_key: Option<SecretString>,
 }
 
@@ -60,6 +67,7 @@ const KEYS: &[&str] = &[
     "embedded_nats_port",
     "embedded_pg_port",
     "nats_url",
+    "nats_namespace",
     "database_url",
     "database_admin_url",
     "admin_token",
@@ -136,6 +144,16 @@ impl Config {
             embedded_nats_port: parse(get("embedded_nats_port"), "embedded_nats_port", 14222)?,
             embedded_pg_port: parse(get("embedded_pg_port"), "embedded_pg_port", 15432)?,
             nats_url: optional(get("nats_url")),
+            nats_namespace: match optional(get("nats_namespace")) {
+                Some(ns) if !ns.chars().all(|c| c.is_ascii_alphanumeric()) => {
+                    return Err(ConfigError::BadValue {
+                        key: "nats_namespace".into(),
+                        origin: get("nats_namespace").map(|v| v.origin.clone()).unwrap_or_default(),
+                        problem: format!("`{ns}` must be letters and digits only"),
+                    });
+                }
+                other => other,
+            },
             database_url: optional(get("database_url")).map(SecretString::from),
             database_admin_url: optional(get("database_admin_url")).map(SecretString::from),
             admin_token: optional(get("admin_token")).map(SecretString::from),
@@ -165,6 +183,14 @@ impl Config {
             });
         }
         Ok(config)
+    }
+
+    /// Stream names and subjects: the contract's, or under `nats_namespace`.
+    pub fn topology(&self) -> factory_nats::Topology {
+        match &self.nats_namespace {
+            Some(ns) => factory_nats::Topology::namespaced(ns),
+            None => factory_nats::Topology::default(),
+        }
     }
 
     pub fn venv(&self) -> PathBuf {

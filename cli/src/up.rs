@@ -4,7 +4,6 @@ use crate::config::{Config, secret_file};
 use crate::stack;
 use anyhow::{Context, Result};
 use factory_commands::relay::{Relay, RelayOptions};
-use factory_nats::Topology;
 use std::process::ExitCode;
 
 pub fn run(config: Config) -> Result<ExitCode> {
@@ -30,7 +29,7 @@ async fn serve(config: &Config, embedded: &stack::Embedded) -> Result<ExitCode> 
     let pool = stack::connect_db(config).await?;
     let nats = stack::connect_nats(config).await?;
     let js = async_nats::jetstream::new(nats.clone());
-    let topology = Topology::default();
+    let topology = config.topology();
     topology.ensure_streams(&js).await?;
     let admin_token = match &config.admin_token {
         Some(_) => None,
@@ -72,7 +71,7 @@ async fn serve(config: &Config, embedded: &stack::Embedded) -> Result<ExitCode> 
 pub async fn relay_only(config: &Config) -> Result<ExitCode> {
     let pool = stack::connect_db(config).await?;
     let nats = stack::connect_nats(config).await?;
-    let relay = Relay::new(pool, async_nats::jetstream::new(nats), Topology::default(), relay_options(config));
+    let relay = Relay::new(pool, async_nats::jetstream::new(nats), config.topology(), relay_options(config));
     tokio::select! {
         _ = relay.run() => {}
         _ = shutdown_signal() => {}

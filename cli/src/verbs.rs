@@ -16,7 +16,7 @@ use std::sync::Arc;
 pub enum RunVerb {
     /// Start a run for a requirement; prints its id.
     Submit {
-        /// What should be built, in plain words.
+        /// What should be built, in plain words; `-` reads it from stdin.
         requirement: String,
         #[arg(long)]
         title: Option<String>,
@@ -77,6 +77,14 @@ pub async fn run(verb: RunVerb, config: &Config) -> Result<ExitCode> {
     match verb {
         RunVerb::Submit { requirement, title, pipeline, auto_approve } => {
             check_pipeline(&pipeline)?;
+            let requirement = if requirement == "-" {
+                let mut text = String::new();
+                std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
+                    .context("reading the requirement from stdin")?;
+                text
+            } else {
+                requirement
+            };
             let pool = stack::connect_db(config).await?;
             let store = Store::new(pool, Arc::new(SystemServices));
             let run_id = RunId::new();
@@ -106,7 +114,7 @@ pub async fn events(verb: EventsVerb, config: &Config) -> Result<ExitCode> {
     let EventsVerb::Tail { run, from, count, json } = verb;
     let client = stack::connect_nats(config).await?;
     let js = jetstream::new(client);
-    let topology = Topology::default();
+    let topology = config.topology();
     let stream = js.get_stream(&topology.events_stream).await.with_context(|| {
         format!("no stream {} yet: the relay creates it (`./factory up`)", topology.events_stream)
     })?;

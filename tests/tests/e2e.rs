@@ -1,1 +1,6 @@
-mod x {}
+//! End-to-end tests of the event-sourced core against real PostgreSQL and NATS (started by
+//! `factory-testkit`): the store's guarantees, the audit chain, and the relay.
+
+mod relay;
+mod store;
+mod support;

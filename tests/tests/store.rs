@@ -1,0 +1,205 @@
+//! The event store: optimistic concurrency, append-only, hash chains.
+
+use factory_commands::{CommandError, Store, audit};
+use factory_domain::{ObjectiveId, RunCommand, RunError, RunId, SystemServices};
+use factory_testkit::TestStack;
+use std::sync::Arc;
+
+fn submit(requirement: &str) -> RunCommand {
+    RunCommand::SubmitRequirement {
+        title: None,
+        requirement: requirement.into(),
+        pipeline: "phase1".into(),
+        auto_approve: false,
+    }
+}
+
+async fn store(stack: &TestStack) -> Arc<Store> {
+    Arc::new(Store::new(stack.pool.clone(), Arc::new(SystemServices)))
+}
+
+async fn sequences(stack: &TestStack, aggregate_id: &str) -> Vec<i64> {
+    sqlx::query_scalar("SELECT sequence FROM events WHERE aggregate_id = $1 ORDER BY sequence")
+        .bind(aggregate_id)
+        .fetch_all(&stack.pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn eight_concurrent_writers_on_one_aggregate_all_succeed_without_gaps() {
+    let stack = TestStack::new().await;
+    let store = store(&stack).await;
+    let run = RunId::new();
+    store.execute_run(run, submit("Build a URL shortener")).await.unwrap();
+    let writers: Vec<_> = (0..8)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let stage = format!("stage-{i}");
+                store
+                    .execute_run(run, RunCommand::StartStage { stage: stage.clone(), team: "qa-engineering".into(), objective_id: ObjectiveId::new() })
+                    .await?;
+                store.execute_run(run, RunCommand::CompleteStage { stage }).await
+            })
+        })
+        .collect();
+    for writer in writers {
+        writer.await.unwrap().expect("every command succeeds after retries");
+    }
+    assert_eq!(sequences(&stack, &run.to_string()).await, (1..=17).collect::<Vec<i64>>());
+    assert!(audit::verify(&stack.pool).await.unwrap().broken.is_empty());
+}
+
+#[tokio::test]
+async fn a_second_writer_of_the_same_sequence_gets_a_conflict() {
+    let stack = TestStack::new().await;
+    let insert = "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) \
+                  VALUES ('run', 'r1', 1, 'RequirementSubmitted', '1', '{}', '{}')";
+    let mut first = stack.pool.begin().await.unwrap();
+    sqlx::query(insert).execute(&mut *first).await.unwrap();
+    let pool = stack.pool.clone();
+    let second = tokio::spawn(async move { sqlx::query(insert).execute(&pool).await });
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    first.commit().await.unwrap();
+    let error = second.await.unwrap().expect_err("the second writer must lose");
+    assert_eq!(
+        error.as_database_error().and_then(|e| e.code()).as_deref(),
+        Some("23505"),
+        "cqrs-es maps a unique violation to its optimistic-lock conflict: {error}"
+    );
+}
+
+#[tokio::test]
+async fn refused_commands_write_nothing_and_say_why() {
+    let stack = TestStack::new().await;
+    let store = store(&stack).await;
+    let run = RunId::new();
+    let empty = store.execute_run(run, submit("   ")).await.unwrap_err();
+    assert!(matches!(empty, CommandError::Refused(RunError::EmptyRequirement)), "{empty}");
+    let huge = store.execute_run(run, submit(&"x".repeat(1 << 20))).await.unwrap_err();
+    assert!(matches!(huge, CommandError::Refused(RunError::RequirementTooLarge(_))), "{huge}");
+    let unknown = store.execute_run(RunId::new(), RunCommand::CompleteRun).await.unwrap_err();
+    assert!(matches!(unknown, CommandError::Refused(RunError::NotFound)), "{unknown}");
+    assert_eq!(crate::support::store_count(&stack.pool).await, 0);
+
+    store.execute_run(run, submit("Build it")).await.unwrap();
+    store.execute_run(run, RunCommand::CancelRun { reason: "changed my mind".into(), cancelled_by: "ada".into() }).await.unwrap();
+    let after = store.execute_run(run, RunCommand::CompleteRun).await.unwrap_err();
+    assert!(matches!(after, CommandError::Refused(RunError::Terminal("CANCELLED"))), "{after}");
+    assert_eq!(crate::support::store_count(&stack.pool).await, 2);
+}
+
+#[tokio::test]
+async fn the_database_fills_in_position_run_id_time_and_hash() {
+    let stack = TestStack::new().await;
+    let store = store(&stack).await;
+    let run = RunId::new();
+    store.execute_run(run, submit("Build a URL shortener")).await.unwrap();
+    store
+        .execute_run(run, RunCommand::StartStage { stage: "ba".into(), team: "business-analysis".into(), objective_id: ObjectiveId::new() })
+        .await
+        .unwrap();
+    let rows: Vec<(i64, Option<uuid::Uuid>, Vec<u8>)> =
+        sqlx::query_as("SELECT position, run_id, hash FROM events ORDER BY position")
+            .fetch_all(&stack.pool)
+            .await
+            .unwrap();
+    assert_eq!(rows.len(), 2);
+    assert!(rows[0].0 < rows[1].0);
+    assert!(rows.iter().all(|r| r.1 == Some(run.0) && r.2.len() == 32));
+    // A writer cannot choose its own position or hash: the trigger overwrites them.
+    sqlx::query(
+        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata, position, hash, xid, recorded_at) \
+         VALUES ('run', 'forged', 1, 'X', '1', '{}', '{}', 1, '\\x00', '1', now())",
+    )
+    .execute(&stack.pool)
+    .await
+    .unwrap();
+    let (position, hash): (i64, Vec<u8>) =
+        sqlx::query_as("SELECT position, hash FROM events WHERE aggregate_id = 'forged'")
+            .fetch_one(&stack.pool)
+            .await
+            .unwrap();
+    assert!(position > rows[1].0 && hash.len() == 32);
+}
+
+#[tokio::test]
+async fn events_cannot_be_updated_deleted_or_truncated() {
+    let stack = TestStack::new().await;
+    let store = store(&stack).await;
+    store.execute_run(RunId::new(), submit("Build a URL shortener")).await.unwrap();
+    for statement in [
+        "UPDATE events SET payload = '{}'",
+        "DELETE FROM events",
+        "TRUNCATE events",
+    ] {
+        let error = sqlx::query(statement).execute(&stack.pool).await.expect_err(statement);
+        let code = error.as_database_error().and_then(|e| e.code()).unwrap_or_default();
+        assert_eq!(code, "42501", "{statement} as the application role: {error}");
+        // Even the owner is stopped by the trigger.
+        let error = sqlx::query(statement).execute(&stack.admin).await.expect_err(statement);
+        assert!(error.to_string().contains("append-only"), "{statement} as superuser: {error}");
+    }
+    assert_eq!(crate::support::store_count(&stack.pool).await, 1);
+}
+
+#[tokio::test]
+async fn audit_names_the_tampered_event() {
+    let stack = TestStack::new().await;
+    let store = store(&stack).await;
+    let run = RunId::new();
+    store.execute_run(run, submit("Build a URL shortener")).await.unwrap();
+    for stage in ["ba", "sa"] {
+        store
+            .execute_run(run, RunCommand::StartStage { stage: stage.into(), team: "business-analysis".into(), objective_id: ObjectiveId::new() })
+            .await
+            .unwrap();
+    }
+    let other = RunId::new();
+    store.execute_run(other, submit("Something else")).await.unwrap();
+    let report = audit::verify(&stack.pool).await.unwrap();
+    assert_eq!((report.events, report.aggregates, report.broken.len()), (4, 2, 0));
+
+    let mut tx = stack.admin.begin().await.unwrap();
+    sqlx::query("ALTER TABLE events DISABLE TRIGGER events_append_only").execute(&mut *tx).await.unwrap();
+    sqlx::query(
+        "UPDATE events SET payload = jsonb_set(payload, '{StageStarted,team}', '\"security-engineering\"') \
+         WHERE aggregate_id = $1 AND sequence = 2",
+    )
+    .bind(run.to_string())
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    sqlx::query("ALTER TABLE events ENABLE TRIGGER events_append_only").execute(&mut *tx).await.unwrap();
+    tx.commit().await.unwrap();
+
+    let report = audit::verify(&stack.pool).await.unwrap();
+    assert_eq!(report.broken.len(), 1, "{:?}", report.broken);
+    let broken = &report.broken[0];
+    assert_eq!((broken.aggregate_type.as_str(), broken.aggregate_id.clone(), broken.sequence), ("run", run.to_string(), 2));
+    assert!(broken.reason.contains("hash mismatch"), "{}", broken.reason);
+}
+
+#[tokio::test]
+async fn audit_finds_a_removed_event() {
+    let stack = TestStack::new().await;
+    let store = store(&stack).await;
+    let run = RunId::new();
+    store.execute_run(run, submit("Build a URL shortener")).await.unwrap();
+    for stage in ["ba", "sa"] {
+        store
+            .execute_run(run, RunCommand::StartStage { stage: stage.into(), team: "business-analysis".into(), objective_id: ObjectiveId::new() })
+            .await
+            .unwrap();
+    }
+    let mut tx = stack.admin.begin().await.unwrap();
+    sqlx::query("ALTER TABLE events DISABLE TRIGGER events_append_only").execute(&mut *tx).await.unwrap();
+    sqlx::query("DELETE FROM events WHERE aggregate_id = $1 AND sequence = 2").bind(run.to_string()).execute(&mut *tx).await.unwrap();
+    sqlx::query("ALTER TABLE events ENABLE TRIGGER events_append_only").execute(&mut *tx).await.unwrap();
+    tx.commit().await.unwrap();
+    let report = audit::verify(&stack.pool).await.unwrap();
+    assert_eq!(report.broken.len(), 1, "{:?}", report.broken);
+    assert_eq!(report.broken[0].sequence, 3);
+    assert!(report.broken[0].reason.contains("gap"), "{}", report.broken[0].reason);
+}
