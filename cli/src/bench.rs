@@ -17,7 +17,7 @@ use crate::stack;
 use anyhow::{Context, Result, anyhow, bail};
 use async_nats::jetstream::{self, consumer::DeliverPolicy, consumer::pull::OrderedConfig};
 use factory_commands::Store;
-use factory_commands::relay::{Relay, RelayOptions};
+use factory_commands::relay::{Relay, RelayOptions, RelayProgress};
 use factory_domain::{ObjectiveId, RunCommand, RunId, SystemServices};
 use factory_nats::Topology;
 use futures::StreamExt;
@@ -470,7 +470,7 @@ async fn relay_figures(
         None,
     );
 
-    let lag = commit_to_stream_lag(&store, &reader, &topology, plan.lag_window).await?;
+    let lag = commit_to_stream_lag(&store, &progress, &reader, &topology, plan.lag_window).await?;
     print_figure("relay", "commit_to_stream_lag_p50_ms", lag.p50_ms, "ms", Target::None, None);
     print_figure(
         "relay",
@@ -538,6 +538,7 @@ struct Lag {
 /// the stream to a reader.
 async fn commit_to_stream_lag(
     store: &Arc<Store>,
+    progress: &RelayProgress,
     reader: &jetstream::Context,
     topology: &Topology,
     window: Duration,
@@ -644,10 +645,20 @@ async fn commit_to_stream_lag(
                 }
             }
             Ok(None) => bail!("the bench's stream consumer stopped"),
-            Err(_) => bail!(
-                "{} of {submitted} submitted events did not arrive on the stream within {DELIVERY_GRACE:?}",
-                committed.len()
-            ),
+            Err(_) => {
+                let drawn: Option<i64> = sqlx::query_scalar("SELECT max(position) FROM events")
+                    .fetch_one(store.pool())
+                    .await?;
+                let stream_messages = stream.clone().info().await.map(|i| i.state.messages).ok();
+                bail!(
+                    "{} of {submitted} submitted events did not arrive on the stream within \
+                     {DELIVERY_GRACE:?} (relay published up to position {} of {}; the stream holds {:?} messages)",
+                    committed.len(),
+                    progress.published.load(Ordering::Relaxed),
+                    drawn.unwrap_or(0),
+                    stream_messages,
+                )
+            }
         }
     }
     lags_ms.sort_by(f64::total_cmp);

@@ -156,6 +156,8 @@ pub struct TestStack {
     pub admin: PgPool,
     pub nats: async_nats::Client,
     pub js: async_nats::jetstream::Context,
+    /// The namespace of `topology` (`FACTORY_NATS_NAMESPACE` for a `factory` process).
+    pub namespace: String,
     pub topology: Topology,
 }
 
@@ -174,13 +176,18 @@ impl TestStack {
         let nats = async_nats::connect(&servers.nats_url).await.expect("nats connects");
         let js = async_nats::jetstream::new(nats.clone());
         // Short namespaces keep subjects readable; the id's tail is its random part.
-        let topology = Topology::namespaced(&format!("t{}", &id[id.len() - 12..]));
+        let namespace = format!("t{}", &id[id.len() - 12..]);
+        let topology = Topology::namespaced(&namespace);
         topology.ensure_streams(&js).await.expect("streams");
-        Self { database, pool, admin, nats, js, topology }
+        Self { database, pool, admin, nats, js, namespace, topology }
     }
 
     pub fn app_url(&self) -> String {
         servers().app_url(&self.database)
+    }
+
+    pub fn nats_url(&self) -> String {
+        servers().nats_url.clone()
     }
 
     pub fn superuser_url(&self) -> String {

@@ -1,0 +1,209 @@
+//! The `factory` binary as a user runs it, against real PostgreSQL and NATS: exit codes,
+//! messages, and what ends up in the event store.
+
+use factory_commands::relay::{Relay, RelayOptions};
+use factory_nats::EventEnvelope;
+use factory_testkit::TestStack;
+use std::process::Output;
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+
+struct Cli {
+    home: tempfile::TempDir,
+    env: Vec<(String, String)>,
+}
+
+impl Cli {
+    fn for_stack(stack: &TestStack) -> Self {
+        let home = tempfile::tempdir().unwrap();
+        let env = vec![
+            ("FACTORY_DATABASE_URL".into(), stack.app_url()),
+            ("FACTORY_NATS_URL".into(), stack.nats_url()),
+            ("FACTORY_NATS_NAMESPACE".into(), stack.namespace.clone()),
+        ];
+        Self { home, env }
+    }
+
+    /// No URLs: the verbs look for an embedded stack in an empty data dir.
+    fn without_stack() -> Self {
+        Self { home: tempfile::tempdir().unwrap(), env: vec![] }
+    }
+
+    fn command(&self, args: &[&str]) -> tokio::process::Command {
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_factory"));
+        for (name, _) in std::env::vars().filter(|(n, _)| n.starts_with("FACTORY_")) {
+            command.env_remove(name);
+        }
+        command
+            .args(args)
+            .env("FACTORY_HOME", self.home.path())
+            .env("FACTORY_LOG", "warn")
+            .envs(self.env.iter().cloned())
+            .kill_on_drop(true);
+        command
+    }
+
+    async fn run(&self, args: &[&str]) -> Output {
+        self.command(args).output().await.unwrap()
+    }
+
+    async fn run_with_stdin(&self, args: &[&str], stdin: &[u8]) -> Output {
+        let mut child = self
+            .command(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut input = child.stdin.take().unwrap();
+        input.write_all(stdin).await.unwrap();
+        drop(input);
+        child.wait_with_output().await.unwrap()
+    }
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).to_string()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).to_string()
+}
+
+fn assert_exit(o: &Output, code: i32, stderr_has: &str) {
+    assert_eq!(o.status.code(), Some(code), "stdout: {}\nstderr: {}", stdout(o), stderr(o));
+    assert!(
+        stderr(o).to_lowercase().contains(&stderr_has.to_lowercase()),
+        "stderr should mention `{stderr_has}`: {}",
+        stderr(o)
+    );
+}
+
+async fn event_count(stack: &TestStack) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM events").fetch_one(&stack.pool).await.unwrap()
+}
+
+async fn submit(cli: &Cli, requirement: &str) -> String {
+    let out = cli.run(&["run", "submit", requirement]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let id = stdout(&out).trim().to_string();
+    uuid::Uuid::parse_str(&id).unwrap_or_else(|_| panic!("a run id, got `{id}`"));
+    id
+}
+
+#[tokio::test]
+async fn submit_prints_a_run_id_and_stores_the_event() {
+    let stack = TestStack::new().await;
+    let cli = Cli::for_stack(&stack);
+    let id = submit(&cli, "Build a URL shortener").await;
+    let (event_type, run_id): (String, Option<uuid::Uuid>) =
+        sqlx::query_as("SELECT event_type, run_id FROM events").fetch_one(&stack.pool).await.unwrap();
+    assert_eq!(event_type, "RequirementSubmitted");
+    assert_eq!(run_id.map(|r| r.to_string()), Some(id));
+}
+
+#[tokio::test]
+async fn bad_input_gets_a_clear_error_and_writes_nothing() {
+    let stack = TestStack::new().await;
+    let cli = Cli::for_stack(&stack);
+    assert_exit(&cli.run(&["run", "submit", ""]).await, 1, "requirement is empty");
+    assert_exit(&cli.run(&["run", "submit", "  \n "]).await, 1, "requirement is empty");
+    let megabyte = vec![b'x'; 1 << 20];
+    assert_exit(&cli.run_with_stdin(&["run", "submit", "-"], &megabyte).await, 1, "at most 65536");
+    assert_exit(&cli.run(&["run", "submit", "x", "--pipeline", "nope"]).await, 1, "unknown pipeline");
+    let unknown = uuid::Uuid::now_v7().to_string();
+    assert_exit(&cli.run(&["replay", "timeline", &unknown]).await, 1, "no run");
+    assert_exit(&cli.run(&["replay", "timeline", "not-a-uuid"]).await, 2, "invalid");
+    assert_exit(&cli.run(&["events", "tail", "--from", "abc"]).await, 2, "--from");
+    assert_exit(&cli.run(&["events", "tail", "--from", "0"]).await, 2, "--from");
+    assert_exit(&cli.run(&["run", "submit"]).await, 2, "requirement");
+    assert_eq!(event_count(&stack).await, 0);
+}
+
+#[tokio::test]
+async fn configuration_errors_name_the_key() {
+    let cli = Cli { home: tempfile::tempdir().unwrap(), env: vec![("FACTORY_BOGUS".into(), "1".into())] };
+    assert_exit(&cli.run(&["schema", "events"]).await, 2, "bogus");
+    let cli = Cli { home: tempfile::tempdir().unwrap(), env: vec![("FACTORY_EMBEDDED_PG_PORT".into(), "x".into())] };
+    assert_exit(&cli.run(&["schema", "events"]).await, 2, "embedded_pg_port");
+}
+
+#[tokio::test]
+async fn without_a_running_stack_the_verbs_say_how_to_start_one() {
+    let cli = Cli::without_stack();
+    assert_exit(&cli.run(&["run", "submit", "Build it"]).await, 1, "./factory up");
+    assert_exit(&cli.run(&["audit", "verify"]).await, 1, "./factory up");
+}
+
+#[tokio::test]
+async fn timeline_and_audit_verify_read_the_store() {
+    let stack = TestStack::new().await;
+    let cli = Cli::for_stack(&stack);
+    let id = submit(&cli, "Build a URL shortener").await;
+    let out = cli.run(&["replay", "timeline", &id]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stdout(&out).contains("RequirementSubmitted") && stdout(&out).contains("Build a URL shortener"));
+    let out = cli.run(&["replay", "timeline", &id, "--json"]).await;
+    let events: Vec<EventEnvelope> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].payload["requirement"], "Build a URL shortener");
+
+    let out = cli.run(&["audit", "verify"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stdout(&out).contains("intact"));
+
+    let mut tx = stack.admin.begin().await.unwrap();
+    sqlx::query("ALTER TABLE events DISABLE TRIGGER events_append_only").execute(&mut *tx).await.unwrap();
+    sqlx::query("UPDATE events SET payload = '{\"RequirementSubmitted\": {\"requirement\": \"forged\"}}'")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    sqlx::query("ALTER TABLE events ENABLE TRIGGER events_append_only").execute(&mut *tx).await.unwrap();
+    tx.commit().await.unwrap();
+    assert_exit(&cli.run(&["audit", "verify"]).await, 1, &format!("run/{id} sequence 1"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_tail_prints_a_runs_events_from_jetstream() {
+    let stack = TestStack::new().await;
+    let relay = Relay::new(
+        stack.pool.clone(),
+        stack.js.clone(),
+        stack.topology.clone(),
+        RelayOptions { poll_interval: Duration::from_millis(50), ..RelayOptions::default() },
+    );
+    let relay = tokio::spawn(relay.run());
+    let cli = Cli::for_stack(&stack);
+    let _other = submit(&cli, "Another run").await;
+    let id = submit(&cli, "Build a URL shortener").await;
+    let out = tokio::time::timeout(
+        Duration::from_secs(30),
+        cli.run(&["events", "tail", "--run", &id, "--count", "1", "--json"]),
+    )
+    .await
+    .expect("tail returns after one event");
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let envelope: EventEnvelope = serde_json::from_str(stdout(&out).trim()).unwrap();
+    assert_eq!(envelope.run_id.map(|r| r.to_string()), Some(id.clone()));
+    assert_eq!(envelope.event_type, "RequirementSubmitted");
+
+    // From a position: the first event whose position is at least that.
+    let out = cli.run(&["events", "tail", "--from", &envelope.position.to_string(), "--count", "1", "--json"]).await;
+    let from: EventEnvelope = serde_json::from_str(stdout(&out).trim()).unwrap();
+    assert_eq!(from.position, envelope.position);
+    relay.abort();
+}
+
+#[tokio::test]
+async fn schema_events_describes_every_event_type() {
+    let cli = Cli::without_stack();
+    let out = cli.run(&["schema", "events"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let events = doc["events"].as_array().unwrap();
+    assert_eq!(events.len(), 15);
+    let submitted = events.iter().find(|e| e["event_type"] == "RequirementSubmitted").unwrap();
+    assert_eq!(submitted["ce_type"], "factory.run.RequirementSubmitted.v1");
+    assert_eq!(submitted["subject"], "factory.events.<run_id>.run.RequirementSubmitted");
+    assert!(submitted["schema"]["properties"]["requirement"].is_object());
+}
