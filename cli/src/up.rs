@@ -7,12 +7,26 @@ use factory_commands::relay::{Relay, RelayOptions};
 use std::process::ExitCode;
 
 pub fn run(config: Config) -> Result<ExitCode> {
+    // One `up` per data dir: a second one would fight the first over its servers. The lock
+    // is released by the kernel when this process ends, however it ends.
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating the data dir {}", config.data_dir.display()))?;
+    let lock_path = config.data_file("up.lock");
+    let lock = std::fs::File::create(&lock_path)
+        .with_context(|| format!("opening {}", lock_path.display()))?;
+    if lock.try_lock().is_err() {
+        anyhow::bail!(
+            "another `factory up` is already running on {}; stop it first (Ctrl-C) or set FACTORY_DATA_DIR",
+            config.data_dir.display()
+        );
+    }
     let embedded = stack::start_embedded(&config)?;
     let runtime = crate::runtime()?;
     let result = runtime.block_on(serve(&config, &embedded));
     // Components stop first (their connections close), then the servers.
     drop(runtime);
     drop(embedded);
+    drop(lock);
     result
 }
 
