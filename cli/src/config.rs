@@ -12,8 +12,6 @@ use std::time::Duration;
 
 #[derive(Debug)]
 pub struct Config {
-    /// The checkout (where `factory.toml`, `migrations/` and `.factory/venv` live).
-    pub home: PathBuf,
     pub http_addr: SocketAddr,
     pub data_dir: PathBuf,
     pub embedded_nats_port: u16,
@@ -37,6 +35,10 @@ pub struct Config {
     pub openai_compatible_url: Option<String>,
     #[allow(dead_code)]
     pub openai_compatible_key: Option<SecretString>,
+    /// The log filter (`tracing` directives); `RUST_LOG` is read when unset.
+    pub log: Option<String>,
+    /// The Python venv holding nats-server and PostgreSQL.
+    pub venv: PathBuf,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -78,6 +80,7 @@ const KEYS: &[&str] = &[
     "openai_compatible_url",
     "openai_compatible_key",
     "log",
+    "venv",
 ];
 
 struct Value {
@@ -109,6 +112,13 @@ impl Config {
                 .map_err(|source| ConfigError::Toml { path: origin.clone(), source })?;
             for (key, value) in table {
                 check_known(&key, &origin)?;
+                if key == "home" {
+                    return Err(ConfigError::BadValue {
+                        key,
+                        origin,
+                        problem: "the file is found through `home`, so set it with FACTORY_HOME".into(),
+                    });
+                }
                 let text = match value {
                     toml::Value::String(s) => s,
                     toml::Value::Table(_) | toml::Value::Array(_) => {
@@ -172,7 +182,10 @@ impl Config {
             )?),
             openai_compatible_url: optional(get("openai_compatible_url")),
             openai_compatible_key: optional(get("openai_compatible_key")).map(SecretString::from),
-            home,
+            log: optional(get("log")),
+            venv: get("venv")
+                .map(|v| PathBuf::from(&v.text))
+                .unwrap_or_else(|| home.join(".factory").join("venv")),
             data_dir,
         };
         if config.embedded_nats_port == config.embedded_pg_port {
@@ -194,18 +207,19 @@ impl Config {
     }
 
     pub fn venv(&self) -> PathBuf {
-        self.home.join(".factory").join("venv")
+        self.venv.clone()
     }
 
     pub fn data_file(&self, name: &str) -> PathBuf {
         self.data_dir.join(name)
     }
 
-    /// The log filter (`FACTORY_LOG`, then `RUST_LOG`, then `info`).
-    pub fn log_filter() -> String {
-        std::env::var("FACTORY_LOG")
-            .or_else(|_| std::env::var("RUST_LOG"))
-            .unwrap_or_else(|_| "info,sqlx=warn,async_nats=warn".into())
+    /// The log filter (`log`, then `RUST_LOG`, then `info` without the chatty crates).
+    pub fn log_filter(&self) -> String {
+        self.log
+            .clone()
+            .or_else(|| std::env::var("RUST_LOG").ok())
+            .unwrap_or_else(|| "info,sqlx=warn,async_nats=warn".into())
     }
 }
 

@@ -57,7 +57,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    telemetry::init();
+    telemetry::init(&config);
     let result = match cli.command {
         // `up` starts child processes from the main thread, which lives as long as the
         // process (they are told to exit when it dies), before the async runtime exists.

@@ -2,8 +2,8 @@
 
 use tracing_subscriber::EnvFilter;
 
-pub fn init() {
-    let filter = EnvFilter::try_new(crate::config::Config::log_filter())
+pub fn init(config: &crate::config::Config) {
+    let filter = EnvFilter::try_new(config.log_filter())
         .unwrap_or_else(|_| EnvFilter::new("info"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)

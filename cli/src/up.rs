@@ -32,6 +32,11 @@ pub fn run(config: Config) -> Result<ExitCode> {
 
 fn relay_options(config: &Config) -> RelayOptions {
     RelayOptions {
+        // One checkpoint per namespace, should stacks ever share a database.
+        name: match &config.nats_namespace {
+            Some(ns) => format!("relay-{ns}"),
+            None => "relay".into(),
+        },
         batch_size: config.relay_batch_size,
         poll_interval: config.relay_poll_interval,
         ..RelayOptions::default()

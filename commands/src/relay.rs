@@ -22,11 +22,15 @@ use async_nats::jetstream;
 use factory_nats::{EventEnvelope, Topology, cloud_event_headers};
 use sqlx::postgres::PgListener;
 use sqlx::{Connection, PgConnection, PgPool};
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
+
+/// How soon to look again while the horizon waits for running transactions.
+const MIN_WAITING_PAUSE: Duration = Duration::from_millis(1);
+const MAX_WAITING_PAUSE: Duration = Duration::from_millis(20);
 
 #[derive(Debug, Clone)]
 pub struct RelayOptions {
@@ -143,12 +147,17 @@ impl Relay {
         self.progress.published.store(cursor.position, Ordering::Relaxed);
         let mut horizon = Horizon::default();
         let mut lock_checked = Instant::now();
+        let mut waiting_pause = MIN_WAITING_PAUSE;
         loop {
             let (drawn, xmin, xmax): (i64, i64, i64) =
                 sqlx::query_as("SELECT last_position, xmin, xmax FROM events_horizon()")
                     .fetch_one(&self.pool)
                     .await?;
+            let previous_safe = horizon.safe;
             let safe = horizon.observe(drawn, xmin, xmax);
+            if safe > previous_safe {
+                waiting_pause = MIN_WAITING_PAUSE;
+            }
             let mut full_batch = false;
             if safe > cursor.position {
                 full_batch = self.publish_up_to(&mut cursor, safe).await?;
@@ -160,10 +169,13 @@ impl Relay {
             if full_batch {
                 continue;
             }
-            // In-flight transactions end with a commit (NOTIFY) or an abort (no NOTIFY):
-            // look again soon rather than at the backstop interval.
+            // In-flight transactions end with a commit (NOTIFY) or an abort (no NOTIFY), and
+            // transactions that wrote no event never notify: look again soon, backing off
+            // while the horizon stays put (a long transaction elsewhere holds it).
             let pause = if horizon.is_waiting() {
-                Duration::from_millis(2)
+                let pause = waiting_pause;
+                waiting_pause = (waiting_pause * 2).min(MAX_WAITING_PAUSE);
+                pause
             } else {
                 self.options.poll_interval
             };
@@ -188,7 +200,7 @@ impl Relay {
         .fetch_optional(&self.pool)
         .await?;
         let (mut position, mut stream_sequence) = row.unwrap_or((0, 0));
-        let mut already = HashSet::new();
+        let mut already = HashMap::new();
         let publish_err = |e: Box<dyn std::error::Error + Send + Sync>| RelayError::Publish(e);
         let mut stream = self
             .js
@@ -216,7 +228,8 @@ impl Relay {
             const MAX_SCAN: u64 = 50_000;
             let from = (stream_sequence as u64 + 1).max(last.saturating_sub(MAX_SCAN));
             for seq in from..=last {
-                already.insert(self.position_at(&stream, seq).await?);
+                let envelope = self.envelope_at(&stream, seq).await?;
+                already.insert(envelope.position, envelope.hash);
             }
             stream_sequence = last as i64;
         }
@@ -224,13 +237,15 @@ impl Relay {
     }
 
     async fn position_at(&self, stream: &jetstream::stream::Stream, seq: u64) -> Result<i64, RelayError> {
+        Ok(self.envelope_at(stream, seq).await?.position)
+    }
+
+    async fn envelope_at(&self, stream: &jetstream::stream::Stream, seq: u64) -> Result<EventEnvelope, RelayError> {
         let message = stream
             .get_raw_message(seq)
             .await
             .map_err(|e| RelayError::Publish(e.into()))?;
-        let envelope: EventEnvelope = serde_json::from_slice(&message.payload)
-            .map_err(|e| RelayError::Publish(e.into()))?;
-        Ok(envelope.position)
+        serde_json::from_slice(&message.payload).map_err(|e| RelayError::Publish(e.into()))
     }
 
     /// Publishes one batch after `cursor` up to `safe`; true when more are waiting.
@@ -240,7 +255,9 @@ impl Relay {
         let full = batch.len() as i64 == limit;
         let mut acks = Vec::with_capacity(batch.len());
         for envelope in &batch {
-            if cursor.already.remove(&envelope.position) {
+            // Skip only the very same event: after a database restore a position can be
+            // drawn again for a different event, which must be published.
+            if cursor.already.remove(&envelope.position).is_some_and(|hash| hash == envelope.hash) {
                 continue;
             }
             let subject = self.topology.event_subject(
@@ -289,8 +306,8 @@ impl Relay {
 struct Cursor {
     position: i64,
     stream_sequence: i64,
-    /// Positions found in the stream past the checkpoint at start-up.
-    already: HashSet<i64>,
+    /// Events (position -> hash) found in the stream past the checkpoint at start-up.
+    already: HashMap<i64, String>,
 }
 
 /// The safe horizon (see the module docs): pairs of (highest drawn position, snapshot

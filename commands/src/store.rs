@@ -99,7 +99,8 @@ impl Store {
                 .await
             {
                 Ok(()) => {
-                    self.committed.notify_waiters();
+                    // `notify_one` keeps a permit when the relay is busy, so no wake-up is lost.
+                    self.committed.notify_one();
                     return Ok(());
                 }
                 Err(AggregateError::UserError(e)) => return Err(CommandError::Refused(e)),
