@@ -99,18 +99,23 @@ $$;
 CREATE TRIGGER events_notify AFTER INSERT ON events
     FOR EACH STATEMENT EXECUTE FUNCTION events_notify();
 
--- The highest position drawn so far, then a snapshot taken after reading it. Two
--- statements on purpose: in READ COMMITTED each gets its own snapshot, in this order.
-CREATE FUNCTION events_horizon(OUT last_position bigint, OUT xmin bigint, OUT xmax bigint)
+-- The relay's safe horizon (docs/architecture.md, commands/src/relay.rs):
+--   last_position  the highest position drawn so far;
+--   bound          a transaction id assigned after reading it: every transaction that drew a
+--                  position <= last_position got its id earlier (the insert trigger takes the
+--                  id before the position), so its id is below `bound`;
+--   xmin           the oldest transaction still running, from a snapshot taken after that.
+-- last_position is safe once a snapshot's xmin >= bound: every id below bound has ended.
+-- (A snapshot's xmax is NOT "the next id to assign" but "latest completed + 1": running
+-- transactions above it are invisible to xmin, so xmax cannot serve as the bound.)
+-- Separate statements on purpose: in READ COMMITTED each takes its own snapshot, in order.
+CREATE FUNCTION events_horizon(OUT last_position bigint, OUT bound bigint, OUT xmin bigint)
 LANGUAGE plpgsql VOLATILE AS $$
-DECLARE
-    snap pg_snapshot;
 BEGIN
     SELECT CASE WHEN s.is_called THEN s.last_value ELSE 0 END INTO last_position
       FROM events_position_seq s;
-    SELECT pg_current_snapshot() INTO snap;
-    xmin := pg_snapshot_xmin(snap)::text::bigint;
-    xmax := pg_snapshot_xmax(snap)::text::bigint;
+    bound := pg_current_xact_id()::text::bigint;
+    SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint INTO xmin;
 END
 $$;
 

@@ -50,6 +50,7 @@ pub enum Suite {
     Store,
     /// The relay: catch-up rate over a backlog, commit-to-stream lag under steady load.
     Relay,
+    /// Every suite above.
     All,
 }
 
@@ -455,6 +456,8 @@ async fn relay_figures(
     let progress = relay.progress();
 
     tracing::info!(events = plan.backlog_events, "relay catching up");
+    // From spawning the relay (its lock, stream check and recovery included) to its
+    // checkpoint, written after JetStream acknowledged, reaching the backlog's last event.
     let started = Instant::now();
     let mut relay_task = JoinSet::new();
     relay_task.spawn(relay.run());

@@ -3,13 +3,14 @@
 //!
 //! * **Safe horizon.** Positions come from a sequence, so a transaction may hold a lower
 //!   position and commit after one with a higher position. The relay never reads past a
-//!   position some still-running transaction might hold: `events_horizon()` returns the
-//!   highest position drawn so far (`V`) and then a snapshot. Every position `<= V` was drawn
-//!   by a transaction whose id is below that snapshot's `xmax` (the insert trigger takes the
-//!   transaction id before drawing the position). So once a later snapshot's `xmin` reaches
-//!   that `xmax`, every one of those transactions has committed or aborted, and all events up
-//!   to `V` are visible: `V` is safe. When no transaction is running (`xmin == xmax`), `V` is
-//!   safe at once.
+//!   position some still-running transaction might hold: `events_horizon()` reads the highest
+//!   position drawn so far (`V`), then takes a fresh transaction id (`bound`), then a
+//!   snapshot's `xmin`. Every position `<= V` was drawn by a transaction whose id was assigned
+//!   before `V` was read (the insert trigger takes the id before drawing the position), so its
+//!   id is below `bound`. Once a snapshot's `xmin >= bound`, every one of those transactions
+//!   has committed or aborted and all events up to `V` are visible: `V` is safe. Within the
+//!   same call that is `xmin == bound` (nothing older is running); otherwise a later call
+//!   settles it.
 //! * **Checkpoint after PubAck.** The checkpoint (position and stream sequence) is written to
 //!   PostgreSQL only after JetStream acknowledged every message up to it. On restart, messages
 //!   the stream holds past the checkpoint are read back and not published again; anything
@@ -149,12 +150,12 @@ impl Relay {
         let mut lock_checked = Instant::now();
         let mut waiting_pause = MIN_WAITING_PAUSE;
         loop {
-            let (drawn, xmin, xmax): (i64, i64, i64) =
-                sqlx::query_as("SELECT last_position, xmin, xmax FROM events_horizon()")
+            let (drawn, bound, xmin): (i64, i64, i64) =
+                sqlx::query_as("SELECT last_position, bound, xmin FROM events_horizon()")
                     .fetch_one(&self.pool)
                     .await?;
             let previous_safe = horizon.safe;
-            let safe = horizon.observe(drawn, xmin, xmax);
+            let safe = horizon.observe(drawn, bound, xmin);
             if safe > previous_safe {
                 waiting_pause = MIN_WAITING_PAUSE;
             }
@@ -310,8 +311,8 @@ struct Cursor {
     already: HashMap<i64, String>,
 }
 
-/// The safe horizon (see the module docs): pairs of (highest drawn position, snapshot
-/// xmax) waiting for every transaction below that xmax to end.
+/// The safe horizon (see the module docs): positions drawn, each waiting for every
+/// transaction id below its bound to end.
 #[derive(Debug, Default)]
 struct Horizon {
     waiting: VecDeque<(i64, i64)>,
@@ -319,9 +320,10 @@ struct Horizon {
 }
 
 impl Horizon {
-    fn observe(&mut self, drawn: i64, xmin: i64, xmax: i64) -> i64 {
-        if xmin == xmax {
-            // No transaction is running: everything drawn so far is settled.
+    fn observe(&mut self, drawn: i64, bound: i64, xmin: i64) -> i64 {
+        if xmin >= bound {
+            // Nothing older than this call is running: everything drawn so far is settled,
+            // and so is everything observed before (bounds only grow).
             self.waiting.clear();
             self.safe = self.safe.max(drawn);
             return self.safe;
@@ -333,11 +335,9 @@ impl Horizon {
             self.safe = self.safe.max(position);
             self.waiting.pop_front();
         }
-        if drawn > self.safe {
-            match self.waiting.back_mut() {
-                Some(last) if last.1 == xmax => last.0 = last.0.max(drawn),
-                _ => self.waiting.push_back((drawn, xmax)),
-            }
+        // An earlier entry with the same position settles sooner; keep only growth.
+        if drawn > self.safe && self.waiting.back().is_none_or(|&(p, _)| p < drawn) {
+            self.waiting.push_back((drawn, bound));
         }
         self.safe
     }
@@ -363,8 +363,9 @@ mod tests {
     use super::Horizon;
 
     #[test]
-    fn idle_database_makes_everything_drawn_safe() {
+    fn nothing_older_running_makes_everything_drawn_safe() {
         let mut h = Horizon::default();
+        // This call's own id is 500 and the oldest running transaction is itself.
         assert_eq!(h.observe(10, 500, 500), 10);
         assert!(!h.is_waiting());
     }
@@ -372,21 +373,33 @@ mod tests {
     #[test]
     fn running_transactions_hold_the_horizon_until_they_end() {
         let mut h = Horizon::default();
-        // Position 11 drawn; transaction 100 still running (xmin 100, xmax 102).
-        assert_eq!(h.observe(11, 100, 102), 0);
+        // Position 11 drawn; transaction 100 still runs (bound 102).
+        assert_eq!(h.observe(11, 102, 100), 0);
         assert!(h.is_waiting());
-        // 100 ended but 101 still runs: xmin 101 < 102, still not safe.
-        assert_eq!(h.observe(12, 101, 103), 0);
-        // Everything below 102 ended: 11 is safe, 12 waits for xmax 103.
-        assert_eq!(h.observe(12, 102, 104), 11);
-        assert_eq!(h.observe(12, 103, 104), 12);
+        // 100 ended, 101 still runs: ids below 102 have not all ended.
+        assert_eq!(h.observe(12, 104, 101), 0);
+        // Everything below 102 ended: 11 is safe; 12 waits for everything below 104.
+        assert_eq!(h.observe(12, 106, 103), 11);
+        assert_eq!(h.observe(12, 108, 104), 12);
+        assert!(!h.is_waiting());
+    }
+
+    #[test]
+    fn a_running_transaction_above_the_latest_completed_one_still_holds_it() {
+        // The trap of using a snapshot's xmax: transactions 200 and 201 run with nothing
+        // committed since 199, so a snapshot reads xmin = xmax = 200. Our bound (202) says
+        // otherwise: position 7, drawn by one of them, is not safe.
+        let mut h = Horizon::default();
+        assert_eq!(h.observe(7, 202, 200), 0);
+        assert_eq!(h.observe(7, 203, 201), 0);
+        assert_eq!(h.observe(7, 204, 202), 7);
     }
 
     #[test]
     fn horizon_never_goes_back() {
         let mut h = Horizon::default();
         assert_eq!(h.observe(20, 7, 7), 20);
-        assert_eq!(h.observe(20, 8, 9), 20);
-        assert_eq!(h.observe(25, 9, 9), 25);
+        assert_eq!(h.observe(20, 9, 8), 20);
+        assert_eq!(h.observe(25, 10, 10), 25);
     }
 }

@@ -192,3 +192,29 @@ async fn only_one_relay_is_active_at_a_time() {
     b.abort();
     assert_stream_equals_store(&stack.js, &stack).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lower_position_held_by_a_younger_transaction_is_waited_for() {
+    // The trap of reading a snapshot's xmax as "the next id": T2 takes its id first, T1 then
+    // takes a younger id and the lower position, T2 the higher position and commits. Now
+    // nothing newer than T2 has completed, so T1 is invisible to a snapshot's xmin.
+    let stack = TestStack::new().await;
+    let insert = "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) \
+                  VALUES ('test', $1, 1, 'Tested', '1', '{}', '{}') RETURNING position";
+    let mut t2 = stack.pool.begin().await.unwrap();
+    let x2: String = sqlx::query_scalar("SELECT pg_current_xact_id()::text").fetch_one(&mut *t2).await.unwrap();
+    let mut t1 = stack.pool.begin().await.unwrap();
+    let p1: i64 = sqlx::query_scalar(insert).bind("t1").fetch_one(&mut *t1).await.unwrap();
+    let x1: String = sqlx::query_scalar("SELECT pg_current_xact_id()::text").fetch_one(&mut *t1).await.unwrap();
+    let p2: i64 = sqlx::query_scalar(insert).bind("t2").fetch_one(&mut *t2).await.unwrap();
+    assert!(x2.parse::<i64>().unwrap() < x1.parse::<i64>().unwrap() && p1 < p2);
+    t2.commit().await.unwrap();
+    let task = tokio::spawn(relay(&stack, stack.js.clone(), 100).run());
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(stream_len(&stack.js, &stack).await, 0, "published past an open transaction");
+    t1.commit().await.unwrap();
+    wait_published(&stack, &stack.js, 2).await;
+    task.abort();
+    let positions: Vec<i64> = read_stream(&stack.js, &stack).await.iter().map(|m| m.2.position).collect();
+    assert_eq!(positions, vec![p1, p2]);
+}
