@@ -9,6 +9,7 @@ pub mod audit;
 pub mod db;
 pub mod events;
 pub mod relay;
+pub mod repository;
 pub mod store;
 
 pub use db::{DbError, connect, migrate, migrator};

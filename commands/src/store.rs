@@ -7,14 +7,19 @@ use factory_domain::{
     Objective, ObjectiveCommand, ObjectiveError, ObjectiveId, Run, RunCommand, RunError, RunId,
     SharedServices,
 };
-use postgres_es::PostgresEventRepository;
+use crate::repository::EventRepository;
 use sqlx::PgPool;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Notify;
 
-type Framework<A> = CqrsFramework<A, PersistedEventStore<PostgresEventRepository, A>>;
+type Framework<A> = CqrsFramework<A, PersistedEventStore<EventRepository, A>>;
+
+fn framework<A: Aggregate>(pool: &PgPool, services: A::Services) -> Framework<A> {
+    let store = PersistedEventStore::new_event_store(EventRepository::new(pool.clone()));
+    CqrsFramework::new(store, vec![], services)
+}
 
 /// How often a command that lost an optimistic-concurrency race is retried from fresh state
 /// before the conflict is reported.
@@ -44,8 +49,8 @@ pub struct Store {
 impl Store {
     pub fn new(pool: PgPool, services: SharedServices) -> Self {
         Self {
-            runs: postgres_es::postgres_cqrs(pool.clone(), vec![], services.clone()),
-            objectives: postgres_es::postgres_cqrs(pool.clone(), vec![], services),
+            runs: framework(&pool, services.clone()),
+            objectives: framework(&pool, services),
             pool,
             committed: Arc::new(Notify::new()),
         }
