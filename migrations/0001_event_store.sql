@@ -45,6 +45,14 @@ CREATE FUNCTION event_canonical_bytes(
         coalesce(p_run_id::text, ''), p_payload::text, p_metadata::text), 'UTF8')
 $$;
 
+-- Whether the relay wants a NOTIFY on commit (see events_before_insert). Unlogged: it is a
+-- hint, not data: no relay asked until one does (each relay asks when it takes over).
+CREATE UNLOGGED TABLE relay_wake (
+    id        boolean PRIMARY KEY DEFAULT true CHECK (id),
+    requested boolean NOT NULL
+);
+INSERT INTO relay_wake (requested) VALUES (false);
+
 CREATE FUNCTION events_before_insert() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
     previous bytea;
@@ -70,6 +78,13 @@ BEGIN
         NEW.aggregate_type, NEW.aggregate_id, NEW.sequence, NEW.event_type,
         NEW.event_version, NEW.payload, NEW.metadata, NEW.position, NEW.recorded_at,
         NEW.run_id));
+    -- Wake the relay at commit, but only when it asked to be woken (it is idle): NOTIFY
+    -- takes a database-wide lock at commit that stops concurrent commits from sharing a
+    -- WAL flush, so a busy relay polls instead. Read after the position is drawn, with a
+    -- fresh snapshot: a relay that set the flag later sees this position when it looks again.
+    IF coalesce((SELECT w.requested FROM relay_wake w), false) THEN
+        PERFORM pg_notify('factory_events', '');
+    END IF;
     RETURN NEW;
 END
 $$;
@@ -86,18 +101,6 @@ $$;
 
 CREATE TRIGGER events_append_only BEFORE UPDATE OR DELETE OR TRUNCATE ON events
     FOR EACH STATEMENT EXECUTE FUNCTION events_append_only();
-
--- Wakes the relay (and anyone listening) when events commit. NOTIFY is delivered at
--- commit, and repeats within one transaction collapse into one.
-CREATE FUNCTION events_notify() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    PERFORM pg_notify('factory_events', '');
-    RETURN NULL;
-END
-$$;
-
-CREATE TRIGGER events_notify AFTER INSERT ON events
-    FOR EACH STATEMENT EXECUTE FUNCTION events_notify();
 
 -- The relay's safe horizon (docs/architecture.md, commands/src/relay.rs):
 --   last_position  the highest position drawn so far;
@@ -152,6 +155,7 @@ GRANT SELECT, INSERT ON events TO factory;
 GRANT USAGE, SELECT ON SEQUENCE events_position_seq TO factory;
 GRANT SELECT, INSERT, UPDATE, DELETE ON snapshots TO factory;
 GRANT SELECT, INSERT, UPDATE ON relay_checkpoints TO factory;
+GRANT SELECT, INSERT, UPDATE ON relay_wake TO factory;
 GRANT EXECUTE ON FUNCTION events_horizon() TO factory;
 -- Readiness (`/readyz`) checks which migrations are applied.
 GRANT SELECT ON _sqlx_migrations TO factory;

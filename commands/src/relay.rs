@@ -16,7 +16,11 @@
 //!   the stream holds past the checkpoint are read back and not published again; anything
 //!   else in doubt is repeated with the same `Nats-Msg-Id`, which JetStream drops.
 //! * **One active relay.** A session advisory lock; other processes wait as standbys.
-//! * **Woken** in-process by the store, across processes by LISTEN/NOTIFY, and by a poll.
+//! * **Woken** in-process by the store, across processes by LISTEN/NOTIFY while idle, and
+//!   by polling while busy: NOTIFY takes a database-wide lock at commit that stops
+//!   concurrent commits from sharing a WAL flush, so the relay tells writers (the unlogged
+//!   `relay_wake` row) to notify only when it is about to sleep. A backstop poll covers the
+//!   rest.
 
 use crate::events;
 use async_nats::jetstream;
@@ -29,9 +33,11 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
-/// How soon to look again while the horizon waits for running transactions.
-const MIN_WAITING_PAUSE: Duration = Duration::from_millis(1);
-const MAX_WAITING_PAUSE: Duration = Duration::from_millis(20);
+/// How soon to look again while busy or waiting for running transactions.
+const MIN_SHORT_PAUSE: Duration = Duration::from_millis(1);
+const MAX_SHORT_PAUSE: Duration = Duration::from_millis(20);
+/// Empty polls (about 100 ms of backing-off pauses) before asking writers to NOTIFY again.
+const QUIET_POLLS_BEFORE_IDLE: u32 = 8;
 
 #[derive(Debug, Clone)]
 pub struct RelayOptions {
@@ -146,9 +152,13 @@ impl Relay {
             .map_err(|e| RelayError::Publish(Box::new(e)))?;
         let mut cursor = self.recover().await?;
         self.progress.published.store(cursor.position, Ordering::Relaxed);
+        // A relay that died busy may have left the NOTIFY hint off.
+        self.request_notify(true).await?;
+        let mut notify_requested = true;
         let mut horizon = Horizon::default();
         let mut lock_checked = Instant::now();
-        let mut waiting_pause = MIN_WAITING_PAUSE;
+        let mut short_pause = MIN_SHORT_PAUSE;
+        let mut quiet_polls = 0;
         loop {
             let (drawn, bound, xmin): (i64, i64, i64) =
                 sqlx::query_as("SELECT last_position, bound, xmin FROM events_horizon()")
@@ -156,9 +166,6 @@ impl Relay {
                     .await?;
             let previous_safe = horizon.safe;
             let safe = horizon.observe(drawn, bound, xmin);
-            if safe > previous_safe {
-                waiting_pause = MIN_WAITING_PAUSE;
-            }
             let mut full_batch = false;
             if safe > cursor.position {
                 full_batch = self.publish_up_to(&mut cursor, safe).await?;
@@ -170,13 +177,31 @@ impl Relay {
             if full_batch {
                 continue;
             }
-            // In-flight transactions end with a commit (NOTIFY) or an abort (no NOTIFY), and
-            // transactions that wrote no event never notify: look again soon, backing off
-            // while the horizon stays put (a long transaction elsewhere holds it).
-            let pause = if horizon.is_waiting() {
-                let pause = waiting_pause;
-                waiting_pause = (waiting_pause * 2).min(MAX_WAITING_PAUSE);
+            // Busy (events flowing, or transactions in flight): poll soon, backing off while
+            // nothing moves, and tell writers not to NOTIFY (it serialises their commits).
+            // Quiet for a while: ask for NOTIFY again, look once more, then sleep until woken
+            // or the backstop poll.
+            let busy = safe > previous_safe || horizon.is_waiting();
+            if busy {
+                quiet_polls = 0;
+            } else {
+                quiet_polls += 1;
+            }
+            if safe > previous_safe {
+                short_pause = MIN_SHORT_PAUSE;
+            }
+            let pause = if busy || quiet_polls <= QUIET_POLLS_BEFORE_IDLE {
+                if busy && notify_requested {
+                    self.request_notify(false).await?;
+                    notify_requested = false;
+                }
+                let pause = short_pause;
+                short_pause = (short_pause * 2).min(MAX_SHORT_PAUSE);
                 pause
+            } else if !notify_requested {
+                self.request_notify(true).await?;
+                notify_requested = true;
+                continue;
             } else {
                 self.options.poll_interval
             };
@@ -190,6 +215,18 @@ impl Relay {
                 _ = tokio::time::sleep(pause) => {}
             }
         }
+    }
+
+    /// Whether writers should NOTIFY on commit (the `relay_wake` hint).
+    async fn request_notify(&self, requested: bool) -> Result<(), RelayError> {
+        sqlx::query(
+            "INSERT INTO relay_wake (id, requested) VALUES (true, $1) \
+             ON CONFLICT (id) DO UPDATE SET requested = $1",
+        )
+        .bind(requested)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
     }
 
     /// Where to resume: the checkpoint, reconciled with what the stream actually holds.

@@ -218,3 +218,29 @@ async fn a_lower_position_held_by_a_younger_transaction_is_waited_for() {
     let positions: Vec<i64> = read_stream(&stack.js, &stack).await.iter().map(|m| m.2.position).collect();
     assert_eq!(positions, vec![p1, p2]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_relay_is_woken_by_notify_long_before_its_backstop_poll() {
+    let stack = TestStack::new().await;
+    let relay = factory_commands::relay::Relay::new(
+        stack.pool.clone(),
+        stack.js.clone(),
+        stack.topology.clone(),
+        factory_commands::relay::RelayOptions {
+            poll_interval: Duration::from_secs(30),
+            ..Default::default()
+        },
+    );
+    let task = tokio::spawn(relay.run());
+    // Idle: it has asked writers to NOTIFY.
+    wait_for("the relay to go idle and ask for NOTIFY", DEADLINE, || async {
+        let requested: bool = sqlx::query_scalar("SELECT requested FROM relay_wake").fetch_one(&stack.pool).await.unwrap();
+        requested.then_some(())
+    })
+    .await;
+    let started = std::time::Instant::now();
+    append_raw(&stack.pool, 1).await;
+    wait_published(&stack, &stack.js, 1).await;
+    assert!(started.elapsed() < Duration::from_secs(5), "woken by the poll, not by NOTIFY");
+    task.abort();
+}
