@@ -377,6 +377,7 @@ fn submit_requirement() -> RunCommand {
         title: Some("bench".into()),
         requirement: REQUIREMENT.into(),
         pipeline: "phase1".into(),
+        pipeline_definition: String::new(),
         auto_approve: false,
     }
 }

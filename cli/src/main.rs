@@ -5,6 +5,7 @@
 
 mod bench;
 mod config;
+mod runs;
 mod stack;
 mod telemetry;
 mod up;
@@ -29,9 +30,14 @@ enum Command {
     Relay,
     /// Apply the database migrations.
     Migrate,
+    /// Run only workers: pull objectives for these teams (all by default) and work them.
+    Worker {
+        #[arg(long, value_delimiter = ',')]
+        teams: Vec<String>,
+    },
     /// Runs: submit, ...
     #[command(subcommand)]
-    Run(verbs::RunVerb),
+    Run(runs::RunVerb),
     /// Events as they arrive on JetStream.
     #[command(subcommand)]
     Events(verbs::EventsVerb),
@@ -49,6 +55,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    restore_sigpipe();
     let cli = Cli::parse();
     let config = match config::Config::load() {
         Ok(config) => config,
@@ -73,6 +80,16 @@ fn main() -> ExitCode {
     }
 }
 
+/// Rust ignores SIGPIPE, so `factory replay timeline ... | head` would panic on a closed
+/// pipe. A command-line tool should end quietly instead, as `cat` does.
+#[allow(unsafe_code)]
+fn restore_sigpipe() {
+    // SAFETY: called first thing in main, before any thread exists; SIG_DFL is a valid handler.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
 }
@@ -86,7 +103,8 @@ async fn dispatch(command: Command, config: config::Config) -> anyhow::Result<Ex
             println!("migrations applied");
             Ok(ExitCode::SUCCESS)
         }
-        Command::Run(verb) => verbs::run(verb, &config).await,
+        Command::Run(verb) => runs::run(verb, &config).await,
+        Command::Worker { teams } => up::worker_only(&config, teams).await,
         Command::Events(verb) => verbs::events(verb, &config).await,
         Command::Replay(verb) => verbs::replay(verb, &config).await,
         Command::Audit(verb) => verbs::audit(verb, &config).await,

@@ -55,11 +55,20 @@ async fn serve(config: &Config, embedded: &stack::Embedded) -> Result<ExitCode> 
         None => Some(secret_file(&config.data_file("admin-token"), || stack::random_secret(40))?),
     };
 
-    let relay = Relay::new(pool.clone(), js, topology, relay_options(config));
+    let store = std::sync::Arc::new(factory_commands::Store::new(
+        pool.clone(),
+        std::sync::Arc::new(factory_domain::SystemServices),
+    ));
+    let relay = Relay::new(pool.clone(), js.clone(), topology.clone(), relay_options(config))
+        .with_wake(store.committed());
     let metrics = std::sync::Arc::new(factory_gateway::Metrics {
         relay: relay.progress(),
     });
     let relay = tokio::spawn(relay.run());
+    let orchestrator = tokio::spawn(
+        factory_teams::orchestrator::Orchestrator::new(store.clone(), js.clone(), topology.clone()).run(),
+    );
+    let worker = tokio::spawn(worker(config, store.clone(), js, topology, vec![]).run());
 
     let app = factory_gateway::router(factory_gateway::Health::new(pool.clone(), nats, metrics));
     let listener = tokio::net::TcpListener::bind(config.http_addr)
@@ -76,12 +85,15 @@ async fn serve(config: &Config, embedded: &stack::Embedded) -> Result<ExitCode> 
         Some(token) => println!("  admin token {token}  (kept in {})", config.data_file("admin-token").display()),
         None => println!("  admin token from FACTORY_ADMIN_TOKEN"),
     }
+    println!("  models      {}", demo_banner());
     println!("Ctrl-C stops it.");
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown_signal())
         .await
         .context("the HTTP server failed")?;
     relay.abort();
+    orchestrator.abort();
+    worker.abort();
     pool.close().await;
     println!("stopped");
     Ok(ExitCode::SUCCESS)
@@ -93,6 +105,52 @@ pub async fn relay_only(config: &Config) -> Result<ExitCode> {
     let relay = Relay::new(pool, async_nats::jetstream::new(nats), config.topology(), relay_options(config));
     tokio::select! {
         _ = relay.run() => {}
+        _ = shutdown_signal() => {}
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Which provider answers: only the scripted one exists in this slice.
+fn demo_banner() -> &'static str {
+    let keys = ["OPENAI_API_KEY", "ANTHROPIC_API_KEY", "OLLAMA_URL", "FACTORY_OPENAI_COMPATIBLE_URL"];
+    if keys.iter().any(|k| std::env::var_os(k).is_some()) {
+        "DEMO MODE: the scripted provider answers; real providers arrive with the model router (a key is set but not used yet)"
+    } else {
+        "DEMO MODE: no model provider configured; the scripted provider answers"
+    }
+}
+
+fn worker(
+    config: &Config,
+    store: std::sync::Arc<factory_commands::Store>,
+    js: async_nats::jetstream::Context,
+    topology: factory_nats::Topology,
+    teams: Vec<String>,
+) -> factory_teams::worker::Worker {
+    let teams = if teams.is_empty() {
+        factory_teams::TEAM_IDS.iter().map(|t| t.to_string()).collect()
+    } else {
+        teams
+    };
+    let options = factory_teams::worker::WorkerOptions::new(teams, config.data_file("work"));
+    let provider: std::sync::Arc<dyn factory_teams::model::ModelProvider> =
+        std::sync::Arc::new(factory_teams::scripted::ScriptedProvider::new());
+    factory_teams::worker::Worker::new(store, js, topology, provider, options)
+}
+
+pub async fn worker_only(config: &Config, teams: Vec<String>) -> Result<ExitCode> {
+    if let Some(unknown) = teams.iter().find(|t| !factory_teams::TEAM_IDS.contains(&t.as_str())) {
+        anyhow::bail!("unknown team `{unknown}`; teams are: {}", factory_teams::TEAM_IDS.join(", "));
+    }
+    let pool = stack::connect_db(config).await?;
+    let nats = stack::connect_nats(config).await?;
+    let js = async_nats::jetstream::new(nats);
+    let topology = config.topology();
+    topology.ensure_streams(&js).await?;
+    let store = std::sync::Arc::new(factory_commands::Store::new(pool, std::sync::Arc::new(factory_domain::SystemServices)));
+    eprintln!("{}", demo_banner());
+    tokio::select! {
+        _ = worker(config, store, js, topology, teams).run() => {}
         _ = shutdown_signal() => {}
     }
     Ok(ExitCode::SUCCESS)

@@ -5,29 +5,10 @@ use crate::stack;
 use anyhow::{Context, Result, anyhow, bail};
 use async_nats::jetstream::{self, consumer::DeliverPolicy, consumer::pull::OrderedConfig};
 use clap::Subcommand;
-use factory_commands::{CommandError, Store};
-use factory_domain::{RunCommand, RunId, SystemServices};
+use factory_domain::RunId;
 use factory_nats::{EventEnvelope, Topology};
 use futures::StreamExt;
 use std::process::ExitCode;
-use std::sync::Arc;
-
-#[derive(Subcommand)]
-pub enum RunVerb {
-    /// Start a run for a requirement; prints its id.
-    Submit {
-        /// What should be built, in plain words; `-` reads it from stdin.
-        requirement: String,
-        #[arg(long)]
-        title: Option<String>,
-        /// `phase1`, `full`, or a pipeline file.
-        #[arg(long, default_value = "phase1")]
-        pipeline: String,
-        /// Complete the run without stopping at the review gate.
-        #[arg(long)]
-        auto_approve: bool,
-    },
-}
 
 #[derive(Subcommand)]
 pub enum EventsVerb {
@@ -71,43 +52,6 @@ pub enum AuditVerb {
 pub enum SchemaVerb {
     /// JSON Schemas of every event type.
     Events,
-}
-
-pub async fn run(verb: RunVerb, config: &Config) -> Result<ExitCode> {
-    match verb {
-        RunVerb::Submit { requirement, title, pipeline, auto_approve } => {
-            check_pipeline(&pipeline)?;
-            let requirement = if requirement == "-" {
-                let mut text = String::new();
-                std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
-                    .context("reading the requirement from stdin")?;
-                text
-            } else {
-                requirement
-            };
-            let pool = stack::connect_db(config).await?;
-            let store = Store::new(pool, Arc::new(SystemServices));
-            let run_id = RunId::new();
-            let command = RunCommand::SubmitRequirement { title, requirement, pipeline, auto_approve };
-            match store.execute_run(run_id, command).await {
-                Ok(()) => {
-                    println!("{run_id}");
-                    Ok(ExitCode::SUCCESS)
-                }
-                Err(CommandError::Refused(reason)) => bail!("requirement refused: {reason}"),
-                Err(other) => Err(other.into()),
-            }
-        }
-    }
-}
-
-/// Pipelines are data files (teams/pipelines/*.toml); the built-in names or a file path.
-fn check_pipeline(pipeline: &str) -> Result<()> {
-    if matches!(pipeline, "phase1" | "full") || std::path::Path::new(pipeline).is_file() {
-        Ok(())
-    } else {
-        bail!("unknown pipeline `{pipeline}`: use phase1, full, or the path of a pipeline file")
-    }
 }
 
 pub async fn events(verb: EventsVerb, config: &Config) -> Result<ExitCode> {
@@ -184,17 +128,31 @@ async fn first_sequence_at(stream: &jetstream::stream::Stream, position: i64) ->
     Ok((lo <= info.state.last_sequence).then_some(lo))
 }
 
+/// A one-line summary of a payload: each field, long values shortened.
 fn summary(payload: &serde_json::Value) -> String {
-    let text = payload.to_string();
-    const MAX: usize = 120;
-    if text.chars().count() <= MAX {
-        text
-    } else {
-        format!("{}…", text.chars().take(MAX - 1).collect::<String>())
+    fn short(text: &str, max: usize) -> String {
+        let text = text.replace('\n', " ");
+        if text.chars().count() <= max {
+            text
+        } else {
+            format!("{}…", text.chars().take(max - 1).collect::<String>())
+        }
     }
+    let text = match payload {
+        serde_json::Value::Object(fields) => fields
+            .iter()
+            .map(|(k, v)| match v {
+                serde_json::Value::String(s) => format!("{k}={}", short(s, 48)),
+                other => format!("{k}={}", short(&other.to_string(), 48)),
+            })
+            .collect::<Vec<_>>()
+            .join(" "),
+        other => other.to_string(),
+    };
+    short(&text, 200)
 }
 
-fn timeline_line(e: &EventEnvelope) -> String {
+pub fn timeline_line(e: &EventEnvelope) -> String {
     format!(
         "#{:<6} {}  {:<9} {:<22} {}",
         e.position,

@@ -110,7 +110,7 @@ async fn bad_input_gets_a_clear_error_and_writes_nothing() {
     assert_exit(&cli.run(&["run", "submit", "  \n "]).await, 1, "requirement is empty");
     let megabyte = vec![b'x'; 1 << 20];
     assert_exit(&cli.run_with_stdin(&["run", "submit", "-"], &megabyte).await, 1, "at most 65536");
-    assert_exit(&cli.run(&["run", "submit", "x", "--pipeline", "nope"]).await, 1, "unknown pipeline");
+    assert_exit(&cli.run(&["run", "submit", "x", "--pipeline", "nope"]).await, 1, "no built-in pipeline is named `nope`");
     let unknown = uuid::Uuid::now_v7().to_string();
     assert_exit(&cli.run(&["replay", "timeline", &unknown]).await, 1, "no run");
     assert_exit(&cli.run(&["replay", "timeline", "not-a-uuid"]).await, 2, "invalid");
@@ -201,7 +201,7 @@ async fn schema_events_describes_every_event_type() {
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let events = doc["events"].as_array().unwrap();
-    assert_eq!(events.len(), 15);
+    assert_eq!(events.len(), 17);
     let submitted = events.iter().find(|e| e["event_type"] == "RequirementSubmitted").unwrap();
     assert_eq!(submitted["ce_type"], "factory.run.RequirementSubmitted.v1");
     assert_eq!(submitted["subject"], "factory.events.<run_id>.run.RequirementSubmitted");

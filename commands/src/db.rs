@@ -24,11 +24,10 @@ pub enum DbError {
 /// The migrations in `migrations/`, compiled into the binary so that it can migrate a
 /// database from anywhere.
 pub fn migrator() -> Migrator {
-    let files: [(i64, &str, &str); 1] = [(
-        1,
-        "event store",
-        include_str!("../../migrations/0001_event_store.sql"),
-    )];
+    let files: [(i64, &str, &str); 2] = [
+        (1, "event store", include_str!("../../migrations/0001_event_store.sql")),
+        (2, "artifacts", include_str!("../../migrations/0002_artifacts.sql")),
+    ];
     Migrator {
         migrations: Cow::Owned(
             files

@@ -3,6 +3,7 @@
 
 use cqrs_es::{Aggregate, AggregateError, CqrsFramework};
 use cqrs_es::persist::PersistedEventStore;
+use cqrs_es::{AggregateContext, EventStore};
 use factory_domain::{
     Objective, ObjectiveCommand, ObjectiveError, ObjectiveId, Run, RunCommand, RunError, RunId,
     SharedServices,
@@ -54,6 +55,16 @@ impl Store {
             pool,
             committed: Arc::new(Notify::new()),
         }
+    }
+
+    /// A run as its events say it is now (the default state when it does not exist).
+    pub async fn load_run(&self, run_id: RunId) -> Result<Run, CommandError<RunError>> {
+        load::<Run>(&self.pool, &run_id.to_string()).await
+    }
+
+    /// An objective as its events say it is now.
+    pub async fn load_objective(&self, objective_id: ObjectiveId) -> Result<Objective, CommandError<ObjectiveError>> {
+        load::<Objective>(&self.pool, &objective_id.to_string()).await
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -122,6 +133,22 @@ impl Store {
             }
         }
     }
+}
+
+async fn load<A: Aggregate>(pool: &PgPool, aggregate_id: &str) -> Result<A, CommandError<A::Error>>
+where
+    A::Error: 'static,
+{
+    let store: PersistedEventStore<EventRepository, A> =
+        PersistedEventStore::new_event_store(EventRepository::new(pool.clone()));
+    let mut context = store.load_aggregate(aggregate_id).await.map_err(|e| match e {
+        AggregateError::DatabaseConnectionError(e)
+        | AggregateError::DeserializationError(e)
+        | AggregateError::UnexpectedError(e) => CommandError::Store(e),
+        AggregateError::AggregateConflict => CommandError::Conflict,
+        AggregateError::UserError(e) => CommandError::Refused(e),
+    })?;
+    Ok(std::mem::take(context.aggregate()))
 }
 
 /// Short, growing, jittered pauses: the winner's commit takes a millisecond or two.

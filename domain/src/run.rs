@@ -64,7 +64,11 @@ pub enum RunCommand {
     SubmitRequirement {
         title: Option<String>,
         requirement: String,
+        /// The pipeline's name (`phase1`, `full`, or the file it came from).
         pipeline: String,
+        /// The pipeline file's text, so the run carries its plan: a re-run or another
+        /// machine needs nothing else. Validated by whoever parsed it (the teams crate).
+        pipeline_definition: String,
         auto_approve: bool,
     },
     StartStage {
@@ -92,6 +96,16 @@ pub enum RunCommand {
         reason: String,
         cancelled_by: String,
     },
+    /// A stage's team answered BLOCKED: the run stops until a human resolves it.
+    BlockRun {
+        stage: String,
+        reason: String,
+    },
+    /// A stage's team needs an answer before it can go on: the run waits for it.
+    AwaitClarification {
+        stage: String,
+        question: String,
+    },
 }
 
 // ---- events ----
@@ -101,6 +115,9 @@ pub struct RequirementSubmitted {
     pub title: String,
     pub requirement: String,
     pub pipeline: String,
+    /// The pipeline's TOML text as submitted (teams/pipelines/*.toml format).
+    #[serde(default)]
+    pub pipeline_definition: String,
     pub auto_approve: bool,
     pub submitted_at: DateTime<Utc>,
 }
@@ -151,6 +168,18 @@ pub struct RunCancelled {
     pub cancelled_by: String,
 }
 
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct RunBlocked {
+    pub stage: String,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct RunNeedsClarification {
+    pub stage: String,
+    pub question: String,
+}
+
 /// Everything that can happen to a run. Stored externally tagged (`{"StageStarted": {..}}`),
 /// the cqrs-es convention; the relay publishes the inner payload.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -164,6 +193,8 @@ pub enum RunEvent {
     RunCompleted(RunCompleted),
     RunFailed(RunFailed),
     RunCancelled(RunCancelled),
+    RunBlocked(RunBlocked),
+    RunNeedsClarification(RunNeedsClarification),
 }
 
 impl DomainEvent for RunEvent {
@@ -178,6 +209,8 @@ impl DomainEvent for RunEvent {
             Self::RunCompleted(_) => "RunCompleted",
             Self::RunFailed(_) => "RunFailed",
             Self::RunCancelled(_) => "RunCancelled",
+            Self::RunBlocked(_) => "RunBlocked",
+            Self::RunNeedsClarification(_) => "RunNeedsClarification",
         }
         .to_string()
     }
@@ -237,6 +270,7 @@ pub struct Run {
     pub status: RunStatus,
     pub title: String,
     pub pipeline: String,
+    pub pipeline_definition: String,
     pub auto_approve: bool,
     pub stages: BTreeMap<String, StageState>,
     pub revisions: u32,
@@ -282,7 +316,7 @@ impl Aggregate for Run {
         sink: &EventSink<Self>,
     ) -> Result<(), RunError> {
         let event = match command {
-            RunCommand::SubmitRequirement { title, requirement, pipeline, auto_approve } => {
+            RunCommand::SubmitRequirement { title, requirement, pipeline, pipeline_definition, auto_approve } => {
                 if self.status != RunStatus::New {
                     return Err(RunError::AlreadySubmitted);
                 }
@@ -308,6 +342,7 @@ impl Aggregate for Run {
                     title,
                     requirement,
                     pipeline,
+                    pipeline_definition,
                     auto_approve,
                     submitted_at: services.now(),
                 })
@@ -389,6 +424,20 @@ impl Aggregate for Run {
                 self.require_active()?;
                 RunEvent::RunCancelled(RunCancelled { reason, cancelled_by })
             }
+            RunCommand::BlockRun { stage, reason } => {
+                self.require_running()?;
+                if !matches!(self.stages.get(&stage), Some(StageState::InProgress { .. })) {
+                    return Err(RunError::StageNotStarted(stage));
+                }
+                RunEvent::RunBlocked(RunBlocked { stage, reason })
+            }
+            RunCommand::AwaitClarification { stage, question } => {
+                self.require_running()?;
+                if !matches!(self.stages.get(&stage), Some(StageState::InProgress { .. })) {
+                    return Err(RunError::StageNotStarted(stage));
+                }
+                RunEvent::RunNeedsClarification(RunNeedsClarification { stage, question })
+            }
         };
         sink.write(event, self).await;
         Ok(())
@@ -400,6 +449,7 @@ impl Aggregate for Run {
                 self.status = RunStatus::Running;
                 self.title = e.title;
                 self.pipeline = e.pipeline;
+                self.pipeline_definition = e.pipeline_definition;
                 self.auto_approve = e.auto_approve;
             }
             RunEvent::StageStarted(e) => {
@@ -432,6 +482,8 @@ impl Aggregate for Run {
             RunEvent::RunCompleted(_) => self.status = RunStatus::Completed,
             RunEvent::RunFailed(_) => self.status = RunStatus::Failed,
             RunEvent::RunCancelled(_) => self.status = RunStatus::Cancelled,
+            RunEvent::RunBlocked(_) => self.status = RunStatus::Blocked,
+            RunEvent::RunNeedsClarification(_) => self.status = RunStatus::NeedsClarification,
         }
     }
 }
@@ -470,6 +522,7 @@ mod tests {
             title: title.map(str::to_string),
             requirement: requirement.to_string(),
             pipeline: pipeline.to_string(),
+            pipeline_definition: String::new(),
             auto_approve: false,
         }
     }
@@ -479,6 +532,7 @@ mod tests {
             title: "Todo app".into(),
             requirement: "Build a todo app".into(),
             pipeline: "phase1".into(),
+            pipeline_definition: String::new(),
             auto_approve: false,
             submitted_at: fixed::instant(),
         })
@@ -577,12 +631,14 @@ mod tests {
                 title: Some("  Todo app ".into()),
                 requirement: "\n  Build a todo app\nwith tags  \n".into(),
                 pipeline: " phase1 ".into(),
+                pipeline_definition: String::new(),
                 auto_approve: true,
             })
             .then_expect_events(vec![RunEvent::RequirementSubmitted(RequirementSubmitted {
                 title: "Todo app".into(),
                 requirement: "Build a todo app\nwith tags".into(),
                 pipeline: "phase1".into(),
+                pipeline_definition: String::new(),
                 auto_approve: true,
                 submitted_at: fixed::instant(),
             })]);
@@ -651,6 +707,7 @@ mod tests {
                     title: "Build a todo app".into(),
                     requirement: "Build a todo app  \nIt must sync across devices.".into(),
                     pipeline: "phase1".into(),
+                    pipeline_definition: String::new(),
                     auto_approve: false,
                     submitted_at: fixed::instant(),
                 })]);
@@ -1091,5 +1148,81 @@ mod tests {
         }
         let terminal: Vec<_> = all.into_iter().filter(|s| s.is_terminal()).collect();
         assert_eq!(terminal, [RunStatus::Completed, RunStatus::Failed, RunStatus::Cancelled]);
+    }
+}
+
+#[cfg(test)]
+mod stop_tests {
+    use super::*;
+    use cqrs_es::test::TestFramework;
+
+    struct Clock;
+    impl crate::Services for Clock {
+        fn now(&self) -> DateTime<Utc> {
+            DateTime::UNIX_EPOCH
+        }
+    }
+
+    fn given_a_started_stage() -> Vec<RunEvent> {
+        vec![
+            RunEvent::RequirementSubmitted(RequirementSubmitted {
+                title: "t".into(),
+                requirement: "r".into(),
+                pipeline: "phase1".into(),
+                pipeline_definition: String::new(),
+                auto_approve: false,
+                submitted_at: DateTime::UNIX_EPOCH,
+            }),
+            RunEvent::StageStarted(StageStarted {
+                stage: "backend".into(),
+                team: "backend-engineering".into(),
+                objective_id: ObjectiveId::default(),
+            }),
+        ]
+    }
+
+    fn run() -> TestFramework<Run> {
+        let services: crate::SharedServices = std::sync::Arc::new(Clock);
+        TestFramework::with(services)
+    }
+
+    #[test]
+    fn a_blocked_stage_blocks_the_run_and_nothing_else_starts() {
+        run()
+            .given(given_a_started_stage())
+            .when(RunCommand::BlockRun { stage: "backend".into(), reason: "no credentials".into() })
+            .then_expect_events(vec![RunEvent::RunBlocked(RunBlocked {
+                stage: "backend".into(),
+                reason: "no credentials".into(),
+            })]);
+        let mut events = given_a_started_stage();
+        events.push(RunEvent::RunBlocked(RunBlocked { stage: "backend".into(), reason: "x".into() }));
+        run()
+            .given(events)
+            .when(RunCommand::StartStage { stage: "qa".into(), team: "qa-engineering".into(), objective_id: ObjectiveId::default() })
+            .then_expect_error(RunError::NotRunning("BLOCKED"));
+    }
+
+    #[test]
+    fn a_question_pauses_the_run() {
+        run()
+            .given(given_a_started_stage())
+            .when(RunCommand::AwaitClarification { stage: "backend".into(), question: "which database?".into() })
+            .then_expect_events(vec![RunEvent::RunNeedsClarification(RunNeedsClarification {
+                stage: "backend".into(),
+                question: "which database?".into(),
+            })]);
+    }
+
+    #[test]
+    fn only_a_stage_in_progress_can_block_or_ask() {
+        run()
+            .given(given_a_started_stage())
+            .when(RunCommand::BlockRun { stage: "qa".into(), reason: "x".into() })
+            .then_expect_error(RunError::StageNotStarted("qa".into()));
+        run()
+            .given(given_a_started_stage())
+            .when(RunCommand::AwaitClarification { stage: "qa".into(), question: "x".into() })
+            .then_expect_error(RunError::StageNotStarted("qa".into()));
     }
 }

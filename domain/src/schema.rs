@@ -33,6 +33,8 @@ pub fn event_schemas() -> Vec<EventSchema> {
         entry::<run::RunCompleted>("run", "RunCompleted"),
         entry::<run::RunFailed>("run", "RunFailed"),
         entry::<run::RunCancelled>("run", "RunCancelled"),
+        entry::<run::RunBlocked>("run", "RunBlocked"),
+        entry::<run::RunNeedsClarification>("run", "RunNeedsClarification"),
         entry::<objective::ObjectiveAssigned>("objective", "ObjectiveAssigned"),
         entry::<objective::ModelCalled>("objective", "ModelCalled"),
         entry::<objective::TaskResultRecorded>("objective", "TaskResultRecorded"),
@@ -80,6 +82,7 @@ mod tests {
                 title: "Todo app".into(),
                 requirement: "Build a todo app\nwith tags — and “quotes”".into(),
                 pipeline: "phase1".into(),
+                pipeline_definition: String::new(),
                 auto_approve: true,
                 submitted_at: Utc.with_ymd_and_hms(2025, 1, 2, 3, 4, 5).unwrap()
                     + chrono::Duration::nanoseconds(123_456_789),
@@ -99,6 +102,11 @@ mod tests {
             RunEvent::RunCompleted(RunCompleted {}),
             RunEvent::RunFailed(RunFailed { reason: "budget exhausted".into() }),
             RunEvent::RunCancelled(RunCancelled { reason: "changed my mind".into(), cancelled_by: "ada".into() }),
+            RunEvent::RunBlocked(RunBlocked { stage: "backend".into(), reason: "no database credentials".into() }),
+            RunEvent::RunNeedsClarification(RunNeedsClarification {
+                stage: "architecture".into(),
+                question: "business-analysis: who are the users?".into(),
+            }),
         ]
     }
 
@@ -167,11 +175,11 @@ mod tests {
     }
 
     #[test]
-    fn there_is_one_schema_for_each_of_the_15_event_types() {
+    fn there_is_one_schema_for_each_of_the_17_event_types() {
         let schemas = event_schemas();
-        assert_eq!(schemas.len(), 15);
+        assert_eq!(schemas.len(), 17);
         let names: BTreeSet<_> = schemas.iter().map(|s| s.event_type).collect();
-        assert_eq!(names.len(), 15, "event types repeat: {names:?}");
+        assert_eq!(names.len(), 17, "event types repeat: {names:?}");
     }
 
     #[test]

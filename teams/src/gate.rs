@@ -11,6 +11,7 @@
 //! A refusal's message is written for the model: [`repair_prompt`] quotes it back in the one
 //! repair request a worker makes before it records the objective BLOCKED.
 
+use crate::model::REPAIR_MARKER;
 use factory_domain::{TaskResult, TaskStatus};
 
 /// Why a raw answer is not a TaskResult. The message says what is wrong and where, in words
@@ -233,7 +234,7 @@ const QUOTE_TAIL_CHARS: usize = 500;
 pub fn repair_prompt(error: &GateError, raw: &str) -> String {
     let quoted = quote(raw);
     format!(
-        "Your previous answer was refused: {error}.\n\
+        "{REPAIR_MARKER} It was refused: {error}.\n\
          \n\
          Your previous answer was:\n\
          <<<\n\

@@ -118,6 +118,8 @@ struct PipelineFile {
 /// `Pipeline` in the program is valid.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Pipeline {
+    /// The text it was parsed from, which a run stores so that it carries its own plan.
+    source: String,
     name: String,
     description: String,
     review: bool,
@@ -283,6 +285,7 @@ impl Pipeline {
             return Err(invalid(Problem::BadMaxRevisions(file.max_revisions)));
         }
         Ok(Pipeline {
+            source: text.to_string(),
             name,
             description: file.description,
             review: file.review,
@@ -321,6 +324,11 @@ impl Pipeline {
             }
         })?;
         Pipeline::parse(arg, &text)
+    }
+
+    /// The pipeline file's text.
+    pub fn source(&self) -> &str {
+        &self.source
     }
 
     pub fn name(&self) -> &str {

@@ -1,6 +1,7 @@
 //! End-to-end tests of the event-sourced core against real PostgreSQL and NATS (started by
 //! `factory-testkit`): the store's guarantees, the audit chain, and the relay.
 
+mod pipeline;
 mod relay;
 mod store;
 mod support;

@@ -10,6 +10,7 @@ fn submit(requirement: &str) -> RunCommand {
         title: None,
         requirement: requirement.into(),
         pipeline: "phase1".into(),
+        pipeline_definition: String::new(),
         auto_approve: false,
     }
 }

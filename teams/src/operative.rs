@@ -1,0 +1,140 @@
+//! One team working one objective: the conversation with a model, the tools it calls, and
+//! the TaskResult gate at the end (with one repair request for a malformed answer).
+
+use crate::catalog::Team;
+use crate::gate::{parse_task_result, repair_prompt, task_result_schema};
+use crate::model::{Message, ModelError, ModelProvider, ModelRequest, ModelResponse};
+use crate::tools::{ToolRegistry, Workspace};
+use factory_domain::{TaskResult, TaskStatus};
+use sha2::{Digest, Sha256};
+use std::time::Instant;
+
+/// Turns (model calls) one objective may take, tool calls included.
+pub const MAX_TURNS: usize = 12;
+
+/// One model call, with what the `ModelCalled` event records.
+#[derive(Debug, Clone)]
+pub struct ModelCall {
+    pub alias: String,
+    pub provider: String,
+    pub model: String,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub latency_ms: u64,
+    pub request_digest: String,
+    pub response: String,
+}
+
+#[derive(Debug)]
+pub struct Outcome {
+    pub result: TaskResult,
+    pub calls: Vec<ModelCall>,
+    /// Workspace paths the tools wrote, in order, without repeats.
+    pub written: Vec<String>,
+    /// When the answer stayed malformed after the repair request: the raw text.
+    pub unparsed: Option<String>,
+}
+
+/// Works an objective to a TaskResult. Model errors end the attempt (the caller retries or
+/// escalates); a malformed answer gets one repair request, then becomes BLOCKED.
+pub async fn work(
+    provider: &dyn ModelProvider,
+    team: &Team,
+    alias: &str,
+    objective_prompt: String,
+    tools: &ToolRegistry,
+    granted: &[String],
+    workspace: &Workspace,
+) -> Result<Outcome, ModelError> {
+    let mut request = ModelRequest {
+        alias: alias.to_string(),
+        team: team.id.to_string(),
+        system: team.system_prompt(),
+        messages: vec![Message::User { content: objective_prompt }],
+        tools: tools.specs_for(granted),
+        response_schema: Some(task_result_schema()),
+    };
+    let mut calls = Vec::new();
+    let mut written: Vec<String> = Vec::new();
+    let mut repaired = false;
+    for _ in 0..MAX_TURNS {
+        let started = Instant::now();
+        let response = provider.complete(&request).await?;
+        calls.push(record(&request, &response, started));
+        if !response.tool_calls.is_empty() {
+            let mut results = Vec::new();
+            for call in &response.tool_calls {
+                let outcome = tools.call(workspace, granted, call);
+                if let Some(path) = &outcome.written
+                    && !written.contains(path)
+                {
+                    written.push(path.clone());
+                }
+                results.push(Message::Tool { call_id: call.id.clone(), content: outcome.output });
+            }
+            request.messages.push(Message::Assistant {
+                content: response.content.clone(),
+                tool_calls: response.tool_calls.clone(),
+            });
+            request.messages.extend(results);
+            continue;
+        }
+        match parse_task_result(&response.content) {
+            Ok(result) => return Ok(Outcome { result, calls, written, unparsed: None }),
+            Err(error) if !repaired => {
+                repaired = true;
+                request.messages.push(Message::Assistant { content: response.content.clone(), tool_calls: vec![] });
+                request.messages.push(Message::User { content: repair_prompt(&error, &response.content) });
+            }
+            Err(error) => {
+                let result = TaskResult {
+                    status: TaskStatus::Blocked,
+                    reasoning: "the team's answer was not a valid TaskResult, even after a repair request".into(),
+                    blockers: vec![format!("malformed answer: {error}")],
+                    assumptions_made: vec![],
+                    verified_facts: vec![],
+                    clarification_needed: None,
+                    artifacts: vec![],
+                };
+                return Ok(Outcome { result, calls, written, unparsed: Some(response.content) });
+            }
+        }
+    }
+    Ok(Outcome {
+        result: TaskResult {
+            status: TaskStatus::Blocked,
+            reasoning: format!("the team did not answer within {MAX_TURNS} model calls"),
+            blockers: vec!["too many tool-call turns".into()],
+            assumptions_made: vec![],
+            verified_facts: vec![],
+            clarification_needed: None,
+            artifacts: vec![],
+        },
+        calls,
+        written,
+        unparsed: None,
+    })
+}
+
+fn record(request: &ModelRequest, response: &ModelResponse, started: Instant) -> ModelCall {
+    let digest = Sha256::digest(serde_json::to_vec(request).unwrap_or_default());
+    let response_text = serde_json::to_string(&serde_json::json!({
+        "content": response.content,
+        "tool_calls": response.tool_calls,
+    }))
+    .unwrap_or_default();
+    ModelCall {
+        alias: request.alias.clone(),
+        provider: response.provider.clone(),
+        model: response.model.clone(),
+        input_tokens: response.input_tokens,
+        output_tokens: response.output_tokens,
+        latency_ms: started.elapsed().as_millis() as u64,
+        request_digest: hex(&digest),
+        response: response_text,
+    }
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

@@ -1,0 +1,254 @@
+//! The orchestrator: a process manager. It reads events from `FACTORY_EVENTS` (a durable
+//! consumer) and answers with commands; it keeps no state of its own, so any instance can
+//! pick up where another stopped. Every decision is recomputed from the run's aggregate.
+//!
+//! * A submitted run, a completed or skipped stage, a revision: start the stages whose
+//!   inputs are done (each an objective, assigned and put on `FACTORY_WORK` for its team),
+//!   or finish the run (review gate, or completed with `auto_approve`).
+//! * A completed objective completes its stage; a blocked one blocks the run; a
+//!   NEEDS_CLARIFICATION answer pauses the run.
+//!
+//! Redelivered events are harmless: starting a started stage is refused (and its objective
+//! is re-assigned and re-published, which are no-ops: the assignment is refused, and the work
+//! message carries `Nats-Msg-Id` = objective id).
+
+use crate::pipeline::Pipeline;
+use async_nats::jetstream::{self, AckKind, consumer::pull};
+use factory_commands::{CommandError, Store};
+use factory_domain::run::StageState;
+use factory_domain::{
+    ObjectiveCommand, ObjectiveError, ObjectiveId, RunCommand, RunError, RunId, RunStatus, TaskStatus,
+};
+use factory_nats::{EventEnvelope, Topology};
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A message on `FACTORY_WORK`: one objective for one team.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkItem {
+    pub objective_id: ObjectiveId,
+    pub run_id: RunId,
+    pub stage: String,
+    pub team: String,
+    pub alias: String,
+    pub max_iterations: u32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OrchestratorError {
+    #[error("JetStream failed")]
+    Stream(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("the event store failed")]
+    Store(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("run {run} has an invalid pipeline")]
+    Pipeline {
+        run: RunId,
+        #[source]
+        source: crate::pipeline::PipelineError,
+    },
+}
+
+fn store_err<E: std::error::Error + Send + Sync + 'static>(e: CommandError<E>) -> OrchestratorError {
+    OrchestratorError::Store(Box::new(e))
+}
+
+fn stream_err(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> OrchestratorError {
+    OrchestratorError::Stream(e.into())
+}
+
+pub struct Orchestrator {
+    store: Arc<Store>,
+    js: jetstream::Context,
+    topology: Topology,
+}
+
+impl Orchestrator {
+    pub fn new(store: Arc<Store>, js: jetstream::Context, topology: Topology) -> Self {
+        Self { store, js, topology }
+    }
+
+    /// Runs until dropped; errors are logged and retried.
+    pub async fn run(self) {
+        loop {
+            if let Err(error) = self.consume().await {
+                tracing::warn!(error = %error, "orchestrator interrupted; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+
+    async fn consume(&self) -> Result<(), OrchestratorError> {
+        let stream = self.js.get_stream(&self.topology.events_stream).await.map_err(stream_err)?;
+        let consumer = stream
+            .get_or_create_consumer(
+                "orchestrator",
+                pull::Config {
+                    durable_name: Some("orchestrator".into()),
+                    filter_subject: self.topology.all_events_filter(),
+                    ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                    ack_wait: Duration::from_secs(30),
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(stream_err)?;
+        let mut messages = consumer.messages().await.map_err(stream_err)?;
+        while let Some(message) = messages.next().await {
+            let message = message.map_err(stream_err)?;
+            let envelope: EventEnvelope = match serde_json::from_slice(&message.payload) {
+                Ok(envelope) => envelope,
+                Err(error) => {
+                    tracing::error!(subject = %message.subject, %error, "not an event envelope; terminated");
+                    message.ack_with(AckKind::Term).await.map_err(stream_err)?;
+                    continue;
+                }
+            };
+            match self.handle(&envelope).await {
+                Ok(()) => message.ack().await.map_err(stream_err)?,
+                Err(error) => {
+                    tracing::warn!(position = envelope.position, event = %envelope.event_type, error = %error, "event not handled; redelivering");
+                    message
+                        .ack_with(AckKind::Nak(Some(Duration::from_millis(500))))
+                        .await
+                        .map_err(stream_err)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// What one event causes.
+    pub async fn handle(&self, event: &EventEnvelope) -> Result<(), OrchestratorError> {
+        let Some(run_id) = event.run_id.map(RunId) else { return Ok(()) };
+        match (event.aggregate_type.as_str(), event.event_type.as_str()) {
+            ("run", "RequirementSubmitted" | "StageCompleted" | "StageSkipped" | "RunReviewed") => {
+                self.advance(run_id).await
+            }
+            ("objective", "ObjectiveCompleted") => {
+                let objective = self.objective(event).await?;
+                self.run_command(run_id, RunCommand::CompleteStage { stage: objective.stage }).await
+            }
+            ("objective", "ObjectiveBlocked") => {
+                let objective = self.objective(event).await?;
+                let reason = event.payload["reason"].as_str().unwrap_or("blocked").to_string();
+                self.run_command(run_id, RunCommand::BlockRun { stage: objective.stage, reason }).await
+            }
+            ("objective", "TaskResultRecorded") => {
+                let status: Option<TaskStatus> = serde_json::from_value(event.payload["result"]["status"].clone()).ok();
+                if status != Some(TaskStatus::NeedsClarification) {
+                    return Ok(());
+                }
+                let objective = self.objective(event).await?;
+                let question = event.payload["result"]["clarification_needed"].as_str().unwrap_or("").to_string();
+                self.run_command(run_id, RunCommand::AwaitClarification { stage: objective.stage, question }).await
+            }
+            _ => Ok(()),
+        }
+    }
+
+    async fn objective(&self, event: &EventEnvelope) -> Result<factory_domain::Objective, OrchestratorError> {
+        let id: ObjectiveId = event.aggregate_id.parse().map_err(|e| OrchestratorError::Store(Box::new(e)))?;
+        self.store.load_objective(id).await.map_err(store_err)
+    }
+
+    /// A command whose refusal means "already done or no longer relevant" (a redelivery, or a
+    /// run that moved on): logged, not retried.
+    async fn run_command(&self, run_id: RunId, command: RunCommand) -> Result<(), OrchestratorError> {
+        match self.store.execute_run(run_id, command).await {
+            Ok(()) => Ok(()),
+            Err(CommandError::Refused(reason)) => {
+                tracing::debug!(%run_id, %reason, "command refused; nothing to do");
+                Ok(())
+            }
+            Err(other) => Err(store_err(other)),
+        }
+    }
+
+    /// Starts ready stages, or finishes the run.
+    async fn advance(&self, run_id: RunId) -> Result<(), OrchestratorError> {
+        let run = self.store.load_run(run_id).await.map_err(store_err)?;
+        if run.status != RunStatus::Running {
+            return Ok(());
+        }
+        let pipeline = Pipeline::parse(&run.pipeline, &run.pipeline_definition)
+            .map_err(|source| OrchestratorError::Pipeline { run: run_id, source })?;
+        let done: BTreeSet<String> = run
+            .stages
+            .iter()
+            .filter(|(_, s)| matches!(s, StageState::Completed { .. } | StageState::Skipped))
+            .map(|(name, _)| name.clone())
+            .collect();
+        let started: BTreeSet<String> = run.stages.keys().cloned().collect();
+        // Stages in progress (started, not done) are re-published: a crash may have come
+        // between starting a stage and putting its work on the queue.
+        for (stage_name, state) in &run.stages {
+            if let StageState::InProgress { objective_id, .. } = state
+                && let Some(stage) = pipeline.stage(stage_name)
+            {
+                self.dispatch(run_id, *objective_id, stage).await?;
+            }
+        }
+        if pipeline.is_finished(&done) {
+            let command = if run.auto_approve || !pipeline.review() {
+                RunCommand::CompleteRun
+            } else {
+                RunCommand::AwaitReview
+            };
+            return self.run_command(run_id, command).await;
+        }
+        for stage in pipeline.ready_stages(&done, &started) {
+            let objective_id = ObjectiveId::new();
+            let command = RunCommand::StartStage {
+                stage: stage.name.clone(),
+                team: stage.team.clone(),
+                objective_id,
+            };
+            match self.store.execute_run(run_id, command).await {
+                Ok(()) => self.dispatch(run_id, objective_id, stage).await?,
+                Err(CommandError::Refused(RunError::StageAlreadyStarted(_) | RunError::StageFinished(_))) => {}
+                Err(CommandError::Refused(reason)) => {
+                    tracing::debug!(%run_id, %reason, "stage not started");
+                }
+                Err(other) => return Err(store_err(other)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Assigns the objective (a no-op when already assigned) and queues its work.
+    async fn dispatch(&self, run_id: RunId, objective_id: ObjectiveId, stage: &crate::pipeline::Stage) -> Result<(), OrchestratorError> {
+        let assign = ObjectiveCommand::AssignObjective {
+            objective_id,
+            run_id,
+            stage: stage.name.clone(),
+            team: stage.team.clone(),
+            instructions: format!("{} for stage {}", stage.team, stage.name),
+            max_iterations: stage.max_iterations,
+        };
+        match self.store.execute_objective(objective_id, run_id, assign).await {
+            Ok(()) | Err(CommandError::Refused(ObjectiveError::AlreadyAssigned)) => {}
+            Err(other) => return Err(store_err(other)),
+        }
+        let item = WorkItem {
+            objective_id,
+            run_id,
+            stage: stage.name.clone(),
+            team: stage.team.clone(),
+            alias: stage.alias.clone(),
+            max_iterations: stage.max_iterations,
+        };
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", objective_id.to_string().as_str());
+        let body = serde_json::to_vec(&item).map_err(stream_err)?;
+        self.js
+            .publish_with_headers(self.topology.work_subject(&stage.team), headers, body.into())
+            .await
+            .map_err(stream_err)?
+            .await
+            .map_err(stream_err)?;
+        Ok(())
+    }
+}

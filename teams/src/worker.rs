@@ -1,0 +1,374 @@
+//! Workers: pull objectives from `FACTORY_WORK`, let the team work them, record what
+//! happened (model calls, artifacts, the TaskResult) and finish the objective.
+//!
+//! One durable pull consumer per team (`worker-<team>`), shared by every worker process that
+//! serves the team; explicit ack after the result's commands committed; in-progress acks
+//! while a model call runs long; after `max_deliver` attempts the objective is blocked. A
+//! redelivered message cannot record a second result: the result's idempotency key is the
+//! message's stream sequence.
+
+use crate::catalog::{ObjectiveContext, team as team_docs};
+use crate::model::ModelProvider;
+use crate::operative;
+use crate::orchestrator::WorkItem;
+use crate::tools::{ToolRegistry, Workspace, granted_tools};
+use async_nats::jetstream::{self, AckKind, consumer::pull};
+use factory_commands::{CommandError, Store};
+use factory_domain::objective::{ArtifactProduced, ModelCalled, ObjectiveStatus};
+use factory_domain::{ObjectiveCommand, ObjectiveError, TaskStatus};
+use factory_nats::{EventEnvelope, Topology};
+use futures::StreamExt;
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Debug, Clone)]
+pub struct WorkerOptions {
+    /// The teams this worker serves.
+    pub teams: Vec<String>,
+    /// Where objectives get their scratch workspaces.
+    pub work_dir: PathBuf,
+    pub ack_wait: Duration,
+    /// Deliveries of one message before its objective is blocked.
+    pub max_deliver: i64,
+}
+
+impl WorkerOptions {
+    pub fn new(teams: Vec<String>, work_dir: PathBuf) -> Self {
+        Self { teams, work_dir, ack_wait: Duration::from_secs(30), max_deliver: 5 }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("JetStream failed")]
+    Stream(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("the event store failed")]
+    Store(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("the model call failed")]
+    Model(#[from] crate::model::ModelError),
+    #[error("the workspace failed")]
+    Workspace(#[from] std::io::Error),
+    #[error("unknown team `{0}`")]
+    UnknownTeam(String),
+}
+
+fn store_err(e: impl std::error::Error + Send + Sync + 'static) -> WorkerError {
+    WorkerError::Store(Box::new(e))
+}
+
+fn stream_err(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> WorkerError {
+    WorkerError::Stream(e.into())
+}
+
+#[derive(Clone)]
+pub struct Worker {
+    store: Arc<Store>,
+    js: jetstream::Context,
+    topology: Topology,
+    provider: Arc<dyn ModelProvider>,
+    tools: Arc<ToolRegistry>,
+    options: WorkerOptions,
+}
+
+impl Worker {
+    pub fn new(
+        store: Arc<Store>,
+        js: jetstream::Context,
+        topology: Topology,
+        provider: Arc<dyn ModelProvider>,
+        options: WorkerOptions,
+    ) -> Self {
+        Self { store, js, topology, provider, tools: Arc::new(ToolRegistry::standard()), options }
+    }
+
+    /// Serves every team of the options until dropped.
+    pub async fn run(self) {
+        let tasks: Vec<_> = self
+            .options
+            .teams
+            .clone()
+            .into_iter()
+            .map(|team| {
+                let worker = self.clone();
+                tokio::spawn(async move {
+                    loop {
+                        if let Err(error) = worker.consume(&team).await {
+                            tracing::warn!(%team, error = %error, "worker interrupted; retrying");
+                            tokio::time::sleep(Duration::from_millis(500)).await;
+                        }
+                    }
+                })
+            })
+            .collect();
+        // Dropping this future aborts the team tasks with it.
+        struct AbortOnDrop(Vec<tokio::task::JoinHandle<()>>);
+        impl Drop for AbortOnDrop {
+            fn drop(&mut self) {
+                self.0.iter().for_each(|t| t.abort());
+            }
+        }
+        let tasks = AbortOnDrop(tasks);
+        futures::future::pending::<()>().await;
+        drop(tasks);
+    }
+
+    async fn consume(&self, team: &str) -> Result<(), WorkerError> {
+        let stream = self.js.get_stream(&self.topology.work_stream).await.map_err(stream_err)?;
+        let name = format!("worker-{team}");
+        let consumer = stream
+            .get_or_create_consumer(
+                &name,
+                pull::Config {
+                    durable_name: Some(name.clone()),
+                    filter_subject: self.topology.work_subject(team),
+                    ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                    ack_wait: self.options.ack_wait,
+                    max_deliver: self.options.max_deliver,
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(stream_err)?;
+        let mut messages = consumer.messages().await.map_err(stream_err)?;
+        while let Some(message) = messages.next().await {
+            let message = message.map_err(stream_err)?;
+            let info = message.info().map_err(stream_err)?;
+            let (sequence, delivered) = (info.stream_sequence, info.delivered);
+            let item: WorkItem = match serde_json::from_slice(&message.payload) {
+                Ok(item) => item,
+                Err(error) => {
+                    tracing::error!(%error, "not a work item; terminated");
+                    message.ack_with(AckKind::Term).await.map_err(stream_err)?;
+                    continue;
+                }
+            };
+            let key = format!("work:{sequence}");
+            let work = self.process(&item, &key);
+            tokio::pin!(work);
+            // Tell JetStream we are alive while the team works (model calls can be long).
+            let mut heartbeat = tokio::time::interval(self.options.ack_wait / 3);
+            heartbeat.tick().await;
+            let outcome = loop {
+                tokio::select! {
+                    outcome = &mut work => break outcome,
+                    _ = heartbeat.tick() => {
+                        let _ = message.ack_with(AckKind::Progress).await;
+                    }
+                }
+            };
+            match outcome {
+                Ok(()) => message.double_ack().await.map_err(stream_err)?,
+                Err(error) if delivered >= self.options.max_deliver => {
+                    tracing::error!(objective = %item.objective_id, error = %error, "giving up on the objective");
+                    let reason = format!("the worker failed {delivered} times: {error}");
+                    let _ = self
+                        .store
+                        .execute_objective(item.objective_id, item.run_id, ObjectiveCommand::BlockObjective { reason })
+                        .await;
+                    message.ack_with(AckKind::Term).await.map_err(stream_err)?;
+                }
+                Err(error) => {
+                    tracing::warn!(objective = %item.objective_id, error = %error, delivered, "objective failed; redelivering");
+                    message.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await.map_err(stream_err)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Works one objective to its end, or does nothing when it already ended.
+    pub async fn process(&self, item: &WorkItem, key: &str) -> Result<(), WorkerError> {
+        let objective = self.store.load_objective(item.objective_id).await.map_err(store_err)?;
+        if objective.status != ObjectiveStatus::Assigned {
+            return Ok(());
+        }
+        let team = team_docs(&item.team).ok_or_else(|| WorkerError::UnknownTeam(item.team.clone()))?;
+        let granted = granted_tools(team.tools).map_err(|e| WorkerError::UnknownTeam(format!("{}: {e}", item.team)))?;
+        let run = RunContext::read(&self.store, item).await?;
+
+        let dir = self.options.work_dir.join(format!("{}-{}", item.objective_id, key.replace(':', "-")));
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir)?;
+        }
+        let workspace = Workspace::new(&dir)?;
+        for (path, sha) in &run.artifacts {
+            if let Some(content) = self.artifact(sha).await?
+                && let Ok(text) = String::from_utf8(content)
+            {
+                let _ = workspace.write_file(path, &text);
+            }
+        }
+        let prompt = team.objective_prompt(&ObjectiveContext {
+            title: &run.title,
+            requirement: &run.requirement,
+            inputs: &run.inputs,
+            feedback: &run.feedback,
+            iteration: objective.iterations + 1,
+            max_iterations: item.max_iterations,
+        });
+        let outcome = operative::work(self.provider.as_ref(), team, &item.alias, prompt, &self.tools, &granted, &workspace).await;
+        let outcome = match outcome {
+            Ok(outcome) => outcome,
+            Err(error) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(error.into());
+            }
+        };
+        let objective_cmd = |command| self.store.execute_objective(item.objective_id, item.run_id, command);
+        for call in &outcome.calls {
+            let event = ModelCalled {
+                alias: call.alias.clone(),
+                provider: call.provider.clone(),
+                model: call.model.clone(),
+                input_tokens: call.input_tokens,
+                output_tokens: call.output_tokens,
+                cost_usd: 0.0,
+                latency_ms: call.latency_ms,
+                outcome: "ok".into(),
+                failed_targets: vec![],
+                request_digest: call.request_digest.clone(),
+                response: call.response.clone(),
+            };
+            ignore_finished(objective_cmd(ObjectiveCommand::RecordModelCall(event)).await)?;
+        }
+        let mut paths: Vec<String> = outcome.written.clone();
+        for path in &outcome.result.artifacts {
+            if !paths.contains(path) {
+                paths.push(path.clone());
+            }
+        }
+        for path in paths {
+            let Ok(full) = workspace.resolve(&path) else { continue };
+            let Ok(content) = std::fs::read(&full) else { continue };
+            let sha = operative::hex(&Sha256::digest(&content));
+            sqlx::query("INSERT INTO artifacts (sha256, content, bytes) VALUES ($1, $2, $3) ON CONFLICT (sha256) DO NOTHING")
+                .bind(&sha)
+                .bind(&content)
+                .bind(content.len() as i64)
+                .execute(self.store.pool())
+                .await
+                .map_err(store_err)?;
+            let artifact = ArtifactProduced { media_type: media_type(&path).into(), bytes: content.len() as u64, sha256: sha, path };
+            ignore_finished(objective_cmd(ObjectiveCommand::ProduceArtifact(artifact)).await)?;
+        }
+        let status = outcome.result.status;
+        let blockers = outcome.result.blockers.join("; ");
+        let record = ObjectiveCommand::RecordTaskResult { idempotency_key: key.to_string(), result: outcome.result };
+        ignore_finished(objective_cmd(record).await)?;
+        let finish = match status {
+            TaskStatus::Complete => Some(ObjectiveCommand::CompleteObjective),
+            TaskStatus::Blocked => Some(ObjectiveCommand::BlockObjective {
+                reason: match &outcome.unparsed {
+                    Some(raw) => format!("{blockers}; raw answer: {}", raw.chars().take(4000).collect::<String>()),
+                    None => blockers,
+                },
+            }),
+            // The orchestrator pauses the run on the recorded result.
+            TaskStatus::NeedsClarification => None,
+        };
+        if let Some(command) = finish {
+            ignore_finished(objective_cmd(command).await)?;
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        Ok(())
+    }
+
+    async fn artifact(&self, sha: &str) -> Result<Option<Vec<u8>>, WorkerError> {
+        sqlx::query_scalar("SELECT content FROM artifacts WHERE sha256 = $1")
+            .bind(sha)
+            .fetch_optional(self.store.pool())
+            .await
+            .map_err(store_err)
+    }
+}
+
+/// Another delivery finished the objective first: nothing to record.
+fn ignore_finished(result: Result<(), CommandError<ObjectiveError>>) -> Result<(), WorkerError> {
+    match result {
+        Ok(()) | Err(CommandError::Refused(ObjectiveError::Finished(_))) => Ok(()),
+        Err(other) => Err(store_err(other)),
+    }
+}
+
+fn media_type(path: &str) -> &'static str {
+    match path.rsplit('.').next().unwrap_or("") {
+        "md" => "text/markdown",
+        "rs" => "text/x-rust",
+        "toml" => "application/toml",
+        "json" => "application/json",
+        "yaml" | "yml" => "application/yaml",
+        "sql" => "application/sql",
+        "ts" | "tsx" => "text/typescript",
+        "js" => "text/javascript",
+        "py" => "text/x-python",
+        _ => "text/plain",
+    }
+}
+
+/// What a team needs to know of its run, read from the run's events.
+struct RunContext {
+    title: String,
+    requirement: String,
+    inputs: String,
+    feedback: String,
+    /// Every artifact so far: path -> content digest (the latest wins).
+    artifacts: BTreeMap<String, String>,
+}
+
+impl RunContext {
+    async fn read(store: &Store, item: &WorkItem) -> Result<Self, WorkerError> {
+        let events: Vec<EventEnvelope> = factory_commands::events::run_events(store.pool(), item.run_id.0, None)
+            .await
+            .map_err(store_err)?;
+        let mut context = RunContext {
+            title: String::new(),
+            requirement: String::new(),
+            inputs: String::new(),
+            feedback: String::new(),
+            artifacts: BTreeMap::new(),
+        };
+        let mut stage_of: BTreeMap<String, String> = BTreeMap::new();
+        for e in &events {
+            match (e.aggregate_type.as_str(), e.event_type.as_str()) {
+                ("run", "RequirementSubmitted") => {
+                    context.title = e.payload["title"].as_str().unwrap_or_default().to_string();
+                    context.requirement = e.payload["requirement"].as_str().unwrap_or_default().to_string();
+                }
+                ("run", "RunReviewed") => {
+                    if let Some(feedback) = e.payload["feedback"].as_str() {
+                        context.feedback = feedback.to_string();
+                    }
+                }
+                ("objective", "ObjectiveAssigned") => {
+                    let stage = e.payload["stage"].as_str().unwrap_or_default().to_string();
+                    stage_of.insert(e.aggregate_id.clone(), stage);
+                }
+                ("objective", "ArtifactProduced") => {
+                    if let (Some(path), Some(sha)) = (e.payload["path"].as_str(), e.payload["sha256"].as_str()) {
+                        context.artifacts.insert(path.to_string(), sha.to_string());
+                    }
+                }
+                ("objective", "TaskResultRecorded") if e.aggregate_id != item.objective_id.to_string() => {
+                    let stage = stage_of.get(&e.aggregate_id).cloned().unwrap_or_default();
+                    let result = &e.payload["result"];
+                    if result["status"] == "COMPLETE" {
+                        let artifacts: Vec<&str> = result["artifacts"]
+                            .as_array()
+                            .map(|a| a.iter().filter_map(|v| v.as_str()).collect())
+                            .unwrap_or_default();
+                        context.inputs.push_str(&format!(
+                            "### {stage}\n{}\nArtifacts (in your workspace): {}\n\n",
+                            result["reasoning"].as_str().unwrap_or_default(),
+                            artifacts.join(", ")
+                        ));
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(context)
+    }
+}

@@ -1,0 +1,187 @@
+//! Teams at work: whole runs through the relay, the orchestrator and the workers, on real
+//! NATS and PostgreSQL, answered by the scripted provider.
+
+use crate::support::relay;
+use factory_commands::Store;
+use factory_domain::{RunCommand, RunId, RunStatus, SystemServices};
+use factory_teams::Pipeline;
+use factory_teams::model::ModelProvider;
+use factory_teams::orchestrator::Orchestrator;
+use factory_teams::scripted::ScriptedProvider;
+use factory_teams::worker::{Worker, WorkerOptions};
+use factory_testkit::{TestStack, wait_for};
+use std::sync::Arc;
+use std::time::Duration;
+
+struct Factory {
+    stack: TestStack,
+    store: Arc<Store>,
+    work_dir: tempfile::TempDir,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Factory {
+    async fn start() -> Self {
+        let stack = TestStack::new().await;
+        let store = Arc::new(Store::new(stack.pool.clone(), Arc::new(SystemServices)));
+        let mut factory = Self { store, work_dir: tempfile::tempdir().unwrap(), tasks: vec![], stack };
+        let relay = relay(&factory.stack, factory.stack.js.clone(), 500).with_wake(factory.store.committed());
+        factory.tasks.push(tokio::spawn(relay.run()));
+        let orchestrator = Orchestrator::new(factory.store.clone(), factory.stack.js.clone(), factory.stack.topology.clone());
+        factory.tasks.push(tokio::spawn(orchestrator.run()));
+        factory.tasks.push(tokio::spawn(factory.worker(Duration::from_secs(30)).run()));
+        factory
+    }
+
+    fn worker(&self, ack_wait: Duration) -> Worker {
+        let mut options = WorkerOptions::new(
+            factory_teams::TEAM_IDS.iter().map(|t| t.to_string()).collect(),
+            self.work_dir.path().to_path_buf(),
+        );
+        options.ack_wait = ack_wait;
+        let provider: Arc<dyn ModelProvider> = Arc::new(ScriptedProvider::new());
+        Worker::new(self.store.clone(), self.stack.js.clone(), self.stack.topology.clone(), provider, options)
+    }
+
+    async fn submit(&self, requirement: &str, pipeline: &str, auto_approve: bool) -> RunId {
+        let plan = Pipeline::load(pipeline).unwrap();
+        let run = RunId::new();
+        let command = RunCommand::SubmitRequirement {
+            title: None,
+            requirement: requirement.into(),
+            pipeline: plan.name().into(),
+            pipeline_definition: plan.source().into(),
+            auto_approve,
+        };
+        self.store.execute_run(run, command).await.unwrap();
+        run
+    }
+
+    async fn wait_status(&self, run: RunId, status: RunStatus) {
+        wait_for(&format!("run {run} to be {}", status.as_str()), Duration::from_secs(90), || async {
+            (self.store.load_run(run).await.unwrap().status == status).then_some(())
+        })
+        .await;
+    }
+
+    async fn count(&self, run: RunId, event_type: &str) -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM events WHERE run_id = $1 AND event_type = $2")
+            .bind(run.0)
+            .bind(event_type)
+            .fetch_one(&self.stack.pool)
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for Factory {
+    fn drop(&mut self) {
+        self.tasks.iter().for_each(|t| t.abort());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_phase1_demo_run_completes_each_objective_once_with_artifacts() {
+    let factory = Factory::start().await;
+    let run = factory.submit("Build a URL shortener with expiry", "phase1", false).await;
+    factory.wait_status(run, RunStatus::AwaitingReview).await;
+    for event in ["StageStarted", "StageCompleted", "ObjectiveAssigned", "TaskResultRecorded", "ObjectiveCompleted"] {
+        assert_eq!(factory.count(run, event).await, 5, "{event}");
+    }
+    let paths: Vec<String> = sqlx::query_scalar(
+        "SELECT DISTINCT payload->'ArtifactProduced'->>'path' FROM events WHERE run_id = $1 AND event_type = 'ArtifactProduced'",
+    )
+    .bind(run.0)
+    .fetch_all(&factory.stack.pool)
+    .await
+    .unwrap();
+    for expected in ["docs/requirements.md", "docs/architecture.md", "docs/test-plan.md", "README.md"] {
+        assert!(paths.iter().any(|p| p == expected), "{expected} missing from {paths:?}");
+    }
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM artifacts").fetch_one(&factory.stack.pool).await.unwrap();
+    assert!(stored >= paths.len() as i64 / 2, "artifact contents are stored");
+
+    // The review gate: approve completes the run.
+    factory
+        .store
+        .execute_run(run, RunCommand::ReviewRun { decision: factory_domain::run::ReviewDecision::Approve, reviewer: "ada".into() })
+        .await
+        .unwrap();
+    factory.wait_status(run, RunStatus::Completed).await;
+    assert!(factory_commands::audit::verify(&factory.stack.pool).await.unwrap().broken.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_full_pipeline_runs_all_17_teams_with_parallel_stages() {
+    let factory = Factory::start().await;
+    let run = factory.submit("Build an online shop", "full", true).await;
+    factory.wait_status(run, RunStatus::Completed).await;
+    assert_eq!(factory.count(run, "ObjectiveCompleted").await, 17);
+    // Stages whose inputs were ready together were started before any of them completed.
+    let order: Vec<(String, String)> = sqlx::query_as(
+        "SELECT event_type, coalesce(payload->'StageStarted'->>'stage', payload->'StageCompleted'->>'stage') \
+           FROM events WHERE run_id = $1 AND event_type IN ('StageStarted', 'StageCompleted') ORDER BY position",
+    )
+    .bind(run.0)
+    .fetch_all(&factory.stack.pool)
+    .await
+    .unwrap();
+    let started_before_completion = |a: &str, b: &str| {
+        let start_b = order.iter().position(|(t, s)| t == "StageStarted" && s == b).unwrap();
+        let done_a = order.iter().position(|(t, s)| t == "StageCompleted" && s == a).unwrap();
+        start_b < done_a
+    };
+    assert!(
+        started_before_completion("backend-engineering", "frontend-engineering")
+            || started_before_completion("frontend-engineering", "backend-engineering"),
+        "backend and frontend should run side by side: {order:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn malformed_answers_are_repaired_and_blocks_stop_the_run() {
+    let factory = Factory::start().await;
+    let malformed = factory.submit("Build a todo app #malformed", "phase1", true).await;
+    let blocked = factory.submit("Build a todo app #block", "phase1", true).await;
+    factory.wait_status(malformed, RunStatus::Completed).await;
+    // Each team: the tool turn, the broken answer, the repaired one.
+    assert_eq!(factory.count(malformed, "ModelCalled").await, 15);
+    factory.wait_status(blocked, RunStatus::Blocked).await;
+    assert_eq!(factory.count(blocked, "ObjectiveBlocked").await, 1);
+    assert_eq!(factory.count(blocked, "StageStarted").await, 3, "nothing starts after the blocked stage");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_question_pauses_the_run_as_needs_clarification() {
+    let factory = Factory::start().await;
+    let run = factory.submit("Build a chat #clarify", "phase1", true).await;
+    factory.wait_status(run, RunStatus::NeedsClarification).await;
+    let question: String = sqlx::query_scalar(
+        "SELECT payload->'RunNeedsClarification'->>'question' FROM events WHERE run_id = $1 AND event_type = 'RunNeedsClarification'",
+    )
+    .bind(run.0)
+    .fetch_one(&factory.stack.pool)
+    .await
+    .unwrap();
+    assert!(question.starts_with("business-analysis:"), "{question}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_killed_mid_call_is_replaced_and_the_objective_completes_once() {
+    let mut factory = Factory::start().await;
+    // Replace the default worker with one whose messages come back quickly when it dies.
+    factory.tasks.pop().unwrap().abort();
+    let doomed = tokio::spawn(factory.worker(Duration::from_secs(2)).run());
+    let run = factory.submit("Build a todo app #slow=2000", "phase1", true).await;
+    wait_for("the first model call to be under way", Duration::from_secs(30), || async {
+        (factory.count(run, "ObjectiveAssigned").await >= 1).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    doomed.abort();
+    let _ = doomed.await;
+    factory.tasks.push(tokio::spawn(factory.worker(Duration::from_secs(2)).run()));
+    factory.wait_status(run, RunStatus::Completed).await;
+    assert_eq!(factory.count(run, "TaskResultRecorded").await, 5);
+    assert_eq!(factory.count(run, "ObjectiveCompleted").await, 5);
+}
