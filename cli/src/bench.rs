@@ -1,4 +1,5 @@
-//! `factory bench`: the write side's throughput and the relay's catch-up rate and lag.
+//! `factory bench`: the write side's throughput, the relay's catch-up rate and lag, and the
+//! whole pipeline (relay, orchestrator, workers) on the scripted provider.
 //!
 //! Every figure is one JSON object per line on stdout (contract §2); progress goes to
 //! stderr through `tracing`. Targets are numbers in the unit of `value`; whether a target
@@ -8,9 +9,10 @@
 //!
 //! Isolation: nothing touches the real event store or streams. Each suite runs in its own
 //! scratch database `factory_bench_<pid>_<millis>` on the configured server, dropped at the
-//! end even on error or Ctrl-C, and the relay suite publishes to namespaced streams
-//! (`BENCH<pid>_FACTORY_EVENTS`, ...) that are deleted at the end. A scratch database per
-//! suite keeps each suite's figures the same whether it runs alone or within `all`.
+//! end even on error or Ctrl-C, and the relay and pipeline suites publish to namespaced
+//! streams (`BENCH<pid>_FACTORY_EVENTS`, `BENCHPIPE<pid>_FACTORY_WORK`, ...) that are deleted
+//! at the end. A scratch database per suite keeps each suite's figures the same whether it
+//! runs alone or within `all`.
 
 use crate::config::Config;
 use crate::stack;
@@ -50,6 +52,9 @@ pub enum Suite {
     Store,
     /// The relay: catch-up rate over a backlog, commit-to-stream lag under steady load.
     Relay,
+    /// Whole runs through relay, orchestrator and workers (scripted provider, no latency):
+    /// per-stage overhead, a 17-stage run's wall time, stages/s with many runs at once.
+    Pipeline,
     /// Every suite above.
     All,
 }
@@ -79,6 +84,14 @@ struct Plan {
     measure: Duration,
     backlog_events: i64,
     lag_window: Duration,
+    /// Sequential phase1 runs measured for the per-stage overhead.
+    single_runs: usize,
+    /// Sequential `full` runs measured for the wall time.
+    full_runs: usize,
+    /// phase1 runs submitted at once for the throughput.
+    concurrent_runs: usize,
+    /// How long those may take, all together, before the bench gives up.
+    concurrent_deadline: Duration,
 }
 
 impl Plan {
@@ -89,6 +102,10 @@ impl Plan {
                 measure: Duration::from_secs(2),
                 backlog_events: 20_000,
                 lag_window: Duration::from_secs(3),
+                single_runs: 5,
+                full_runs: 3,
+                concurrent_runs: 50,
+                concurrent_deadline: Duration::from_secs(30),
             }
         } else {
             Self {
@@ -96,6 +113,10 @@ impl Plan {
                 measure: Duration::from_secs(10),
                 backlog_events: 100_000,
                 lag_window: Duration::from_secs(10),
+                single_runs: 20,
+                full_runs: 10,
+                concurrent_runs: 200,
+                concurrent_deadline: Duration::from_secs(120),
             }
         }
     }
@@ -113,6 +134,9 @@ pub async fn run(args: BenchArgs, config: &Config) -> Result<ExitCode> {
     }
     if matches!(args.which, Suite::Relay | Suite::All) {
         relay_suite(config, plan).await?;
+    }
+    if matches!(args.which, Suite::Pipeline | Suite::All) {
+        pipeline_suite(config, plan).await?;
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -423,16 +447,21 @@ async fn relay_suite(config: &Config, plan: Plan) -> Result<()> {
         relay_figures(pool, publisher.clone(), reader, topology.clone(), plan)
     })
     .await;
+    settle(outcome, delete_streams(&publisher, &topology).await)
+}
+
+/// Deletes the bench's namespaced streams (their consumers go with them).
+async fn delete_streams(js: &jetstream::Context, topology: &Topology) -> Result<()> {
     let mut cleanup = Ok(());
     for stream in [&topology.events_stream, &topology.work_stream] {
-        if let Err(error) = publisher.delete_stream(stream).await {
+        if let Err(error) = js.delete_stream(stream).await {
             cleanup = Err(anyhow!(error).context(format!("deleting the stream {stream}")));
         }
     }
     if cleanup.is_ok() {
         tracing::info!(stream = %topology.events_stream, "bench streams deleted");
     }
-    settle(outcome, cleanup)
+    cleanup
 }
 
 async fn relay_figures(

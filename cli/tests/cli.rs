@@ -201,7 +201,7 @@ async fn schema_events_describes_every_event_type() {
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let events = doc["events"].as_array().unwrap();
-    assert_eq!(events.len(), 17);
+    assert_eq!(events.len(), 18);
     let submitted = events.iter().find(|e| e["event_type"] == "RequirementSubmitted").unwrap();
     assert_eq!(submitted["ce_type"], "factory.run.RequirementSubmitted.v1");
     assert_eq!(submitted["subject"], "factory.events.<run_id>.run.RequirementSubmitted");

@@ -96,6 +96,10 @@ pub enum RunCommand {
         reason: String,
         cancelled_by: String,
     },
+    /// After a revision: these stages run again (the feedback is in the run's events).
+    ReopenStages {
+        stages: Vec<String>,
+    },
     /// A stage's team answered BLOCKED: the run stops until a human resolves it.
     BlockRun {
         stage: String,
@@ -169,6 +173,13 @@ pub struct RunCancelled {
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct StagesReopened {
+    pub stages: Vec<String>,
+    /// Which revision this is (1 for the first).
+    pub revision: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct RunBlocked {
     pub stage: String,
     pub reason: String,
@@ -195,6 +206,7 @@ pub enum RunEvent {
     RunCancelled(RunCancelled),
     RunBlocked(RunBlocked),
     RunNeedsClarification(RunNeedsClarification),
+    StagesReopened(StagesReopened),
 }
 
 impl DomainEvent for RunEvent {
@@ -211,6 +223,7 @@ impl DomainEvent for RunEvent {
             Self::RunCancelled(_) => "RunCancelled",
             Self::RunBlocked(_) => "RunBlocked",
             Self::RunNeedsClarification(_) => "RunNeedsClarification",
+            Self::StagesReopened(_) => "StagesReopened",
         }
         .to_string()
     }
@@ -253,6 +266,8 @@ pub enum RunError {
     NotRunning(&'static str),
     #[error("revision feedback is empty: say what should change")]
     EmptyFeedback,
+    #[error("no stages named to reopen")]
+    NothingToReopen,
 }
 
 // ---- the aggregate ----
@@ -424,6 +439,20 @@ impl Aggregate for Run {
                 self.require_active()?;
                 RunEvent::RunCancelled(RunCancelled { reason, cancelled_by })
             }
+            RunCommand::ReopenStages { stages } => {
+                self.require_running()?;
+                if stages.is_empty() {
+                    return Err(RunError::NothingToReopen);
+                }
+                let busy = self.in_progress();
+                if !busy.is_empty() {
+                    return Err(RunError::StagesInProgress(busy.join(", ")));
+                }
+                if let Some(unknown) = stages.iter().find(|s| !self.stages.contains_key(*s)) {
+                    return Err(RunError::StageNotStarted(unknown.clone()));
+                }
+                RunEvent::StagesReopened(StagesReopened { stages, revision: self.revisions })
+            }
             RunCommand::BlockRun { stage, reason } => {
                 self.require_running()?;
                 if !matches!(self.stages.get(&stage), Some(StageState::InProgress { .. })) {
@@ -483,6 +512,11 @@ impl Aggregate for Run {
             RunEvent::RunFailed(_) => self.status = RunStatus::Failed,
             RunEvent::RunCancelled(_) => self.status = RunStatus::Cancelled,
             RunEvent::RunBlocked(_) => self.status = RunStatus::Blocked,
+            RunEvent::StagesReopened(e) => {
+                for stage in &e.stages {
+                    self.stages.remove(stage);
+                }
+            }
             RunEvent::RunNeedsClarification(_) => self.status = RunStatus::NeedsClarification,
         }
     }
@@ -1224,5 +1258,83 @@ mod stop_tests {
             .given(given_a_started_stage())
             .when(RunCommand::AwaitClarification { stage: "qa".into(), question: "x".into() })
             .then_expect_error(RunError::StageNotStarted("qa".into()));
+    }
+}
+
+#[cfg(test)]
+mod revision_tests {
+    use super::*;
+    use cqrs_es::test::TestFramework;
+
+    struct Clock;
+    impl crate::Services for Clock {
+        fn now(&self) -> DateTime<Utc> {
+            DateTime::UNIX_EPOCH
+        }
+    }
+
+    fn run() -> TestFramework<Run> {
+        let services: crate::SharedServices = std::sync::Arc::new(Clock);
+        TestFramework::with(services)
+    }
+
+    fn revised() -> Vec<RunEvent> {
+        let id = ObjectiveId::default();
+        vec![
+            RunEvent::RequirementSubmitted(RequirementSubmitted {
+                title: "t".into(),
+                requirement: "r".into(),
+                pipeline: "phase1".into(),
+                pipeline_definition: String::new(),
+                auto_approve: false,
+                submitted_at: DateTime::UNIX_EPOCH,
+            }),
+            RunEvent::StageStarted(StageStarted { stage: "ba".into(), team: "business-analysis".into(), objective_id: id }),
+            RunEvent::StageCompleted(StageCompleted { stage: "ba".into(), objective_id: id }),
+            RunEvent::StageStarted(StageStarted { stage: "sa".into(), team: "solution-architecture".into(), objective_id: id }),
+            RunEvent::StageCompleted(StageCompleted { stage: "sa".into(), objective_id: id }),
+            RunEvent::RunAwaitingReview(RunAwaitingReview { completed_stages: vec!["ba".into(), "sa".into()] }),
+            RunEvent::RunReviewed(RunReviewed {
+                decision: ReviewDecision::Revise { feedback: "add expiry".into() },
+                reviewer: "ada".into(),
+            }),
+        ]
+    }
+
+    #[test]
+    fn a_revision_reopens_stages_which_can_then_start_again() {
+        run()
+            .given(revised())
+            .when(RunCommand::ReopenStages { stages: vec!["sa".into()] })
+            .then_expect_events(vec![RunEvent::StagesReopened(StagesReopened { stages: vec!["sa".into()], revision: 1 })]);
+        let mut events = revised();
+        events.push(RunEvent::StagesReopened(StagesReopened { stages: vec!["sa".into()], revision: 1 }));
+        let again = ObjectiveId::new();
+        run()
+            .given(events)
+            .when(RunCommand::StartStage { stage: "sa".into(), team: "solution-architecture".into(), objective_id: again })
+            .then_expect_events(vec![RunEvent::StageStarted(StageStarted {
+                stage: "sa".into(),
+                team: "solution-architecture".into(),
+                objective_id: again,
+            })]);
+    }
+
+    #[test]
+    fn reopening_needs_known_stages_and_a_running_run() {
+        run()
+            .given(revised())
+            .when(RunCommand::ReopenStages { stages: vec![] })
+            .then_expect_error(RunError::NothingToReopen);
+        run()
+            .given(revised())
+            .when(RunCommand::ReopenStages { stages: vec!["qa".into()] })
+            .then_expect_error(RunError::StageNotStarted("qa".into()));
+        let mut awaiting = revised();
+        awaiting.pop();
+        run()
+            .given(awaiting)
+            .when(RunCommand::ReopenStages { stages: vec!["sa".into()] })
+            .then_expect_error(RunError::NotRunning("AWAITING_REVIEW"));
     }
 }

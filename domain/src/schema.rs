@@ -35,6 +35,7 @@ pub fn event_schemas() -> Vec<EventSchema> {
         entry::<run::RunCancelled>("run", "RunCancelled"),
         entry::<run::RunBlocked>("run", "RunBlocked"),
         entry::<run::RunNeedsClarification>("run", "RunNeedsClarification"),
+        entry::<run::StagesReopened>("run", "StagesReopened"),
         entry::<objective::ObjectiveAssigned>("objective", "ObjectiveAssigned"),
         entry::<objective::ModelCalled>("objective", "ModelCalled"),
         entry::<objective::TaskResultRecorded>("objective", "TaskResultRecorded"),
@@ -107,6 +108,7 @@ mod tests {
                 stage: "architecture".into(),
                 question: "business-analysis: who are the users?".into(),
             }),
+            RunEvent::StagesReopened(StagesReopened { stages: vec!["architecture".into()], revision: 1 }),
         ]
     }
 
@@ -175,11 +177,11 @@ mod tests {
     }
 
     #[test]
-    fn there_is_one_schema_for_each_of_the_17_event_types() {
+    fn there_is_one_schema_for_each_of_the_18_event_types() {
         let schemas = event_schemas();
-        assert_eq!(schemas.len(), 17);
+        assert_eq!(schemas.len(), 18);
         let names: BTreeSet<_> = schemas.iter().map(|s| s.event_type).collect();
-        assert_eq!(names.len(), 17, "event types repeat: {names:?}");
+        assert_eq!(names.len(), 18, "event types repeat: {names:?}");
     }
 
     #[test]

@@ -124,9 +124,10 @@ impl Orchestrator {
     pub async fn handle(&self, event: &EventEnvelope) -> Result<(), OrchestratorError> {
         let Some(run_id) = event.run_id.map(RunId) else { return Ok(()) };
         match (event.aggregate_type.as_str(), event.event_type.as_str()) {
-            ("run", "RequirementSubmitted" | "StageCompleted" | "StageSkipped" | "RunReviewed") => {
+            ("run", "RequirementSubmitted" | "StageCompleted" | "StageSkipped" | "StagesReopened") => {
                 self.advance(run_id).await
             }
+            ("run", "RunReviewed") if event.payload["decision"] == "REVISE" => self.revise(run_id).await,
             ("objective", "ObjectiveCompleted") => {
                 let objective = self.objective(event).await?;
                 self.run_command(run_id, RunCommand::CompleteStage { stage: objective.stage }).await
@@ -165,6 +166,28 @@ impl Orchestrator {
             }
             Err(other) => Err(store_err(other)),
         }
+    }
+
+    /// A revision sends the run back to the pipeline's revision stage: it and everything
+    /// downstream run again, with the feedback in their context. Bounded by the pipeline.
+    async fn revise(&self, run_id: RunId) -> Result<(), OrchestratorError> {
+        let run = self.store.load_run(run_id).await.map_err(store_err)?;
+        if run.status != RunStatus::Running {
+            return Ok(());
+        }
+        let pipeline = Pipeline::parse(&run.pipeline, &run.pipeline_definition)
+            .map_err(|source| OrchestratorError::Pipeline { run: run_id, source })?;
+        if run.revisions > pipeline.max_revisions() {
+            let reason = format!("revised {} times; the pipeline allows {}", run.revisions, pipeline.max_revisions());
+            return self.run_command(run_id, RunCommand::FailRun { reason }).await;
+        }
+        let stages = pipeline
+            .downstream(pipeline.revision_stage())
+            .into_iter()
+            .map(|s| s.name.clone())
+            .filter(|name| run.stages.contains_key(name))
+            .collect();
+        self.run_command(run_id, RunCommand::ReopenStages { stages }).await
     }
 
     /// Starts ready stages, or finishes the run.

@@ -1991,7 +1991,7 @@ async fn main() {
             eprintln!("cannot listen on {address}: {error}");
             std::process::exit(1);
         });
-    println!("{{slug}} listening on {address}");
+    println!("{} listening on {address}", env!("CARGO_PKG_NAME"));
     if let Err(error) = axum::serve(listener, routes::router(routes::AppState::default())).await {
         eprintln!("the server stopped: {error}");
         std::process::exit(1);
@@ -2002,7 +2002,7 @@ async fn main() {
 const ROUTES_RS: &str = r#"//! The HTTP API of {{name}}: routes, input checks and the one error shape
 //! `{"error": {"code": "...", "message": "..."}}`.
 
-use crate::domain::{New{{Entity}}, {{Entity}}Store};
+use crate::domain;
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::StatusCode;
@@ -2020,11 +2020,11 @@ const MAX_LIMIT: usize = 100;
 
 #[derive(Clone, Default)]
 pub struct AppState {
-    store: Arc<Mutex<{{Entity}}Store>>,
+    store: Arc<Mutex<domain::{{Entity}}Store>>,
 }
 
 impl AppState {
-    fn store(&self) -> MutexGuard<'_, {{Entity}}Store> {
+    fn store(&self) -> MutexGuard<'_, domain::{{Entity}}Store> {
         // A panic while holding the lock cannot leave the map half-changed: every
         // operation is a single insert or remove, so the data is still consistent.
         self.store
@@ -2094,7 +2094,7 @@ async fn list(
 
 async fn create(
     State(state): State<AppState>,
-    body: Result<Json<New{{Entity}}>, JsonRejection>,
+    body: Result<Json<domain::New{{Entity}}>, JsonRejection>,
 ) -> Response {
     let Json(new) = match body {
         Ok(body) => body,
@@ -2170,17 +2170,18 @@ pub struct New{{Entity}} {
     pub description: Option<String>,
 }
 
+/// Why a name is refused (FR-1, A-3).
 #[derive(Debug, PartialEq, Eq)]
-pub enum {{Entity}}Error {
-    EmptyName,
-    NameTooLong { chars: usize },
+pub enum InvalidName {
+    Empty,
+    TooLong { chars: usize },
 }
 
-impl fmt::Display for {{Entity}}Error {
+impl fmt::Display for InvalidName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::EmptyName => write!(f, "the name must not be empty"),
-            Self::NameTooLong { chars } => {
+            Self::Empty => write!(f, "the name must not be empty"),
+            Self::TooLong { chars } => {
                 write!(
                     f,
                     "the name has {chars} characters; at most {MAX_NAME_CHARS} are allowed"
@@ -2190,7 +2191,7 @@ impl fmt::Display for {{Entity}}Error {
     }
 }
 
-impl std::error::Error for {{Entity}}Error {}
+impl std::error::Error for InvalidName {}
 
 /// The {{entities}}, by id. Ids grow in creation order, so the newest has the highest id.
 #[derive(Debug, Default)]
@@ -2201,14 +2202,14 @@ pub struct {{Entity}}Store {
 
 impl {{Entity}}Store {
     /// FR-1: validates and stores a new {{entity}}.
-    pub fn create(&mut self, new: New{{Entity}}) -> Result<{{Entity}}, {{Entity}}Error> {
+    pub fn create(&mut self, new: New{{Entity}}) -> Result<{{Entity}}, InvalidName> {
         let name = new.name.trim();
         if name.is_empty() {
-            return Err({{Entity}}Error::EmptyName);
+            return Err(InvalidName::Empty);
         }
         let chars = name.chars().count();
         if chars > MAX_NAME_CHARS {
-            return Err({{Entity}}Error::NameTooLong { chars });
+            return Err(InvalidName::TooLong { chars });
         }
         self.last_id += 1;
         let created = {{Entity}} {
@@ -2270,11 +2271,11 @@ mod tests {
     #[test]
     fn invalid_names_are_refused_and_nothing_is_stored() {
         let mut store = {{Entity}}Store::default();
-        assert_eq!(store.create(new("   ")), Err({{Entity}}Error::EmptyName));
+        assert_eq!(store.create(new("   ")), Err(InvalidName::Empty));
         let long = "x".repeat(MAX_NAME_CHARS + 1);
         assert_eq!(
             store.create(new(&long)),
-            Err({{Entity}}Error::NameTooLong {
+            Err(InvalidName::TooLong {
                 chars: MAX_NAME_CHARS + 1
             })
         );
@@ -2363,6 +2364,11 @@ use std::net::{TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// The service under test, built by Cargo for this test binary.
+const BINARY: &str = env!("CARGO_BIN_EXE_{{slug}}");
+/// Where the {{entities}} live in the API.
+const COLLECTION: &str = "/{{entities}}";
+
 struct Service {
     child: Child,
     port: u16,
@@ -2375,7 +2381,7 @@ impl Service {
             .local_addr()
             .unwrap()
             .port();
-        let child = Command::new(env!("CARGO_BIN_EXE_{{slug}}"))
+        let child = Command::new(BINARY)
             .env("PORT", port.to_string())
             .stdout(Stdio::null())
             .spawn()
@@ -2421,7 +2427,7 @@ impl Service {
     fn create(&self, name: &str) -> Value {
         let (status, body) = self.call(
             "POST",
-            "/{{entities}}",
+            COLLECTION,
             Some(&serde_json::json!({"name": name}).to_string()),
         );
         assert_eq!(status, 201, "{body}");
@@ -2459,10 +2465,10 @@ fn fr1_create_answers_201_with_an_id() {
 #[test]
 fn fr1_empty_name_is_refused_with_the_error_shape() {
     let service = Service::start();
-    let (status, body) = service.call("POST", "/{{entities}}", Some(r#"{"name": "  "}"#));
+    let (status, body) = service.call("POST", COLLECTION, Some(r#"{"name": "  "}"#));
     assert_eq!(status, 422);
     assert_eq!(error_code(&body), "invalid_{{entity}}");
-    assert_eq!(service.call("GET", "/{{entities}}", None).1["total"], 0);
+    assert_eq!(service.call("GET", COLLECTION, None).1["total"], 0);
 }
 
 #[test]
@@ -2471,7 +2477,7 @@ fn fr2_list_is_newest_first_and_paginated() {
     for name in ["a", "b", "c"] {
         service.create(name);
     }
-    let (status, page) = service.call("GET", "/{{entities}}?limit=2", None);
+    let (status, page) = service.call("GET", &format!("{COLLECTION}?limit=2"), None);
     assert_eq!(status, 200);
     let names: Vec<&str> = page["items"]
         .as_array()
@@ -2487,7 +2493,7 @@ fn fr2_list_is_newest_first_and_paginated() {
 fn fr2_limit_out_of_range_is_refused() {
     let service = Service::start();
     for limit in ["0", "101", "many"] {
-        let (status, body) = service.call("GET", &format!("/{{entities}}?limit={limit}"), None);
+        let (status, body) = service.call("GET", &format!("{COLLECTION}?limit={limit}"), None);
         assert_eq!(status, 400, "limit={limit}");
         assert_eq!(error_code(&body), "invalid_limit");
     }
@@ -2496,7 +2502,7 @@ fn fr2_limit_out_of_range_is_refused() {
 #[test]
 fn fr3_unknown_id_answers_404() {
     let service = Service::start();
-    let (status, body) = service.call("GET", "/{{entities}}/999", None);
+    let (status, body) = service.call("GET", &format!("{COLLECTION}/999"), None);
     assert_eq!(status, 404);
     assert_eq!(error_code(&body), "not_found");
 }
@@ -2504,7 +2510,7 @@ fn fr3_unknown_id_answers_404() {
 #[test]
 fn fr3_non_numeric_id_is_refused() {
     let service = Service::start();
-    let (status, body) = service.call("GET", "/{{entities}}/abc", None);
+    let (status, body) = service.call("GET", &format!("{COLLECTION}/abc"), None);
     assert_eq!(status, 400);
     assert_eq!(error_code(&body), "invalid_id");
 }
@@ -2514,12 +2520,19 @@ fn fr4_deleted_items_are_gone() {
     let service = Service::start();
     let id = service.create("short-lived")["id"].as_u64().unwrap();
     assert_eq!(
-        service.call("DELETE", &format!("/{{entities}}/{id}"), None).0,
+        service
+            .call("DELETE", &format!("{COLLECTION}/{id}"), None)
+            .0,
         204
     );
-    assert_eq!(service.call("GET", &format!("/{{entities}}/{id}"), None).0, 404);
     assert_eq!(
-        service.call("DELETE", &format!("/{{entities}}/{id}"), None).0,
+        service.call("GET", &format!("{COLLECTION}/{id}"), None).0,
+        404
+    );
+    assert_eq!(
+        service
+            .call("DELETE", &format!("{COLLECTION}/{id}"), None)
+            .0,
         404
     );
 }
@@ -2527,7 +2540,7 @@ fn fr4_deleted_items_are_gone() {
 #[test]
 fn nfr3_malformed_body_answers_400() {
     let service = Service::start();
-    let (status, body) = service.call("POST", "/{{entities}}", Some("{not json"));
+    let (status, body) = service.call("POST", COLLECTION, Some("{not json"));
     assert_eq!(status, 400);
     assert_eq!(error_code(&body), "invalid_body");
 }

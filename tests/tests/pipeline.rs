@@ -185,3 +185,36 @@ async fn a_worker_killed_mid_call_is_replaced_and_the_objective_completes_once()
     assert_eq!(factory.count(run, "TaskResultRecorded").await, 5);
     assert_eq!(factory.count(run, "ObjectiveCompleted").await, 5);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_revision_reruns_from_the_revision_stage_with_the_feedback_then_completes() {
+    let factory = Factory::start().await;
+    let run = factory.submit("Build a URL shortener", "phase1", false).await;
+    factory.wait_status(run, RunStatus::AwaitingReview).await;
+    let revise = factory_domain::run::ReviewDecision::Revise { feedback: "links must expire after 30 days".into() };
+    factory
+        .store
+        .execute_run(run, RunCommand::ReviewRun { decision: revise, reviewer: "ada".into() })
+        .await
+        .unwrap();
+    wait_for("the revised stages to finish", Duration::from_secs(90), || async {
+        (factory.count(run, "RunAwaitingReview").await == 2).then_some(())
+    })
+    .await;
+    // phase1 revises from solution-architecture: it and the three after it ran again.
+    assert_eq!(factory.count(run, "StageCompleted").await, 5 + 4);
+    let reopened: serde_json::Value = sqlx::query_scalar(
+        "SELECT payload->'StagesReopened'->'stages' FROM events WHERE run_id = $1 AND event_type = 'StagesReopened'",
+    )
+    .bind(run.0)
+    .fetch_one(&factory.stack.pool)
+    .await
+    .unwrap();
+    assert_eq!(reopened, serde_json::json!(["solution-architecture", "backend-engineering", "qa-engineering", "documentation"]));
+    factory
+        .store
+        .execute_run(run, RunCommand::ReviewRun { decision: factory_domain::run::ReviewDecision::Approve, reviewer: "ada".into() })
+        .await
+        .unwrap();
+    factory.wait_status(run, RunStatus::Completed).await;
+}
