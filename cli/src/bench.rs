@@ -21,17 +21,24 @@ use async_nats::jetstream::{self, consumer::DeliverPolicy, consumer::pull::Order
 use factory_commands::Store;
 use factory_commands::relay::{Relay, RelayOptions, RelayProgress};
 use factory_domain::{ObjectiveId, RunCommand, RunId, SystemServices};
-use factory_nats::Topology;
+use factory_nats::{EventEnvelope, Topology};
+use factory_teams::model::{Message, ModelFuture, ModelProvider, ModelRequest};
+use factory_teams::orchestrator::Orchestrator;
+use factory_teams::scripted::ScriptedProvider;
+use factory_teams::worker::{Worker, WorkerOptions};
+use factory_teams::{Pipeline, TEAM_IDS};
 use futures::StreamExt;
 use serde_json::json;
 use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use std::collections::HashMap;
+use chrono::Utc;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::str::FromStr;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::task::JoinSet;
 use uuid::Uuid;
@@ -759,6 +766,603 @@ async fn commit_to_stream_lag(
         undelivered: committed.len(),
         relay_caught_up: published_all_at.is_some(),
     })
+}
+
+// ---- pipeline ----
+
+/// The issue's targets for whole runs.
+const TARGET_STAGE_OVERHEAD_P50_MS: f64 = 1.5;
+const TARGET_FULL_RUN_WALL_MS: f64 = 30.0;
+const TARGET_STAGES_PER_S: f64 = 1500.0;
+
+/// Stages of a phase1 run.
+const PHASE1_STAGES: usize = 5;
+/// How long one run of the sequential measurements may take.
+const RUN_DEADLINE: Duration = Duration::from_secs(60);
+/// Put in every requirement, followed by the run id and `]`, so that the bench's provider
+/// can tell which run a model call belongs to (a plain word: no `#` marker of the script).
+const RUN_TAG: &str = "[bench-run ";
+/// Run events after which a run does no more work on its own.
+const RUN_ENDS: [&str; 6] = [
+    "RunCompleted",
+    "RunAwaitingReview",
+    "RunBlocked",
+    "RunFailed",
+    "RunCancelled",
+    "RunNeedsClarification",
+];
+
+/// The hops of one stage of a chain (phase1), in order; together they span the time from
+/// the event that made the stage ready to its `StageCompleted`. `recorded_at` is the store's
+/// clock at insert (inside the transaction, so a hop ending at an event includes its
+/// commit); "seen" is when the bench's own ordered consumer received the event from the
+/// events stream, the moment the orchestrator's durable consumer gets it too, near enough.
+/// Model-call bounds come from the bench's wrapper around the scripted provider. All are
+/// the same machine's real-time clock.
+const HOPS: [&str; 10] = [
+    // previous StageCompleted (or RequirementSubmitted) recorded -> seen on the stream:
+    // commit, relay wake-up, horizon, publish, PubAck, delivery.
+    "relay_trigger_to_seen",
+    // -> StageStarted recorded: the orchestrator's delivery, ack of the previous message,
+    // load of the run, pipeline parse, StartStage.
+    "orchestrator_seen_to_stage_started",
+    // -> ObjectiveAssigned recorded: the AssignObjective command.
+    "stage_started_to_objective_assigned",
+    // -> the first model call starts: commit, publish on FACTORY_WORK (awaiting its
+    // PubAck), pull by the team's worker, load of the objective, the run's events read,
+    // earlier artifacts fetched and written to the workspace, the prompt built.
+    "objective_assigned_to_first_model_call",
+    // first model call starts -> last one returns: scripted answers and tools.
+    "model_calls",
+    // -> the first ModelCalled recorded: one command.
+    "last_model_call_to_model_called",
+    // -> TaskResultRecorded: the other ModelCalled commands, artifact contents stored,
+    // ArtifactProduced commands, the TaskResult.
+    "model_called_to_task_result",
+    // -> ObjectiveCompleted recorded: one command.
+    "task_result_to_objective_completed",
+    // ObjectiveCompleted recorded -> seen on the stream: as the first hop.
+    "relay_objective_completed_to_seen",
+    // -> StageCompleted recorded: the orchestrator's delivery, load of the objective,
+    // CompleteStage.
+    "orchestrator_seen_to_stage_completed",
+];
+
+async fn pipeline_suite(config: &Config, plan: Plan) -> Result<()> {
+    let topology = Topology::namespaced(&format!("benchpipe{}", std::process::id()));
+    // As in `up`, the components share one connection; the bench watches the events stream
+    // on another, like any outside reader.
+    let components = jetstream::new(stack::connect_nats(config).await?);
+    let reader = jetstream::new(stack::connect_nats(config).await?);
+    topology.ensure_streams(&components).await?;
+    let work_dir = std::env::temp_dir().join(format!("factory-bench-{}-work", std::process::id()));
+    // As `up` configures its relay.
+    let relay_options = RelayOptions {
+        name: "bench".into(),
+        batch_size: config.relay_batch_size,
+        poll_interval: config.relay_poll_interval,
+        ..RelayOptions::default()
+    };
+    let outcome = in_scratch_database(config, |pool| {
+        pipeline_figures(
+            pool,
+            components.clone(),
+            reader,
+            topology.clone(),
+            work_dir.clone(),
+            relay_options,
+            plan,
+        )
+    })
+    .await;
+    let mut cleanup = delete_streams(&components, &topology).await;
+    if work_dir.exists()
+        && let Err(error) = std::fs::remove_dir_all(&work_dir)
+    {
+        cleanup = Err(anyhow!(error).context(format!("removing {}", work_dir.display())));
+    }
+    settle(outcome, cleanup)
+}
+
+async fn pipeline_figures(
+    pool: PgPool,
+    js: jetstream::Context,
+    reader: jetstream::Context,
+    topology: Topology,
+    work_dir: PathBuf,
+    relay_options: RelayOptions,
+    plan: Plan,
+) -> Result<()> {
+    let store = Arc::new(Store::new(pool.clone(), Arc::new(SystemServices)));
+    let calls = Arc::new(Mutex::new(CallTimes::new()));
+    // Before any event exists, so that it sees every one.
+    let mut observer = Observer::start(&reader, &topology).await?;
+
+    // The components, in-process, as `up` runs them. Dropping the set aborts them.
+    let mut components = JoinSet::new();
+    components.spawn(
+        Relay::new(pool.clone(), js.clone(), topology.clone(), relay_options)
+            .with_wake(store.committed())
+            .run(),
+    );
+    components.spawn(Orchestrator::new(store.clone(), js.clone(), topology.clone()).run());
+    let provider: Arc<dyn ModelProvider> = Arc::new(TimedProvider {
+        inner: ScriptedProvider::new(),
+        calls: calls.clone(),
+    });
+    let teams = TEAM_IDS.iter().map(|t| t.to_string()).collect();
+    components.spawn(
+        Worker::new(
+            store.clone(),
+            js.clone(),
+            topology.clone(),
+            provider,
+            WorkerOptions::new(teams, work_dir),
+        )
+        .run(),
+    );
+
+    let phase1 = Pipeline::load("phase1")?;
+    let full = Pipeline::load("full")?;
+
+    tracing::info!("warming up: a phase1 and a full run");
+    run_to_completion(&store, &mut observer, &phase1).await?;
+    run_to_completion(&store, &mut observer, &full).await?;
+
+    // 1. Per-stage overhead of single phase1 runs, one after the other.
+    tracing::info!(runs = plan.single_runs, "single phase1 runs");
+    let mut single = StageFigures::default();
+    for _ in 0..plan.single_runs {
+        let run = run_to_completion(&store, &mut observer, &phase1).await?;
+        let events = factory_commands::events::run_events(&pool, run.0, None).await?;
+        let observed = observer.snapshot();
+        let calls = calls.lock().expect("call times").clone();
+        single.add(stage_samples(run.0, &events, &observed, &calls)?);
+    }
+    single.sort();
+    print_figure(
+        "pipeline",
+        "stage_overhead_p50_ms",
+        percentile(&single.overhead_ms, 0.50),
+        "ms",
+        Target::AtMost(TARGET_STAGE_OVERHEAD_P50_MS),
+        None,
+    );
+    print_figure(
+        "pipeline",
+        "stage_overhead_p99_ms",
+        percentile(&single.overhead_ms, 0.99),
+        "ms",
+        Target::None,
+        None,
+    );
+    single.print_breakdown("");
+
+    // 2. Wall time of full runs (17 stages, a DAG), one after the other.
+    tracing::info!(runs = plan.full_runs, "full runs");
+    let mut walls_ms = Vec::with_capacity(plan.full_runs);
+    for _ in 0..plan.full_runs {
+        let run = run_to_completion(&store, &mut observer, &full).await?;
+        let events = factory_commands::events::run_events(&pool, run.0, None).await?;
+        walls_ms.push(run_wall_ms(&events)?);
+    }
+    walls_ms.sort_by(f64::total_cmp);
+    print_figure(
+        "pipeline",
+        "full_run_wall_ms_p50",
+        percentile(&walls_ms, 0.50),
+        "ms",
+        Target::AtMost(TARGET_FULL_RUN_WALL_MS),
+        None,
+    );
+
+    // 3. Many phase1 runs at once.
+    let outcome = concurrent_runs(&store, &mut observer, &phase1, &calls, plan).await;
+    components.shutdown().await;
+    outcome
+}
+
+/// Submits `plan.concurrent_runs` phase1 runs at once and waits for all of them.
+async fn concurrent_runs(
+    store: &Arc<Store>,
+    observer: &mut Observer,
+    phase1: &Pipeline,
+    calls: &Mutex<CallTimes>,
+    plan: Plan,
+) -> Result<()> {
+    let runs = plan.concurrent_runs;
+    tracing::info!(runs, "phase1 runs submitted at once");
+    let mut submits = JoinSet::new();
+    for _ in 0..runs {
+        let store = store.clone();
+        let phase1 = phase1.clone();
+        submits.spawn(async move { submit_run(&store, &phase1).await });
+    }
+    let mut pending: HashSet<Uuid> = HashSet::with_capacity(runs);
+    while let Some(joined) = submits.join_next().await {
+        pending.insert(joined??.0);
+    }
+    let submitted: Vec<Uuid> = pending.iter().copied().collect();
+    let deadline = Instant::now() + plan.concurrent_deadline;
+    let mut ends: HashMap<String, usize> = HashMap::new();
+    while !pending.is_empty() {
+        let Some((run, end)) = observer.next_end(deadline).await? else {
+            break;
+        };
+        if pending.remove(&run) {
+            *ends.entry(end).or_default() += 1;
+        }
+    }
+
+    // From the store, not from what the bench saw: the runs' own first and last events.
+    let (first_submitted, last_completed, completed): (
+        Option<chrono::DateTime<Utc>>,
+        Option<chrono::DateTime<Utc>>,
+        i64,
+    ) = sqlx::query_as(
+        "SELECT min(recorded_at) FILTER (WHERE event_type = 'RequirementSubmitted'), \
+                max(recorded_at) FILTER (WHERE event_type = 'RunCompleted'), \
+                count(*) FILTER (WHERE event_type = 'RunCompleted') \
+           FROM events WHERE run_id = ANY($1)",
+    )
+    .bind(&submitted)
+    .fetch_one(store.pool())
+    .await?;
+    let completed = completed as usize;
+    if let (Some(first), Some(last)) = (first_submitted, last_completed) {
+        let seconds = micros(first, last) / 1e6;
+        print_figure(
+            "pipeline",
+            &format!("stages_per_s_{runs}_runs"),
+            (PHASE1_STAGES * completed) as f64 / seconds,
+            "stages/s",
+            Target::AtLeast(TARGET_STAGES_PER_S),
+            None,
+        );
+    }
+    print_figure(
+        "pipeline",
+        "runs_completed",
+        completed as f64,
+        "runs",
+        Target::AtLeast(runs as f64),
+        None,
+    );
+    if completed < runs {
+        bail!(
+            "{completed} of {runs} runs completed within {:?}; {} still going, ended otherwise: {:?}",
+            plan.concurrent_deadline,
+            pending.len(),
+            ends.iter()
+                .filter(|(end, _)| end.as_str() != "RunCompleted")
+                .collect::<Vec<_>>()
+        );
+    }
+
+    // Where the time went under load: the same hops.
+    let observed = observer.snapshot();
+    let calls = calls.lock().expect("call times").clone();
+    let mut loaded = StageFigures::default();
+    for run in &submitted {
+        let events = factory_commands::events::run_events(store.pool(), *run, None).await?;
+        loaded.add(stage_samples(*run, &events, &observed, &calls)?);
+    }
+    loaded.sort();
+    loaded.print_breakdown(&format!("_{runs}_runs"));
+    Ok(())
+}
+
+async fn submit_run(store: &Store, pipeline: &Pipeline) -> Result<RunId> {
+    let run = RunId::new();
+    store
+        .execute_run(
+            run,
+            RunCommand::SubmitRequirement {
+                title: Some("bench".into()),
+                requirement: format!("{REQUIREMENT} {RUN_TAG}{run}]"),
+                pipeline: pipeline.name().into(),
+                pipeline_definition: pipeline.source().into(),
+                auto_approve: true,
+            },
+        )
+        .await?;
+    Ok(run)
+}
+
+/// Submits one run and waits until the bench sees it end; anything but `RunCompleted` fails.
+async fn run_to_completion(
+    store: &Store,
+    observer: &mut Observer,
+    pipeline: &Pipeline,
+) -> Result<RunId> {
+    let run = submit_run(store, pipeline).await?;
+    let deadline = Instant::now() + RUN_DEADLINE;
+    loop {
+        match observer.next_end(deadline).await? {
+            Some((id, end)) if id == run.0 => {
+                if end == "RunCompleted" {
+                    return Ok(run);
+                }
+                bail!("the {} run {run} ended with {end}, not RunCompleted", pipeline.name());
+            }
+            Some(_) => {}
+            None => bail!(
+                "the {} run {run} did not complete within {RUN_DEADLINE:?}",
+                pipeline.name()
+            ),
+        }
+    }
+}
+
+/// RequirementSubmitted to RunCompleted, store clock.
+fn run_wall_ms(events: &[EventEnvelope]) -> Result<f64> {
+    let at = |event_type: &str| {
+        events
+            .iter()
+            .find(|e| e.aggregate_type == "run" && e.event_type == event_type)
+            .map(|e| e.recorded_at)
+            .with_context(|| format!("the run has no {event_type}"))
+    };
+    Ok(micros(at("RequirementSubmitted")?, at("RunCompleted")?) / 1e3)
+}
+
+fn micros(from: chrono::DateTime<Utc>, to: chrono::DateTime<Utc>) -> f64 {
+    (to - from).num_microseconds().unwrap_or(i64::MAX) as f64
+}
+
+/// When the bench's consumer saw each event on the events stream, by `Nats-Msg-Id`.
+type Seen = HashMap<String, chrono::DateTime<Utc>>;
+
+/// Watches the events stream like any outside reader: records when each event arrived and
+/// reports the run events after which a run stops.
+struct Observer {
+    seen: Arc<Mutex<Seen>>,
+    ends: tokio::sync::mpsc::UnboundedReceiver<(Uuid, String)>,
+    _task: JoinSet<()>,
+}
+
+impl Observer {
+    async fn start(reader: &jetstream::Context, topology: &Topology) -> Result<Self> {
+        let stream = reader
+            .get_stream(&topology.events_stream)
+            .await
+            .context("opening the bench's events stream")?;
+        let consumer = stream
+            .create_consumer(OrderedConfig {
+                filter_subject: topology.all_events_filter(),
+                deliver_policy: DeliverPolicy::All,
+                ..Default::default()
+            })
+            .await
+            .context("creating an ordered consumer")?;
+        let mut messages = consumer.messages().await.context("subscribing")?;
+        let seen: Arc<Mutex<Seen>> = Arc::default();
+        let (ends_tx, ends) = tokio::sync::mpsc::unbounded_channel();
+        let subject_prefix = format!("{}.", topology.events_prefix);
+        let mut task = JoinSet::new();
+        let seen_by_task = seen.clone();
+        task.spawn(async move {
+            while let Some(message) = messages.next().await {
+                let arrived = Utc::now();
+                let message = match message {
+                    Ok(message) => message,
+                    Err(error) => {
+                        tracing::warn!(%error, "reading the bench stream; the ordered consumer recovers");
+                        continue;
+                    }
+                };
+                if let Some(id) = message
+                    .headers
+                    .as_ref()
+                    .and_then(|headers| headers.get("Nats-Msg-Id"))
+                {
+                    seen_by_task
+                        .lock()
+                        .expect("seen events")
+                        .insert(id.to_string(), arrived);
+                }
+                // `<prefix>.<run_id>.run.<EventType>`
+                let tokens: Vec<&str> = message
+                    .subject
+                    .strip_prefix(subject_prefix.as_str())
+                    .unwrap_or_default()
+                    .split('.')
+                    .collect();
+                if let [run_id, "run", event_type] = tokens.as_slice()
+                    && RUN_ENDS.contains(event_type)
+                    && let Ok(run_id) = Uuid::parse_str(run_id)
+                    && ends_tx.send((run_id, event_type.to_string())).is_err()
+                {
+                    break;
+                }
+            }
+        });
+        Ok(Self { seen, ends, _task: task })
+    }
+
+    /// The next run that ended and how, or `None` at the deadline.
+    async fn next_end(&mut self, deadline: Instant) -> Result<Option<(Uuid, String)>> {
+        match tokio::time::timeout_at(deadline.into(), self.ends.recv()).await {
+            Ok(Some(end)) => Ok(Some(end)),
+            Ok(None) => bail!("the bench's stream consumer stopped"),
+            Err(_elapsed) => Ok(None),
+        }
+    }
+
+    fn snapshot(&self) -> Seen {
+        self.seen.lock().expect("seen events").clone()
+    }
+}
+
+/// Per run and team: when its first model call started and its last one returned.
+type CallTimes = HashMap<(Uuid, String), (chrono::DateTime<Utc>, chrono::DateTime<Utc>)>;
+
+/// The scripted provider, unchanged, plus a note of when each run's team called it. The
+/// note costs a substring search and a mutex, microseconds.
+struct TimedProvider {
+    inner: ScriptedProvider,
+    calls: Arc<Mutex<CallTimes>>,
+}
+
+impl ModelProvider for TimedProvider {
+    fn complete<'a>(&'a self, request: &'a ModelRequest) -> ModelFuture<'a> {
+        Box::pin(async move {
+            let started = Utc::now();
+            let response = self.inner.complete(request).await;
+            let returned = Utc::now();
+            if let Some(run) = tagged_run(request) {
+                self.calls
+                    .lock()
+                    .expect("call times")
+                    .entry((run, request.team.clone()))
+                    .or_insert((started, returned))
+                    .1 = returned;
+            }
+            response
+        })
+    }
+}
+
+/// The run id the bench put in the requirement, from the objective prompt.
+fn tagged_run(request: &ModelRequest) -> Option<Uuid> {
+    let prompt = request.messages.iter().find_map(|m| match m {
+        Message::User { content } => Some(content),
+        _ => None,
+    })?;
+    let start = prompt.find(RUN_TAG)? + RUN_TAG.len();
+    Uuid::parse_str(prompt.get(start..start + 36)?).ok()
+}
+
+/// One stage of a chain: its overhead and its hops (`None` where a moment was not seen).
+struct StageSample {
+    overhead_ms: f64,
+    hops_ms: [Option<f64>; HOPS.len()],
+    events: usize,
+}
+
+/// Per-stage samples of a chain pipeline's run. The stage's time runs from the event that
+/// made it ready (the previous stage's `StageCompleted`, or `RequirementSubmitted`) to its
+/// own `StageCompleted`; its overhead is that minus the `latency_ms` of its model calls.
+fn stage_samples(
+    run: Uuid,
+    events: &[EventEnvelope],
+    seen: &Seen,
+    calls: &CallTimes,
+) -> Result<Vec<StageSample>> {
+    let ms = |from: chrono::DateTime<Utc>, to: chrono::DateTime<Utc>| micros(from, to) / 1e3;
+    let seen_at = |event: &EventEnvelope| seen.get(&event.message_id()).copied();
+    let mut previous = events
+        .iter()
+        .find(|e| e.aggregate_type == "run" && e.event_type == "RequirementSubmitted")
+        .with_context(|| format!("run {run} has no RequirementSubmitted"))?;
+    let mut samples = Vec::new();
+    for completed in events
+        .iter()
+        .filter(|e| e.aggregate_type == "run" && e.event_type == "StageCompleted")
+    {
+        let stage = completed.payload["stage"].as_str().unwrap_or_default();
+        let objective = completed.payload["objective_id"]
+            .as_str()
+            .unwrap_or_default();
+        let started = events
+            .iter()
+            .find(|e| e.event_type == "StageStarted" && e.payload["stage"] == stage)
+            .with_context(|| format!("run {run}: stage {stage} has no StageStarted"))?;
+        let of_objective: Vec<&EventEnvelope> = events
+            .iter()
+            .filter(|e| e.aggregate_type == "objective" && e.aggregate_id == objective)
+            .collect();
+        let first = |event_type: &str| {
+            of_objective
+                .iter()
+                .find(|e| e.event_type == event_type)
+                .copied()
+                .with_context(|| format!("run {run}: stage {stage} has no {event_type}"))
+        };
+        let assigned = first("ObjectiveAssigned")?;
+        let model_called = first("ModelCalled")?;
+        let task_result = first("TaskResultRecorded")?;
+        let objective_completed = first("ObjectiveCompleted")?;
+        let latency_ms: f64 = of_objective
+            .iter()
+            .filter(|e| e.event_type == "ModelCalled")
+            .map(|e| e.payload["latency_ms"].as_f64().unwrap_or(0.0))
+            .sum();
+        let team = started.payload["team"].as_str().unwrap_or_default();
+        let model_calls = calls.get(&(run, team.to_string())).copied();
+        let previous_seen = seen_at(previous);
+        let completed_seen = seen_at(objective_completed);
+        let hops_ms = [
+            previous_seen.map(|at| ms(previous.recorded_at, at)),
+            previous_seen.map(|at| ms(at, started.recorded_at)),
+            Some(ms(started.recorded_at, assigned.recorded_at)),
+            model_calls.map(|(first, _)| ms(assigned.recorded_at, first)),
+            model_calls.map(|(first, last)| ms(first, last)),
+            model_calls.map(|(_, last)| ms(last, model_called.recorded_at)),
+            Some(ms(model_called.recorded_at, task_result.recorded_at)),
+            Some(ms(task_result.recorded_at, objective_completed.recorded_at)),
+            completed_seen.map(|at| ms(objective_completed.recorded_at, at)),
+            completed_seen.map(|at| ms(at, completed.recorded_at)),
+        ];
+        samples.push(StageSample {
+            overhead_ms: ms(previous.recorded_at, completed.recorded_at) - latency_ms,
+            hops_ms,
+            // The objective's events and the run's StageStarted and StageCompleted.
+            events: of_objective.len() + 2,
+        });
+        previous = completed;
+    }
+    Ok(samples)
+}
+
+/// Stage samples gathered over runs, each figure sorted for percentiles.
+#[derive(Default)]
+struct StageFigures {
+    overhead_ms: Vec<f64>,
+    hops_ms: [Vec<f64>; HOPS.len()],
+    events: Vec<f64>,
+}
+
+impl StageFigures {
+    fn add(&mut self, samples: Vec<StageSample>) {
+        for sample in samples {
+            self.overhead_ms.push(sample.overhead_ms);
+            for (hop, value) in self.hops_ms.iter_mut().zip(sample.hops_ms) {
+                hop.extend(value);
+            }
+            self.events.push(sample.events as f64);
+        }
+    }
+
+    fn sort(&mut self) {
+        self.overhead_ms.sort_by(f64::total_cmp);
+        for hop in &mut self.hops_ms {
+            hop.sort_by(f64::total_cmp);
+        }
+        self.events.sort_by(f64::total_cmp);
+    }
+
+    /// The hops' p50s (they need not add up to the overhead's p50) and the events per stage.
+    fn print_breakdown(&self, suffix: &str) {
+        for (name, values) in HOPS.iter().zip(&self.hops_ms) {
+            print_figure(
+                "pipeline",
+                &format!("hop_{name}_p50_ms{suffix}"),
+                percentile(values, 0.50),
+                "ms",
+                Target::None,
+                None,
+            );
+        }
+        print_figure(
+            "pipeline",
+            &format!("events_per_stage_p50{suffix}"),
+            percentile(&self.events, 0.50),
+            "events",
+            Target::None,
+            None,
+        );
+    }
 }
 
 /// Nearest-rank percentile of sorted values.

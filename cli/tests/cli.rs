@@ -207,3 +207,78 @@ async fn schema_events_describes_every_event_type() {
     assert_eq!(submitted["subject"], "factory.events.<run_id>.run.RequirementSubmitted");
     assert!(submitted["schema"]["properties"]["requirement"].is_object());
 }
+
+/// The stack's moving parts in-process, on the test's database and streams.
+fn start_factory(stack: &TestStack, work_dir: &std::path::Path) -> Vec<tokio::task::JoinHandle<()>> {
+    use factory_teams::model::ModelProvider;
+    let store = std::sync::Arc::new(factory_commands::Store::new(
+        stack.pool.clone(),
+        std::sync::Arc::new(factory_domain::SystemServices),
+    ));
+    let relay = Relay::new(
+        stack.pool.clone(),
+        stack.js.clone(),
+        stack.topology.clone(),
+        RelayOptions { poll_interval: Duration::from_millis(50), ..RelayOptions::default() },
+    );
+    let orchestrator = factory_teams::orchestrator::Orchestrator::new(store.clone(), stack.js.clone(), stack.topology.clone());
+    let provider: std::sync::Arc<dyn ModelProvider> = std::sync::Arc::new(factory_teams::scripted::ScriptedProvider::new());
+    let worker = factory_teams::worker::Worker::new(
+        store,
+        stack.js.clone(),
+        stack.topology.clone(),
+        provider,
+        factory_teams::worker::WorkerOptions::new(
+            factory_teams::TEAM_IDS.iter().map(|t| t.to_string()).collect(),
+            work_dir.to_path_buf(),
+        ),
+    );
+    vec![tokio::spawn(relay.run()), tokio::spawn(orchestrator.run()), tokio::spawn(worker.run())]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_demo_run_from_the_command_line_to_exported_artifacts() {
+    let stack = TestStack::new().await;
+    let work = tempfile::tempdir().unwrap();
+    let tasks = start_factory(&stack, work.path());
+    let cli = Cli::for_stack(&stack);
+
+    let out = cli.run(&["run", "submit", "Build a URL shortener with expiry", "--auto-approve", "--wait"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let id = stdout(&out).trim().to_string();
+    for stage in ["business-analysis", "solution-architecture", "backend-engineering", "qa-engineering", "documentation"] {
+        assert!(stderr(&out).contains(stage), "--wait shows {stage}: {}", stderr(&out));
+    }
+    assert!(stderr(&out).contains("COMPLETED"));
+
+    let out = cli.run(&["run", "show", &id, "--json"]).await;
+    let shown: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(shown["status"], "COMPLETED");
+    let stages = shown["stages"].as_array().unwrap();
+    assert_eq!(stages.len(), 5);
+    assert!(stages.iter().all(|s| s["status"] == "COMPLETED" && s["iterations"] == 1 && s["model_calls"].as_u64() >= Some(1)));
+
+    let export = tempfile::tempdir().unwrap();
+    let out = cli.run(&["run", "artifacts", &id, "--out", export.path().to_str().unwrap()]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    for file in ["docs/requirements.md", "docs/architecture.md", "README.md", "docs/test-plan.md"] {
+        let text = std::fs::read_to_string(export.path().join(file)).unwrap_or_else(|_| panic!("{file} exported"));
+        assert!(!text.trim().is_empty());
+    }
+    let listed = cli.run(&["run", "list", "--json"]).await;
+    let runs: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+    assert_eq!(runs[0]["id"], id.as_str());
+    assert_eq!(runs[0]["status"], "COMPLETED");
+
+    // The review gate from the command line, and a blocked run's exit code.
+    let out = cli.run(&["run", "submit", "Build a todo app", "--wait"]).await;
+    assert_exit(&out, 1, "AWAITING_REVIEW");
+    let waiting = stdout(&out).trim().to_string();
+    assert_exit(&cli.run(&["run", "review", &waiting, "--revise", ""]).await, 1, "feedback is empty");
+    let out = cli.run(&["run", "review", &waiting, "--approve"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&cli.run(&["run", "cancel", &waiting]).await, 1, "COMPLETED");
+    assert_exit(&cli.run(&["run", "submit", "Build a todo app #block", "--wait"]).await, 1, "BLOCKED");
+    assert_exit(&cli.run(&["run", "show", &uuid::Uuid::now_v7().to_string()]).await, 1, "no run");
+    tasks.iter().for_each(|t| t.abort());
+}

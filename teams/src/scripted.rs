@@ -846,7 +846,36 @@ const RESERVED_ENTITIES: &[&str] = &[
     "while",
     "yield",
 ];
+/// Words that name what holds or handles the records rather than the records themselves.
+const ROLE_NOUNS: &[&str] = &[
+    "registry",
+    "catalog",
+    "catalogue",
+    "library",
+    "directory",
+    "board",
+    "queue",
+    "engine",
+    "hub",
+    "portal",
+    "log",
+    "list",
+    "management",
+    "repository",
+    "index",
+    "feed",
+    "wiki",
+    "center",
+    "centre",
+    "bot",
+    "dashboard",
+    "suite",
+    "workflow",
+    "pipeline",
+];
 const MAX_NAME_WORDS: usize = 4;
+const MIN_ENTITY_CHARS: usize = 2;
+const MAX_ENTITY_CHARS: usize = 16;
 
 impl ProductName {
     fn of(requirement: &str) -> ProductName {
@@ -894,15 +923,7 @@ impl ProductName {
         } else if slug.starts_with(|c: char| c.is_ascii_digit()) {
             slug = format!("app-{slug}");
         }
-        let entity = ascii_words
-            .iter()
-            .map(|word| singular(word))
-            .find(|word| {
-                !GENERIC_WORDS.contains(&word.as_str())
-                    && !RESERVED_ENTITIES.contains(&word.as_str())
-                    && word.starts_with(|c: char| c.is_ascii_alphabetic())
-            })
-            .unwrap_or_else(|| "item".to_string());
+        let entity = entity_of(&name_words);
         let display = if name_words.is_empty() {
             "the product".to_string()
         } else {
@@ -915,6 +936,37 @@ impl ProductName {
             words_used,
         }
     }
+}
+
+/// The main record the product manages, named by one word of its name: the last one that is
+/// not a kind of software or a role ("URL shortener" gives `url`, "recipe sharing platform"
+/// gives `recipe`), else the first usable one, else `item`. Words longer than
+/// [`MAX_ENTITY_CHARS`] are passed over so that generated code keeps its layout.
+fn entity_of(name_words: &[String]) -> String {
+    let candidates: Vec<String> = name_words
+        .iter()
+        .filter(|word| word.chars().all(|c| c.is_ascii_alphanumeric()))
+        .map(|word| singular(&word.to_lowercase()))
+        .filter(|word| {
+            (MIN_ENTITY_CHARS..=MAX_ENTITY_CHARS).contains(&word.len())
+                && word.starts_with(|c: char| c.is_ascii_alphabetic())
+                && !GENERIC_WORDS.contains(&word.as_str())
+                && !RESERVED_ENTITIES.contains(&word.as_str())
+        })
+        .collect();
+    let is_role = |word: &&String| {
+        ["er", "or", "ing"]
+            .iter()
+            .any(|suffix| word.ends_with(suffix))
+            || ROLE_NOUNS.contains(&word.as_str())
+    };
+    candidates
+        .iter()
+        .rev()
+        .find(|word| !is_role(word))
+        .or(candidates.first())
+        .cloned()
+        .unwrap_or_else(|| "item".to_string())
 }
 
 /// The requirement up to the end of its first sentence or line.
@@ -4366,7 +4418,31 @@ mod tests {
                 "printer",
                 "3D printer queue",
             ),
-            ("Café bookings", "caf-bookings", "caf", "Café bookings"),
+            ("Café bookings", "caf-bookings", "booking", "Café bookings"),
+            (
+                "Build a zebra registry",
+                "zebra-registry",
+                "zebra",
+                "zebra registry",
+            ),
+            (
+                "An order management system",
+                "order-management-system",
+                "order",
+                "order management system",
+            ),
+            (
+                "Build a multi tenant invoice reconciliation platform",
+                "multi-tenant-invoice-reconciliation",
+                "reconciliation",
+                "multi tenant invoice reconciliation",
+            ),
+            (
+                "Build a reconciliationrecords registry",
+                "reconciliationrecords-registry",
+                "item",
+                "reconciliationrecords registry",
+            ),
         ];
         for (requirement, slug, entity, display) in cases {
             let name = ProductName::of(requirement);
@@ -4443,7 +4519,9 @@ mod tests {
         let out = std::path::Path::new(&dir);
         let _ = std::fs::remove_dir_all(out);
         for team in TEAM_IDS {
-            if team == "database-engineering" { continue; }
+            if team == "database-engineering" {
+                continue;
+            }
             let (files, _) = run_team(team, &requirement).await;
             for (path, content) in files {
                 let target = out.join(&path);
