@@ -792,19 +792,21 @@ const RUN_ENDS: [&str; 6] = [
     "RunNeedsClarification",
 ];
 
-/// The hops of one stage of a chain (phase1), in order; together they span the time from
-/// the event that made the stage ready to its `StageCompleted`. `recorded_at` is the store's
+/// The hops of one stage, in order; together they span the time from the event that made
+/// the stage ready to its `StageCompleted`. `recorded_at` is the store's
 /// clock at insert (inside the transaction, so a hop ending at an event includes its
 /// commit); "seen" is when the bench's own ordered consumer received the event from the
 /// events stream, the moment the orchestrator's durable consumer gets it too, near enough.
 /// Model-call bounds come from the bench's wrapper around the scripted provider. All are
 /// the same machine's real-time clock.
 const HOPS: [&str; 10] = [
-    // previous StageCompleted (or RequirementSubmitted) recorded -> seen on the stream:
+    // the trigger (the latest StageCompleted of the stage's inputs, or RequirementSubmitted)
+    // recorded -> seen on the stream:
     // commit, relay wake-up, horizon, publish, PubAck, delivery.
     "relay_trigger_to_seen",
     // -> StageStarted recorded: the orchestrator's delivery, ack of the previous message,
-    // load of the run, pipeline parse, StartStage.
+    // load of the run, pipeline parse, StartStage (after starting any sibling stage that
+    // became ready with it).
     "orchestrator_seen_to_stage_started",
     // -> ObjectiveAssigned recorded: the AssignObjective command.
     "stage_started_to_objective_assigned",
@@ -917,7 +919,7 @@ async fn pipeline_figures(
         let events = factory_commands::events::run_events(&pool, run.0, None).await?;
         let observed = observer.snapshot();
         let calls = calls.lock().expect("call times").clone();
-        single.add(stage_samples(run.0, &events, &observed, &calls)?);
+        single.add(stage_samples(run.0, &phase1, &events, &observed, &calls)?);
     }
     single.sort();
     print_figure(
@@ -941,10 +943,14 @@ async fn pipeline_figures(
     // 2. Wall time of full runs (17 stages, a DAG), one after the other.
     tracing::info!(runs = plan.full_runs, "full runs");
     let mut walls_ms = Vec::with_capacity(plan.full_runs);
+    let mut full_stages = StageFigures::default();
     for _ in 0..plan.full_runs {
         let run = run_to_completion(&store, &mut observer, &full).await?;
         let events = factory_commands::events::run_events(&pool, run.0, None).await?;
         walls_ms.push(run_wall_ms(&events)?);
+        let observed = observer.snapshot();
+        let calls = calls.lock().expect("call times").clone();
+        full_stages.add(stage_samples(run.0, &full, &events, &observed, &calls)?);
     }
     walls_ms.sort_by(f64::total_cmp);
     print_figure(
@@ -955,6 +961,16 @@ async fn pipeline_figures(
         Target::AtMost(TARGET_FULL_RUN_WALL_MS),
         None,
     );
+    full_stages.sort();
+    print_figure(
+        "pipeline",
+        "stage_overhead_p50_ms_full",
+        percentile(&full_stages.overhead_ms, 0.50),
+        "ms",
+        Target::None,
+        None,
+    );
+    full_stages.print_breakdown("_full");
 
     // 3. Many phase1 runs at once.
     let outcome = concurrent_runs(&store, &mut observer, &phase1, &calls, plan).await;
@@ -1045,7 +1061,7 @@ async fn concurrent_runs(
     let mut loaded = StageFigures::default();
     for run in &submitted {
         let events = factory_commands::events::run_events(store.pool(), *run, None).await?;
-        loaded.add(stage_samples(*run, &events, &observed, &calls)?);
+        loaded.add(stage_samples(*run, phase1, &events, &observed, &calls)?);
     }
     loaded.sort();
     loaded.print_breakdown(&format!("_{runs}_runs"));
@@ -1233,41 +1249,56 @@ fn tagged_run(request: &ModelRequest) -> Option<Uuid> {
     Uuid::parse_str(prompt.get(start..start + 36)?).ok()
 }
 
-/// One stage of a chain: its overhead and its hops (`None` where a moment was not seen).
+/// One stage: its overhead and its hops (`None` where a moment was not seen).
 struct StageSample {
     overhead_ms: f64,
     hops_ms: [Option<f64>; HOPS.len()],
     events: usize,
+    /// Between consecutive `ModelCalled` events of the objective: each is one command
+    /// (load the objective, insert, commit) and nothing else happens in between.
+    command_gaps_ms: Vec<f64>,
 }
 
-/// Per-stage samples of a chain pipeline's run. The stage's time runs from the event that
-/// made it ready (the previous stage's `StageCompleted`, or `RequirementSubmitted`) to its
-/// own `StageCompleted`; its overhead is that minus the `latency_ms` of its model calls.
+/// Per-stage samples of one run. A stage's time runs from the event that made it ready
+/// (the latest `StageCompleted` of its inputs, or `RequirementSubmitted` for a stage without
+/// inputs) to its own `StageCompleted`; its overhead is that minus the `latency_ms` of its
+/// model calls.
 fn stage_samples(
     run: Uuid,
+    pipeline: &Pipeline,
     events: &[EventEnvelope],
     seen: &Seen,
     calls: &CallTimes,
 ) -> Result<Vec<StageSample>> {
     let ms = |from: chrono::DateTime<Utc>, to: chrono::DateTime<Utc>| micros(from, to) / 1e3;
     let seen_at = |event: &EventEnvelope| seen.get(&event.message_id()).copied();
-    let mut previous = events
-        .iter()
-        .find(|e| e.aggregate_type == "run" && e.event_type == "RequirementSubmitted")
+    let run_event = |event_type: &str, stage: Option<&str>| {
+        events.iter().find(|e| {
+            e.aggregate_type == "run"
+                && e.event_type == event_type
+                && stage.is_none_or(|stage| e.payload["stage"] == stage)
+        })
+    };
+    let submitted = run_event("RequirementSubmitted", None)
         .with_context(|| format!("run {run} has no RequirementSubmitted"))?;
     let mut samples = Vec::new();
-    for completed in events
-        .iter()
-        .filter(|e| e.aggregate_type == "run" && e.event_type == "StageCompleted")
-    {
-        let stage = completed.payload["stage"].as_str().unwrap_or_default();
+    for stage in pipeline.stages() {
+        let name = stage.name.as_str();
+        let completed = run_event("StageCompleted", Some(name))
+            .with_context(|| format!("run {run}: stage {name} has no StageCompleted"))?;
+        let started = run_event("StageStarted", Some(name))
+            .with_context(|| format!("run {run}: stage {name} has no StageStarted"))?;
+        let mut trigger = submitted;
+        for input in &stage.inputs {
+            let input_completed = run_event("StageCompleted", Some(input))
+                .with_context(|| format!("run {run}: stage {input} has no StageCompleted"))?;
+            if input_completed.position > trigger.position {
+                trigger = input_completed;
+            }
+        }
         let objective = completed.payload["objective_id"]
             .as_str()
             .unwrap_or_default();
-        let started = events
-            .iter()
-            .find(|e| e.event_type == "StageStarted" && e.payload["stage"] == stage)
-            .with_context(|| format!("run {run}: stage {stage} has no StageStarted"))?;
         let of_objective: Vec<&EventEnvelope> = events
             .iter()
             .filter(|e| e.aggregate_type == "objective" && e.aggregate_id == objective)
@@ -1277,24 +1308,31 @@ fn stage_samples(
                 .iter()
                 .find(|e| e.event_type == event_type)
                 .copied()
-                .with_context(|| format!("run {run}: stage {stage} has no {event_type}"))
+                .with_context(|| format!("run {run}: stage {name} has no {event_type}"))
         };
         let assigned = first("ObjectiveAssigned")?;
         let model_called = first("ModelCalled")?;
         let task_result = first("TaskResultRecorded")?;
         let objective_completed = first("ObjectiveCompleted")?;
-        let latency_ms: f64 = of_objective
+        let model_called_events: Vec<&EventEnvelope> = of_objective
             .iter()
             .filter(|e| e.event_type == "ModelCalled")
+            .copied()
+            .collect();
+        let latency_ms: f64 = model_called_events
+            .iter()
             .map(|e| e.payload["latency_ms"].as_f64().unwrap_or(0.0))
             .sum();
-        let team = started.payload["team"].as_str().unwrap_or_default();
-        let model_calls = calls.get(&(run, team.to_string())).copied();
-        let previous_seen = seen_at(previous);
+        let command_gaps_ms = model_called_events
+            .windows(2)
+            .map(|pair| ms(pair[0].recorded_at, pair[1].recorded_at))
+            .collect();
+        let model_calls = calls.get(&(run, stage.team.clone())).copied();
+        let trigger_seen = seen_at(trigger);
         let completed_seen = seen_at(objective_completed);
         let hops_ms = [
-            previous_seen.map(|at| ms(previous.recorded_at, at)),
-            previous_seen.map(|at| ms(at, started.recorded_at)),
+            trigger_seen.map(|at| ms(trigger.recorded_at, at)),
+            trigger_seen.map(|at| ms(at, started.recorded_at)),
             Some(ms(started.recorded_at, assigned.recorded_at)),
             model_calls.map(|(first, _)| ms(assigned.recorded_at, first)),
             model_calls.map(|(first, last)| ms(first, last)),
@@ -1305,12 +1343,12 @@ fn stage_samples(
             completed_seen.map(|at| ms(at, completed.recorded_at)),
         ];
         samples.push(StageSample {
-            overhead_ms: ms(previous.recorded_at, completed.recorded_at) - latency_ms,
+            overhead_ms: ms(trigger.recorded_at, completed.recorded_at) - latency_ms,
             hops_ms,
             // The objective's events and the run's StageStarted and StageCompleted.
             events: of_objective.len() + 2,
+            command_gaps_ms,
         });
-        previous = completed;
     }
     Ok(samples)
 }
@@ -1321,6 +1359,7 @@ struct StageFigures {
     overhead_ms: Vec<f64>,
     hops_ms: [Vec<f64>; HOPS.len()],
     events: Vec<f64>,
+    command_gaps_ms: Vec<f64>,
 }
 
 impl StageFigures {
@@ -1331,6 +1370,7 @@ impl StageFigures {
                 hop.extend(value);
             }
             self.events.push(sample.events as f64);
+            self.command_gaps_ms.extend(sample.command_gaps_ms);
         }
     }
 
@@ -1340,9 +1380,11 @@ impl StageFigures {
             hop.sort_by(f64::total_cmp);
         }
         self.events.sort_by(f64::total_cmp);
+        self.command_gaps_ms.sort_by(f64::total_cmp);
     }
 
-    /// The hops' p50s (they need not add up to the overhead's p50) and the events per stage.
+    /// The hops' p50s (they need not add up to the overhead's p50), the events per stage and
+    /// the time one of the worker's commands takes.
     fn print_breakdown(&self, suffix: &str) {
         for (name, values) in HOPS.iter().zip(&self.hops_ms) {
             print_figure(
@@ -1359,6 +1401,14 @@ impl StageFigures {
             &format!("events_per_stage_p50{suffix}"),
             percentile(&self.events, 0.50),
             "events",
+            Target::None,
+            None,
+        );
+        print_figure(
+            "pipeline",
+            &format!("worker_command_p50_ms{suffix}"),
+            percentile(&self.command_gaps_ms, 0.50),
+            "ms",
             Target::None,
             None,
         );

@@ -15,20 +15,24 @@ pub struct Team {
     pub objective: &'static str,
 }
 
+/// Both tables from one list, so the ids and the documents cannot drift apart.
 macro_rules! teams {
     ($($id:literal),* $(,)?) => {
-        [$(Team {
+        /// The 17 team ids of the contract (§5), in the contract's order.
+        pub const TEAM_IDS: [&str; 17] = [$($id),*];
+
+        /// In the contract's order (the same as [`TEAM_IDS`]).
+        pub static TEAMS: [Team; 17] = [$(Team {
             id: $id,
             soul: include_str!(concat!("../", $id, "/SOUL.md")),
             agents: include_str!(concat!("../", $id, "/AGENTS.md")),
             tools: include_str!(concat!("../", $id, "/TOOLS.md")),
             objective: include_str!(concat!("../", $id, "/OBJECTIVE.md")),
-        }),*]
+        }),*];
     };
 }
 
-/// In the contract's order (the same as [`crate::TEAM_IDS`]).
-pub static TEAMS: [Team; 17] = teams!(
+teams!(
     "product-management",
     "solution-architecture",
     "feature-engineering",
@@ -114,7 +118,6 @@ impl Team {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pipeline::TEAM_IDS;
 
     #[test]
     fn every_team_of_the_contract_has_its_four_documents() {

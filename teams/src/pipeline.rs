@@ -33,26 +33,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::path::Path;
 
-/// The 17 team ids of the contract (§5), in the contract's order.
-pub const TEAM_IDS: [&str; 17] = [
-    "product-management",
-    "solution-architecture",
-    "feature-engineering",
-    "frontend-engineering",
-    "backend-engineering",
-    "database-engineering",
-    "devops",
-    "qa-engineering",
-    "security-engineering",
-    "data-engineering",
-    "ml-engineering",
-    "api-design",
-    "documentation",
-    "business-analysis",
-    "ux-ui-design",
-    "compliance-legal",
-    "sre-operations",
-];
+pub use crate::catalog::TEAM_IDS;
 
 /// The model aliases a stage may use. `local/embed` is the contract's fifth alias, but it is
 /// an embedding model: no team can answer with it.

@@ -1048,7 +1048,7 @@ fn features(requirement: &str, product: &ProductName) -> Vec<String> {
         let piece = piece.trim().to_string();
         let meaningful = piece.chars().filter(|c| c.is_alphanumeric()).count() >= 3;
         if meaningful
-            && !found.iter().any(|f| f.eq_ignore_ascii_case(&piece))
+            && !found.iter().any(|f| flag_name(f) == flag_name(&piece))
             && found.len() < MAX_FEATURES
         {
             found.push(piece);
@@ -4440,7 +4440,7 @@ mod tests {
             (
                 "Build a reconciliationrecords registry",
                 "reconciliationrecords-registry",
-                "item",
+                "registry",
                 "reconciliationrecords registry",
             ),
         ];
@@ -4510,24 +4510,5 @@ mod tests {
         .unwrap();
         let error = parse_task_result(&cut_off(&json)).unwrap_err();
         assert!(error.to_string().contains("cut off"), "{error}");
-    }
-
-    #[tokio::test]
-    async fn zz_temporary_dump() {
-        let requirement = std::env::var("DUMP_REQUIREMENT").unwrap_or(REQUIREMENT.to_string());
-        let dir = std::env::var("DUMP_DIR").unwrap_or("/tmp/scripted-demo".to_string());
-        let out = std::path::Path::new(&dir);
-        let _ = std::fs::remove_dir_all(out);
-        for team in TEAM_IDS {
-            if team == "database-engineering" {
-                continue;
-            }
-            let (files, _) = run_team(team, &requirement).await;
-            for (path, content) in files {
-                let target = out.join(&path);
-                std::fs::create_dir_all(target.parent().unwrap()).unwrap();
-                std::fs::write(target, content).unwrap();
-            }
-        }
     }
 }
