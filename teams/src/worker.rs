@@ -24,6 +24,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+/// How often a working objective checks that its run is still running.
+const CANCEL_CHECK: Duration = Duration::from_millis(500);
+
 #[derive(Debug, Clone)]
 pub struct WorkerOptions {
     /// The teams this worker serves.
@@ -187,6 +190,10 @@ impl Worker {
         }
         let team = team_docs(&item.team).ok_or_else(|| WorkerError::UnknownTeam(item.team.clone()))?;
         let granted = granted_tools(team.tools).map_err(|e| WorkerError::UnknownTeam(format!("{}: {e}", item.team)))?;
+        if !self.run_is_running(item).await? {
+            // Cancelled, failed or stopped meanwhile: no work starts for it.
+            return Ok(());
+        }
         let run = RunContext::read(&self.store, item).await?;
 
         let dir = self.options.work_dir.join(format!("{}-{}", item.objective_id, key.replace(':', "-")));
@@ -209,7 +216,24 @@ impl Worker {
             iteration: objective.iterations + 1,
             max_iterations: item.max_iterations,
         });
-        let outcome = operative::work(self.provider.as_ref(), team, &item.alias, prompt, &self.tools, &granted, &workspace).await;
+        let work = operative::work(self.provider.as_ref(), team, &item.alias, prompt, &self.tools, &granted, &workspace);
+        // A run cancelled while its team works drops the in-flight model call.
+        let cancelled = async {
+            loop {
+                tokio::time::sleep(CANCEL_CHECK).await;
+                if let Ok(false) = self.run_is_running(item).await {
+                    break;
+                }
+            }
+        };
+        let outcome = tokio::select! {
+            outcome = work => outcome,
+            _ = cancelled => {
+                tracing::info!(objective = %item.objective_id, "run stopped; work dropped");
+                let _ = std::fs::remove_dir_all(&dir);
+                return Ok(());
+            }
+        };
         let outcome = match outcome {
             Ok(outcome) => outcome,
             Err(error) => {
@@ -274,6 +298,11 @@ impl Worker {
         }
         let _ = std::fs::remove_dir_all(&dir);
         Ok(())
+    }
+
+    async fn run_is_running(&self, item: &WorkItem) -> Result<bool, WorkerError> {
+        let run = self.store.load_run(item.run_id).await.map_err(store_err)?;
+        Ok(run.status == factory_domain::RunStatus::Running)
     }
 
     async fn artifact(&self, sha: &str) -> Result<Option<Vec<u8>>, WorkerError> {

@@ -218,3 +218,23 @@ async fn a_revision_reruns_from_the_revision_stage_with_the_feedback_then_comple
         .unwrap();
     factory.wait_status(run, RunStatus::Completed).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cancelling_drops_the_work_in_flight_and_starts_nothing_more() {
+    let factory = Factory::start().await;
+    let run = factory.submit("Build a todo app #slow=3000", "phase1", true).await;
+    wait_for("the first objective to be assigned", Duration::from_secs(30), || async {
+        (factory.count(run, "ObjectiveAssigned").await >= 1).then_some(())
+    })
+    .await;
+    factory
+        .store
+        .execute_run(run, RunCommand::CancelRun { reason: "changed my mind".into(), cancelled_by: "ada".into() })
+        .await
+        .unwrap();
+    // The team was mid-call (3 s per call); nothing of its answer is recorded after the cancel.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    assert_eq!(factory.store.load_run(run).await.unwrap().status, RunStatus::Cancelled);
+    assert_eq!(factory.count(run, "TaskResultRecorded").await, 0);
+    assert_eq!(factory.count(run, "StageStarted").await, 1);
+}
