@@ -24,7 +24,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Start everything in one process: embedded NATS and PostgreSQL (unless configured
-    /// elsewhere), migrations, the relay and the HTTP endpoints.
+    /// elsewhere), migrations, the relay, the orchestrator, workers for every team and the
+    /// HTTP endpoints.
     Up,
     /// Run only the relay (PostgreSQL -> JetStream); any number may run, one is active.
     Relay,

@@ -33,6 +33,9 @@ impl Default for Topology {
     }
 }
 
+/// How long `FACTORY_WORK` remembers a work message's id (the objective id).
+pub const WORK_DUPLICATE_WINDOW: Duration = Duration::from_secs(3600);
+
 #[derive(Debug, thiserror::Error)]
 pub enum TopologyError {
     #[error("could not create or update JetStream stream `{stream}`")]
@@ -101,7 +104,9 @@ impl Topology {
             subjects: vec![format!("{}.>", self.work_prefix)],
             storage: stream::StorageType::File,
             retention: stream::RetentionPolicy::WorkQueue,
-            duplicate_window: self.duplicate_window,
+            // Work is re-queued whenever its run advances while the stage is in progress (a
+            // crash may have come before the first publish); an hour covers slow stages.
+            duplicate_window: WORK_DUPLICATE_WINDOW,
             description: Some("Objectives waiting for a team's worker".into()),
             ..Default::default()
         };

@@ -1,11 +1,12 @@
-//! The Factory's teams: the 17 teams of the contract, the pipelines that order them (as data,
-//! in `teams/pipelines/*.toml`), and the gate every team's answer passes through.
+//! The Factory's teams at work: the 17 teams of the contract (their documents in
+//! `teams/<id>/`), the pipelines that order them (data, in `teams/pipelines/*.toml`), the
+//! gate every answer passes, and the runtime: the orchestrator (events in, commands out),
+//! the workers (objectives from `FACTORY_WORK`), the operative loop with its tools, and the
+//! scripted provider of demo mode.
 //!
-//! Depends on `factory-domain` only (plus serde, toml, schemars). No I/O, except reading a
-//! user's pipeline file in [`Pipeline::load`]; no async, no broker, no database.
-//!
-//! Start reading at [`pipeline`]: the file format and how stages become ready; then [`gate`]:
-//! how a model's raw answer becomes a [`factory_domain::TaskResult`] or a repair request.
+//! Depends on `factory-domain`, `factory-nats` and `factory-commands` (the write side); the
+//! pure parts (`catalog`, `pipeline`, `gate`, `model`, `tools`, `scripted`) use none of the
+//! runtime. Start reading at [`pipeline`] and [`gate`], then [`orchestrator`] and [`worker`].
 
 pub mod catalog;
 pub mod gate;

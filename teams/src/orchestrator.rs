@@ -168,6 +168,26 @@ impl Orchestrator {
         }
     }
 
+    /// The run's own pipeline (runs submitted before runs carried their pipeline's text fall
+    /// back to the built-in of that name). One that cannot be read fails the run: retrying
+    /// would not change it.
+    async fn pipeline_of(&self, run_id: RunId, run: &factory_domain::Run) -> Result<Option<Pipeline>, OrchestratorError> {
+        let parsed = if run.pipeline_definition.is_empty() {
+            Pipeline::builtin(&run.pipeline).ok_or_else(|| crate::pipeline::PipelineError::NotFound(run.pipeline.clone()))
+        } else {
+            Pipeline::parse(&run.pipeline, &run.pipeline_definition)
+        };
+        match parsed {
+            Ok(pipeline) => Ok(Some(pipeline)),
+            Err(error) => {
+                let reason = format!("the run's pipeline cannot be used: {error}");
+                tracing::warn!(%run_id, %reason, "failing the run");
+                self.run_command(run_id, RunCommand::FailRun { reason }).await?;
+                Ok(None)
+            }
+        }
+    }
+
     /// A revision sends the run back to the pipeline's revision stage: it and everything
     /// downstream run again, with the feedback in their context. Bounded by the pipeline.
     async fn revise(&self, run_id: RunId) -> Result<(), OrchestratorError> {
@@ -175,8 +195,7 @@ impl Orchestrator {
         if run.status != RunStatus::Running {
             return Ok(());
         }
-        let pipeline = Pipeline::parse(&run.pipeline, &run.pipeline_definition)
-            .map_err(|source| OrchestratorError::Pipeline { run: run_id, source })?;
+        let Some(pipeline) = self.pipeline_of(run_id, &run).await? else { return Ok(()) };
         if run.revisions > pipeline.max_revisions() {
             let reason = format!("revised {} times; the pipeline allows {}", run.revisions, pipeline.max_revisions());
             return self.run_command(run_id, RunCommand::FailRun { reason }).await;
@@ -196,8 +215,7 @@ impl Orchestrator {
         if run.status != RunStatus::Running {
             return Ok(());
         }
-        let pipeline = Pipeline::parse(&run.pipeline, &run.pipeline_definition)
-            .map_err(|source| OrchestratorError::Pipeline { run: run_id, source })?;
+        let Some(pipeline) = self.pipeline_of(run_id, &run).await? else { return Ok(()) };
         let done: BTreeSet<String> = run
             .stages
             .iter()

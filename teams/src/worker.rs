@@ -190,8 +190,8 @@ impl Worker {
         }
         let team = team_docs(&item.team).ok_or_else(|| WorkerError::UnknownTeam(item.team.clone()))?;
         let granted = granted_tools(team.tools).map_err(|e| WorkerError::UnknownTeam(format!("{}: {e}", item.team)))?;
-        if !self.run_is_running(item).await? {
-            // Cancelled, failed or stopped meanwhile: no work starts for it.
+        if self.run_has_ended(item).await? {
+            // Cancelled or failed meanwhile: no work starts for it.
             return Ok(());
         }
         let run = RunContext::read(&self.store, item).await?;
@@ -217,11 +217,12 @@ impl Worker {
             max_iterations: item.max_iterations,
         });
         let work = operative::work(self.provider.as_ref(), team, &item.alias, prompt, &self.tools, &granted, &workspace);
-        // A run cancelled while its team works drops the in-flight model call.
+        // A run cancelled while its team works drops the in-flight model call. (A run that
+        // is only paused, BLOCKED or NEEDS_CLARIFICATION, lets parallel stages finish.)
         let cancelled = async {
             loop {
                 tokio::time::sleep(CANCEL_CHECK).await;
-                if let Ok(false) = self.run_is_running(item).await {
+                if let Ok(true) = self.run_has_ended(item).await {
                     break;
                 }
             }
@@ -300,9 +301,9 @@ impl Worker {
         Ok(())
     }
 
-    async fn run_is_running(&self, item: &WorkItem) -> Result<bool, WorkerError> {
+    async fn run_has_ended(&self, item: &WorkItem) -> Result<bool, WorkerError> {
         let run = self.store.load_run(item.run_id).await.map_err(store_err)?;
-        Ok(run.status == factory_domain::RunStatus::Running)
+        Ok(run.status.is_terminal())
     }
 
     async fn artifact(&self, sha: &str) -> Result<Option<Vec<u8>>, WorkerError> {
