@@ -1426,7 +1426,25 @@ fn percentile(sorted: &[f64], q: f64) -> f64 {
 
 #[cfg(test)]
 mod tests {
-    use super::percentile;
+    use super::{Message, ModelRequest, RUN_TAG, percentile, tagged_run};
+    use uuid::Uuid;
+
+    #[test]
+    fn the_run_is_found_in_the_objective_prompt() {
+        let run = Uuid::now_v7();
+        let request = |content: String| ModelRequest {
+            alias: "factory/fast".into(),
+            team: "documentation".into(),
+            system: String::new(),
+            messages: vec![Message::User { content }],
+            tools: vec![],
+            response_schema: None,
+        };
+        let tagged = format!("# Requirement\nnotes per user {RUN_TAG}{run}]\n\n# Inputs");
+        assert_eq!(tagged_run(&request(tagged)), Some(run));
+        assert_eq!(tagged_run(&request("no tag here".into())), None);
+        assert_eq!(tagged_run(&request(format!("{RUN_TAG}not-a-uuid]"))), None);
+    }
 
     #[test]
     fn nearest_rank_percentiles() {

@@ -36,7 +36,10 @@ pub struct Outcome {
 }
 
 /// Works an objective to a TaskResult. Model errors end the attempt (the caller retries or
-/// escalates); a malformed answer gets one repair request, then becomes BLOCKED.
+/// escalates); a malformed answer gets one repair request, then becomes BLOCKED. Each model
+/// call is handed to `on_call` as soon as it returns, so that it is recorded even if the
+/// attempt dies later.
+#[allow(clippy::too_many_arguments)]
 pub async fn work(
     provider: &dyn ModelProvider,
     team: &Team,
@@ -45,6 +48,7 @@ pub async fn work(
     tools: &ToolRegistry,
     granted: &[String],
     workspace: &Workspace,
+    on_call: &(dyn Fn(&ModelCall) + Send + Sync),
 ) -> Result<Outcome, ModelError> {
     let mut request = ModelRequest {
         alias: alias.to_string(),
@@ -60,7 +64,9 @@ pub async fn work(
     for _ in 0..MAX_TURNS {
         let started = Instant::now();
         let response = provider.complete(&request).await?;
-        calls.push(record(&request, &response, started));
+        let call = record(&request, &response, started);
+        on_call(&call);
+        calls.push(call);
         if !response.tool_calls.is_empty() {
             let mut results = Vec::new();
             for call in &response.tool_calls {

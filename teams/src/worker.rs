@@ -216,7 +216,35 @@ impl Worker {
             iteration: objective.iterations + 1,
             max_iterations: item.max_iterations,
         });
-        let work = operative::work(self.provider.as_ref(), team, &item.alias, prompt, &self.tools, &granted, &workspace);
+        // Model calls are recorded as they happen, by a task of their own.
+        let (calls_tx, mut calls_rx) = tokio::sync::mpsc::unbounded_channel::<operative::ModelCall>();
+        let recorder = {
+            let store = self.store.clone();
+            let (objective_id, run_id) = (item.objective_id, item.run_id);
+            tokio::spawn(async move {
+                while let Some(call) = calls_rx.recv().await {
+                    let event = ModelCalled {
+                        alias: call.alias,
+                        provider: call.provider,
+                        model: call.model,
+                        input_tokens: call.input_tokens,
+                        output_tokens: call.output_tokens,
+                        cost_usd: 0.0,
+                        latency_ms: call.latency_ms,
+                        outcome: "ok".into(),
+                        failed_targets: vec![],
+                        request_digest: call.request_digest,
+                        response: call.response,
+                    };
+                    ignore_finished(store.execute_objective(objective_id, run_id, ObjectiveCommand::RecordModelCall(event)).await)?;
+                }
+                Ok::<(), WorkerError>(())
+            })
+        };
+        let on_call = move |call: &operative::ModelCall| {
+            let _ = calls_tx.send(call.clone());
+        };
+        let work = operative::work(self.provider.as_ref(), team, &item.alias, prompt, &self.tools, &granted, &workspace, &on_call);
         // A run cancelled while its team works drops the in-flight model call. (A run that
         // is only paused, BLOCKED or NEEDS_CLARIFICATION, lets parallel stages finish.)
         let cancelled = async {
@@ -242,23 +270,9 @@ impl Worker {
                 return Err(error.into());
             }
         };
+        drop(on_call);
+        recorder.await.map_err(|e| WorkerError::Store(Box::new(e)))??;
         let objective_cmd = |command| self.store.execute_objective(item.objective_id, item.run_id, command);
-        for call in &outcome.calls {
-            let event = ModelCalled {
-                alias: call.alias.clone(),
-                provider: call.provider.clone(),
-                model: call.model.clone(),
-                input_tokens: call.input_tokens,
-                output_tokens: call.output_tokens,
-                cost_usd: 0.0,
-                latency_ms: call.latency_ms,
-                outcome: "ok".into(),
-                failed_targets: vec![],
-                request_digest: call.request_digest.clone(),
-                response: call.response.clone(),
-            };
-            ignore_finished(objective_cmd(ObjectiveCommand::RecordModelCall(event)).await)?;
-        }
         let mut paths: Vec<String> = outcome.written.clone();
         for path in &outcome.result.artifacts {
             if !paths.contains(path) {
