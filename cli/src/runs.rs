@@ -52,6 +52,10 @@ pub enum RunVerb {
         run_id: RunId,
         #[arg(long, default_value = ".")]
         out: PathBuf,
+        /// Make the folder a git repository with one commit per stage, authored by its team
+        /// (the folder must be new or empty).
+        #[arg(long)]
+        git: bool,
     },
     /// The review gate: approve the run, or send it back with feedback.
     Review {
@@ -105,7 +109,7 @@ pub async fn run(verb: RunVerb, config: &Config) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         RunVerb::List { limit, json } => list(config, limit, json).await,
-        RunVerb::Artifacts { run_id, out } => artifacts(config, run_id, out).await,
+        RunVerb::Artifacts { run_id, out, git } => artifacts(config, run_id, out, git).await,
         RunVerb::Review { run_id, approve, revise } => {
             let decision = match (approve, revise) {
                 (true, _) => ReviewDecision::Approve,
@@ -348,38 +352,108 @@ async fn list(config: &Config, limit: i64, json: bool) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn artifacts(config: &Config, run_id: RunId, out: PathBuf) -> Result<ExitCode> {
+/// One stage's files, in the order the run produced them.
+struct StageFiles {
+    stage: String,
+    team: String,
+    files: BTreeMap<String, String>,
+}
+
+async fn artifacts(config: &Config, run_id: RunId, out: PathBuf, git: bool) -> Result<ExitCode> {
     let pool = stack::connect_db(config).await?;
     let events = factory_commands::events::run_events(&pool, run_id.0, None).await?;
     if events.is_empty() {
         bail!("no run {run_id} in the event store");
     }
-    let mut latest: BTreeMap<String, String> = BTreeMap::new();
-    for e in events.iter().filter(|e| e.event_type == "ArtifactProduced") {
-        if let (Some(path), Some(sha)) = (e.payload["path"].as_str(), e.payload["sha256"].as_str()) {
-            latest.insert(path.to_string(), sha.to_string());
+    // Group by objective, in the order of their first artifact; later versions of a path win.
+    let mut assigned: BTreeMap<&str, (String, String)> = BTreeMap::new();
+    let mut groups: Vec<(String, StageFiles)> = Vec::new();
+    for e in &events {
+        match e.event_type.as_str() {
+            "ObjectiveAssigned" => {
+                let stage = e.payload["stage"].as_str().unwrap_or_default().to_string();
+                let team = e.payload["team"].as_str().unwrap_or_default().to_string();
+                assigned.insert(e.aggregate_id.as_str(), (stage, team));
+            }
+            "ArtifactProduced" => {
+                let (Some(path), Some(sha)) = (e.payload["path"].as_str(), e.payload["sha256"].as_str()) else { continue };
+                if path.starts_with('/') || path.split('/').any(|p| p == "..") {
+                    bail!("refusing artifact path {path}");
+                }
+                let index = match groups.iter().position(|(objective, _)| objective == &e.aggregate_id) {
+                    Some(i) => i,
+                    None => {
+                        let (stage, team) = assigned.get(e.aggregate_id.as_str()).cloned().unwrap_or_default();
+                        groups.push((e.aggregate_id.clone(), StageFiles { stage, team, files: BTreeMap::new() }));
+                        groups.len() - 1
+                    }
+                };
+                groups[index].1.files.insert(path.to_string(), sha.to_string());
+            }
+            _ => {}
         }
     }
-    if latest.is_empty() {
+    if groups.is_empty() {
         bail!("run {run_id} has produced no artifacts yet");
     }
-    for (path, sha) in &latest {
-        // Paths were checked when recorded (relative, no `..`); check again before writing.
-        if path.starts_with('/') || path.split('/').any(|p| p == "..") {
-            bail!("refusing artifact path {path}");
+    if git {
+        let empty = std::fs::read_dir(&out).map(|mut d| d.next().is_none()).unwrap_or(true);
+        if !empty {
+            bail!("{} is not empty: --git makes a new repository, give it a new folder", out.display());
         }
-        let content: Vec<u8> = sqlx::query_scalar("SELECT content FROM artifacts WHERE sha256 = $1")
-            .bind(sha)
-            .fetch_optional(&pool)
-            .await?
-            .with_context(|| format!("the content of {path} ({sha}) is missing from the artifact store"))?;
-        let target = out.join(path);
-        if let Some(parent) = target.parent() {
-            std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
-        }
-        std::fs::write(&target, content).with_context(|| format!("writing {}", target.display()))?;
-        println!("{}", target.display());
+        std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+        run_git(&out, &["init", "--quiet", "--initial-branch=main"], None)?;
     }
-    eprintln!("{} files written to {}", latest.len(), out.display());
+    let mut written = BTreeMap::new();
+    for (_, group) in &groups {
+        for (path, sha) in &group.files {
+            let content: Vec<u8> = sqlx::query_scalar("SELECT content FROM artifacts WHERE sha256 = $1")
+                .bind(sha)
+                .fetch_optional(&pool)
+                .await?
+                .with_context(|| format!("the content of {path} ({sha}) is missing from the artifact store"))?;
+            let target = out.join(path);
+            if let Some(parent) = target.parent() {
+                std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+            }
+            std::fs::write(&target, content).with_context(|| format!("writing {}", target.display()))?;
+            written.insert(target.display().to_string(), ());
+        }
+        if git {
+            run_git(&out, &["add", "--all"], None)?;
+            let message = format!("{}: {} file(s) from {}", group.stage, group.files.len(), group.team);
+            run_git(&out, &["commit", "--quiet", "--allow-empty", "-m", &message], Some(&group.team))?;
+        }
+    }
+    for path in written.keys() {
+        println!("{path}");
+    }
+    eprintln!(
+        "{} files written to {}{}",
+        written.len(),
+        out.display(),
+        if git { format!(", {} commits", groups.len()) } else { String::new() }
+    );
     Ok(ExitCode::SUCCESS)
+}
+
+/// Runs git in `dir`; commits are authored by `team` when given.
+fn run_git(dir: &std::path::Path, args: &[&str], team: Option<&str>) -> Result<()> {
+    let mut command = std::process::Command::new("git");
+    command.arg("-C").arg(dir);
+    let (name, email) = match team {
+        Some(team) => (team.to_string(), format!("{team}@teams.factory.local")),
+        None => ("factory".to_string(), "factory@factory.local".to_string()),
+    };
+    command
+        .env("GIT_AUTHOR_NAME", &name)
+        .env("GIT_AUTHOR_EMAIL", &email)
+        .env("GIT_COMMITTER_NAME", "factory")
+        .env("GIT_COMMITTER_EMAIL", "factory@factory.local")
+        .args(args);
+    let output = command.output().context("running git (is it installed?)")?;
+    if !output.status.success() {
+        bail!("git {} failed: {}", args.join(" "), String::from_utf8_lossy(&output.stderr).trim());
+    }
+    Ok(())
 }

@@ -265,6 +265,21 @@ async fn a_demo_run_from_the_command_line_to_exported_artifacts() {
         let text = std::fs::read_to_string(export.path().join(file)).unwrap_or_else(|_| panic!("{file} exported"));
         assert!(!text.trim().is_empty());
     }
+    let repo = tempfile::tempdir().unwrap();
+    let out = cli.run(&["run", "artifacts", &id, "--git", "--out", repo.path().to_str().unwrap()]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let log = std::process::Command::new("git")
+        .args(["-C", repo.path().to_str().unwrap(), "log", "--reverse", "--format=%an"])
+        .output()
+        .unwrap();
+    let authors: Vec<String> = String::from_utf8_lossy(&log.stdout).lines().map(str::to_string).collect();
+    assert_eq!(authors, ["business-analysis", "solution-architecture", "backend-engineering", "qa-engineering", "documentation"]);
+    assert_exit(
+        &cli.run(&["run", "artifacts", &id, "--git", "--out", repo.path().to_str().unwrap()]).await,
+        1,
+        "not empty",
+    );
+
     let listed = cli.run(&["run", "list", "--json"]).await;
     let runs: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
     assert_eq!(runs[0]["id"], id.as_str());
