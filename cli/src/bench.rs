@@ -799,7 +799,7 @@ const RUN_ENDS: [&str; 6] = [
 /// events stream, the moment the orchestrator's durable consumer gets it too, near enough.
 /// Model-call bounds come from the bench's wrapper around the scripted provider. All are
 /// the same machine's real-time clock.
-const HOPS: [&str; 10] = [
+const HOPS: [&str; 9] = [
     // the trigger (the latest StageCompleted of the stage's inputs, or RequirementSubmitted)
     // recorded -> seen on the stream:
     // commit, relay wake-up, horizon, publish, PubAck, delivery.
@@ -811,17 +811,17 @@ const HOPS: [&str; 10] = [
     // -> ObjectiveAssigned recorded: the AssignObjective command.
     "stage_started_to_objective_assigned",
     // -> the first model call starts: commit, publish on FACTORY_WORK (awaiting its
-    // PubAck), pull by the team's worker, load of the objective, the run's events read,
-    // earlier artifacts fetched and written to the workspace, the prompt built.
+    // PubAck), pull by the team's worker, load of the objective, whether the run ended, the
+    // run's events read, earlier artifacts fetched and written to the workspace, the prompt.
     "objective_assigned_to_first_model_call",
-    // first model call starts -> last one returns: scripted answers and tools.
+    // first model call starts -> last one returns: scripted answers and tools (the worker
+    // records ModelCalled events meanwhile, as calls return).
     "model_calls",
-    // -> the first ModelCalled recorded: one command.
-    "last_model_call_to_model_called",
-    // -> TaskResultRecorded: the other ModelCalled commands, artifact contents stored,
-    // ArtifactProduced commands, the TaskResult.
-    "model_called_to_task_result",
-    // -> ObjectiveCompleted recorded: one command.
+    // -> TaskResultRecorded: the ModelCalled commands still pending, artifact contents
+    // stored, ArtifactProduced commands, the TaskResult.
+    "last_model_call_to_task_result",
+    // -> ObjectiveCompleted recorded: one command and nothing else, so this is also what one
+    // command costs in situ.
     "task_result_to_objective_completed",
     // ObjectiveCompleted recorded -> seen on the stream: as the first hop.
     "relay_objective_completed_to_seen",
@@ -1103,11 +1103,42 @@ async fn run_to_completion(
             }
             Some(_) => {}
             None => bail!(
-                "the {} run {run} did not complete within {RUN_DEADLINE:?}",
-                pipeline.name()
+                "the {} run {run} did not complete within {RUN_DEADLINE:?}; {}",
+                pipeline.name(),
+                stuck_run(store, run).await
             ),
         }
     }
+}
+
+/// What the store says of a run the bench gave up on: its status and its last events.
+async fn stuck_run(store: &Store, run: RunId) -> String {
+    let status = match store.load_run(run).await {
+        Ok(state) => state.status.as_str().to_string(),
+        Err(error) => format!("unknown ({error})"),
+    };
+    let events = factory_commands::events::run_events(store.pool(), run.0, None)
+        .await
+        .unwrap_or_default();
+    let last: Vec<String> = events
+        .iter()
+        .rev()
+        .take(4)
+        .rev()
+        .map(|e| {
+            format!(
+                "{} {} {}",
+                e.position,
+                e.event_type,
+                e.payload["stage"].as_str().unwrap_or_default()
+            )
+        })
+        .collect();
+    format!(
+        "in the store it is {status} after {} events, the last: {}",
+        events.len(),
+        last.join(", ")
+    )
 }
 
 /// RequirementSubmitted to RunCompleted, store clock.
@@ -1254,9 +1285,6 @@ struct StageSample {
     overhead_ms: f64,
     hops_ms: [Option<f64>; HOPS.len()],
     events: usize,
-    /// Between consecutive `ModelCalled` events of the objective: each is one command
-    /// (load the objective, insert, commit) and nothing else happens in between.
-    command_gaps_ms: Vec<f64>,
 }
 
 /// Per-stage samples of one run. A stage's time runs from the event that made it ready
@@ -1311,22 +1339,13 @@ fn stage_samples(
                 .with_context(|| format!("run {run}: stage {name} has no {event_type}"))
         };
         let assigned = first("ObjectiveAssigned")?;
-        let model_called = first("ModelCalled")?;
         let task_result = first("TaskResultRecorded")?;
         let objective_completed = first("ObjectiveCompleted")?;
-        let model_called_events: Vec<&EventEnvelope> = of_objective
+        let latency_ms: f64 = of_objective
             .iter()
             .filter(|e| e.event_type == "ModelCalled")
-            .copied()
-            .collect();
-        let latency_ms: f64 = model_called_events
-            .iter()
             .map(|e| e.payload["latency_ms"].as_f64().unwrap_or(0.0))
             .sum();
-        let command_gaps_ms = model_called_events
-            .windows(2)
-            .map(|pair| ms(pair[0].recorded_at, pair[1].recorded_at))
-            .collect();
         let model_calls = calls.get(&(run, stage.team.clone())).copied();
         let trigger_seen = seen_at(trigger);
         let completed_seen = seen_at(objective_completed);
@@ -1336,8 +1355,7 @@ fn stage_samples(
             Some(ms(started.recorded_at, assigned.recorded_at)),
             model_calls.map(|(first, _)| ms(assigned.recorded_at, first)),
             model_calls.map(|(first, last)| ms(first, last)),
-            model_calls.map(|(_, last)| ms(last, model_called.recorded_at)),
-            Some(ms(model_called.recorded_at, task_result.recorded_at)),
+            model_calls.map(|(_, last)| ms(last, task_result.recorded_at)),
             Some(ms(task_result.recorded_at, objective_completed.recorded_at)),
             completed_seen.map(|at| ms(objective_completed.recorded_at, at)),
             completed_seen.map(|at| ms(at, completed.recorded_at)),
@@ -1347,7 +1365,6 @@ fn stage_samples(
             hops_ms,
             // The objective's events and the run's StageStarted and StageCompleted.
             events: of_objective.len() + 2,
-            command_gaps_ms,
         });
     }
     Ok(samples)
@@ -1359,7 +1376,6 @@ struct StageFigures {
     overhead_ms: Vec<f64>,
     hops_ms: [Vec<f64>; HOPS.len()],
     events: Vec<f64>,
-    command_gaps_ms: Vec<f64>,
 }
 
 impl StageFigures {
@@ -1370,7 +1386,6 @@ impl StageFigures {
                 hop.extend(value);
             }
             self.events.push(sample.events as f64);
-            self.command_gaps_ms.extend(sample.command_gaps_ms);
         }
     }
 
@@ -1380,11 +1395,9 @@ impl StageFigures {
             hop.sort_by(f64::total_cmp);
         }
         self.events.sort_by(f64::total_cmp);
-        self.command_gaps_ms.sort_by(f64::total_cmp);
     }
 
-    /// The hops' p50s (they need not add up to the overhead's p50), the events per stage and
-    /// the time one of the worker's commands takes.
+    /// The hops' p50s (they need not add up to the overhead's p50) and the events per stage.
     fn print_breakdown(&self, suffix: &str) {
         for (name, values) in HOPS.iter().zip(&self.hops_ms) {
             print_figure(
@@ -1404,14 +1417,7 @@ impl StageFigures {
             Target::None,
             None,
         );
-        print_figure(
-            "pipeline",
-            &format!("worker_command_p50_ms{suffix}"),
-            percentile(&self.command_gaps_ms, 0.50),
-            "ms",
-            Target::None,
-            None,
-        );
+
     }
 }
 
