@@ -19,6 +19,28 @@ async fn store(stack: &TestStack) -> Arc<Store> {
     Arc::new(Store::new(stack.pool.clone(), Arc::new(SystemServices)))
 }
 
+/// A submitted run with two started stages: three events in one chain.
+async fn run_with_two_stages(store: &Store) -> RunId {
+    let run = RunId::new();
+    store.execute_run(run, submit("Build a URL shortener")).await.unwrap();
+    for stage in ["ba", "sa"] {
+        store
+            .execute_run(run, RunCommand::StartStage { stage: stage.into(), team: "business-analysis".into(), objective_id: ObjectiveId::new() })
+            .await
+            .unwrap();
+    }
+    run
+}
+
+/// What only a superuser could do: switch off the append-only trigger, change the store.
+async fn as_attacker(stack: &TestStack, statement: &str, run: RunId) {
+    let mut tx = stack.admin.begin().await.unwrap();
+    sqlx::query("ALTER TABLE events DISABLE TRIGGER events_append_only").execute(&mut *tx).await.unwrap();
+    sqlx::query(statement).bind(run.to_string()).execute(&mut *tx).await.unwrap();
+    sqlx::query("ALTER TABLE events ENABLE TRIGGER events_append_only").execute(&mut *tx).await.unwrap();
+    tx.commit().await.unwrap();
+}
+
 async fn sequences(stack: &TestStack, aggregate_id: &str) -> Vec<i64> {
     sqlx::query_scalar("SELECT sequence FROM events WHERE aggregate_id = $1 ORDER BY sequence")
         .bind(aggregate_id)
@@ -149,31 +171,19 @@ async fn events_cannot_be_updated_deleted_or_truncated() {
 async fn audit_names_the_tampered_event() {
     let stack = TestStack::new().await;
     let store = store(&stack).await;
-    let run = RunId::new();
-    store.execute_run(run, submit("Build a URL shortener")).await.unwrap();
-    for stage in ["ba", "sa"] {
-        store
-            .execute_run(run, RunCommand::StartStage { stage: stage.into(), team: "business-analysis".into(), objective_id: ObjectiveId::new() })
-            .await
-            .unwrap();
-    }
+    let run = run_with_two_stages(&store).await;
     let other = RunId::new();
     store.execute_run(other, submit("Something else")).await.unwrap();
     let report = audit::verify(&stack.pool).await.unwrap();
     assert_eq!((report.events, report.aggregates, report.broken.len()), (4, 2, 0));
 
-    let mut tx = stack.admin.begin().await.unwrap();
-    sqlx::query("ALTER TABLE events DISABLE TRIGGER events_append_only").execute(&mut *tx).await.unwrap();
-    sqlx::query(
+    as_attacker(
+        &stack,
         "UPDATE events SET payload = jsonb_set(payload, '{StageStarted,team}', '\"security-engineering\"') \
          WHERE aggregate_id = $1 AND sequence = 2",
+        run,
     )
-    .bind(run.to_string())
-    .execute(&mut *tx)
-    .await
-    .unwrap();
-    sqlx::query("ALTER TABLE events ENABLE TRIGGER events_append_only").execute(&mut *tx).await.unwrap();
-    tx.commit().await.unwrap();
+    .await;
 
     let report = audit::verify(&stack.pool).await.unwrap();
     assert_eq!(report.broken.len(), 1, "{:?}", report.broken);
@@ -186,19 +196,8 @@ async fn audit_names_the_tampered_event() {
 async fn audit_finds_a_removed_event() {
     let stack = TestStack::new().await;
     let store = store(&stack).await;
-    let run = RunId::new();
-    store.execute_run(run, submit("Build a URL shortener")).await.unwrap();
-    for stage in ["ba", "sa"] {
-        store
-            .execute_run(run, RunCommand::StartStage { stage: stage.into(), team: "business-analysis".into(), objective_id: ObjectiveId::new() })
-            .await
-            .unwrap();
-    }
-    let mut tx = stack.admin.begin().await.unwrap();
-    sqlx::query("ALTER TABLE events DISABLE TRIGGER events_append_only").execute(&mut *tx).await.unwrap();
-    sqlx::query("DELETE FROM events WHERE aggregate_id = $1 AND sequence = 2").bind(run.to_string()).execute(&mut *tx).await.unwrap();
-    sqlx::query("ALTER TABLE events ENABLE TRIGGER events_append_only").execute(&mut *tx).await.unwrap();
-    tx.commit().await.unwrap();
+    let run = run_with_two_stages(&store).await;
+    as_attacker(&stack, "DELETE FROM events WHERE aggregate_id = $1 AND sequence = 2", run).await;
     let report = audit::verify(&stack.pool).await.unwrap();
     assert_eq!(report.broken.len(), 1, "{:?}", report.broken);
     assert_eq!(report.broken[0].sequence, 3);
