@@ -1484,6 +1484,7 @@ mod tests {
             messages: vec![Message::User { content }],
             tools: vec![],
             response_schema: None,
+            spent_usd: 0.0,
         };
         let tagged = format!("# Requirement\nnotes per user {RUN_TAG}{run}]\n\n# Inputs");
         assert_eq!(tagged_run(&request(tagged)), Some(run));

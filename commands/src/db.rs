@@ -24,9 +24,10 @@ pub enum DbError {
 /// The migrations in `migrations/`, compiled into the binary so that it can migrate a
 /// database from anywhere.
 pub fn migrator() -> Migrator {
-    let files: [(i64, &str, &str); 2] = [
+    let files: [(i64, &str, &str); 3] = [
         (1, "event store", include_str!("../../migrations/0001_event_store.sql")),
         (2, "artifacts", include_str!("../../migrations/0002_artifacts.sql")),
+        (3, "model routing", include_str!("../../migrations/0003_model_routing.sql")),
     ];
     Migrator {
         migrations: Cow::Owned(

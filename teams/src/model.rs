@@ -48,9 +48,13 @@ pub struct ModelRequest {
     pub tools: Vec<ToolSpec>,
     /// The JSON Schema the final answer must follow, where the provider supports it.
     pub response_schema: Option<Value>,
+    /// What the team has spent in this run so far, in USD (the router applies its budget).
+    /// Not part of the question: left out of the request's digest.
+    #[serde(skip)]
+    pub spent_usd: f64,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ModelResponse {
     /// The final answer when there are no tool calls (a TaskResult, for an objective).
     pub content: String,
@@ -59,6 +63,16 @@ pub struct ModelResponse {
     pub model: String,
     pub input_tokens: u64,
     pub output_tokens: u64,
+    /// The alias that answered: the one asked for, or the budget's downgrade alias.
+    /// Empty when the provider was called directly (no router).
+    #[serde(default)]
+    pub alias: String,
+    /// From the router's pricing table; 0 when the model has no price.
+    #[serde(default)]
+    pub cost_usd: f64,
+    /// Targets of the chain that failed before this one: `provider:model (why)`.
+    #[serde(default)]
+    pub failed_targets: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -72,6 +86,14 @@ pub enum ModelError {
     Protocol(String),
     #[error("the provider is not configured: {0}")]
     NotConfigured(String),
+    #[error("the provider could not be reached: {0}")]
+    Unreachable(String),
+    /// Every target of the alias's chain failed; each as `provider:model (why)`.
+    #[error("every target of {alias} failed: {}", attempts.join("; "))]
+    Exhausted { alias: String, attempts: Vec<String> },
+    /// The team is past its hard budget limit in this run.
+    #[error("budget: the team has spent ${spent_usd:.4} of its ${limit_usd:.4} hard limit in this run")]
+    BudgetExceeded { spent_usd: f64, limit_usd: f64 },
 }
 
 pub type ModelFuture<'a> = Pin<Box<dyn Future<Output = Result<ModelResponse, ModelError>> + Send + 'a>>;

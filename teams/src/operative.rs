@@ -20,6 +20,11 @@ pub struct ModelCall {
     pub model: String,
     pub input_tokens: u64,
     pub output_tokens: u64,
+    pub cost_usd: f64,
+    /// `ok`, `fallback` (an earlier target of the chain failed), `downgraded` (the budget
+    /// sent the call to the downgrade alias), or both.
+    pub outcome: String,
+    pub failed_targets: Vec<String>,
     pub latency_ms: u64,
     pub request_digest: String,
     pub response: String,
@@ -36,7 +41,9 @@ pub struct Outcome {
 }
 
 /// Works an objective to a TaskResult. Model errors end the attempt (the caller retries or
-/// escalates); a malformed answer gets one repair request, then becomes BLOCKED. Each model
+/// escalates), except a team past its budget, which answers BLOCKED (reason: budget);
+/// `spent_usd` is what the team has spent in the run before this objective.
+/// A malformed answer gets one repair request, then becomes BLOCKED. Each model
 /// call is handed to `on_call` as soon as it returns, so that it is recorded even if the
 /// attempt dies later.
 #[allow(clippy::too_many_arguments)]
@@ -48,6 +55,7 @@ pub async fn work(
     tools: &ToolRegistry,
     granted: &[String],
     workspace: &Workspace,
+    spent_usd: f64,
     on_call: &(dyn Fn(&ModelCall) + Send + Sync),
 ) -> Result<Outcome, ModelError> {
     let mut request = ModelRequest {
@@ -57,14 +65,26 @@ pub async fn work(
         messages: vec![Message::User { content: objective_prompt }],
         tools: tools.specs_for(granted),
         response_schema: Some(task_result_schema()),
+        spent_usd,
     };
     let mut calls = Vec::new();
     let mut written: Vec<String> = Vec::new();
     let mut repaired = false;
     for _ in 0..MAX_TURNS {
         let started = Instant::now();
-        let response = provider.complete(&request).await?;
+        let response = match provider.complete(&request).await {
+            Ok(response) => response,
+            Err(ModelError::BudgetExceeded { spent_usd, limit_usd }) => {
+                let result = blocked(
+                    format!("the team reached its hard budget limit for this run (${limit_usd:.4}); no further model calls"),
+                    format!("budget: ${spent_usd:.4} spent of ${limit_usd:.4}"),
+                );
+                return Ok(Outcome { result, calls, written, unparsed: None });
+            }
+            Err(error) => return Err(error),
+        };
         let call = record(&request, &response, started);
+        request.spent_usd += call.cost_usd;
         on_call(&call);
         calls.push(call);
         if !response.tool_calls.is_empty() {
@@ -93,33 +113,32 @@ pub async fn work(
                 request.messages.push(Message::User { content: repair_prompt(&error, &response.content) });
             }
             Err(error) => {
-                let result = TaskResult {
-                    status: TaskStatus::Blocked,
-                    reasoning: "the team's answer was not a valid TaskResult, even after a repair request".into(),
-                    blockers: vec![format!("malformed answer: {error}")],
-                    assumptions_made: vec![],
-                    verified_facts: vec![],
-                    clarification_needed: None,
-                    artifacts: vec![],
-                };
+                let result = blocked(
+                    "the team's answer was not a valid TaskResult, even after a repair request".into(),
+                    format!("malformed answer: {error}"),
+                );
                 return Ok(Outcome { result, calls, written, unparsed: Some(response.content) });
             }
         }
     }
     Ok(Outcome {
-        result: TaskResult {
-            status: TaskStatus::Blocked,
-            reasoning: format!("the team did not answer within {MAX_TURNS} model calls"),
-            blockers: vec!["too many tool-call turns".into()],
-            assumptions_made: vec![],
-            verified_facts: vec![],
-            clarification_needed: None,
-            artifacts: vec![],
-        },
+        result: blocked(format!("the team did not answer within {MAX_TURNS} model calls"), "too many tool-call turns".into()),
         calls,
         written,
         unparsed: None,
     })
+}
+
+fn blocked(reasoning: String, blocker: String) -> TaskResult {
+    TaskResult {
+        status: TaskStatus::Blocked,
+        reasoning,
+        blockers: vec![blocker],
+        assumptions_made: vec![],
+        verified_facts: vec![],
+        clarification_needed: None,
+        artifacts: vec![],
+    }
 }
 
 fn record(request: &ModelRequest, response: &ModelResponse, started: Instant) -> ModelCall {
@@ -129,8 +148,18 @@ fn record(request: &ModelRequest, response: &ModelResponse, started: Instant) ->
         "tool_calls": response.tool_calls,
     }))
     .unwrap_or_default();
+    let alias = if response.alias.is_empty() { request.alias.clone() } else { response.alias.clone() };
+    let outcome = match (alias != request.alias, !response.failed_targets.is_empty()) {
+        (false, false) => "ok",
+        (false, true) => "fallback",
+        (true, false) => "downgraded",
+        (true, true) => "downgraded+fallback",
+    };
     ModelCall {
-        alias: request.alias.clone(),
+        alias,
+        outcome: outcome.to_string(),
+        cost_usd: response.cost_usd,
+        failed_targets: response.failed_targets.clone(),
         provider: response.provider.clone(),
         model: response.model.clone(),
         input_tokens: response.input_tokens,

@@ -122,6 +122,7 @@ fn respond(request: &ModelRequest, markers: &Markers) -> ModelResponse {
         ),
         input_tokens: tokens(request_chars(request)),
         output_tokens: tokens(output_chars),
+        ..ModelResponse::default()
     }
 }
 
@@ -3700,6 +3701,7 @@ mod tests {
             }],
             tools: Vec::new(),
             response_schema: None,
+            spent_usd: 0.0,
         }
     }
 

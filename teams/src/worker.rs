@@ -229,10 +229,10 @@ impl Worker {
                         model: call.model,
                         input_tokens: call.input_tokens,
                         output_tokens: call.output_tokens,
-                        cost_usd: 0.0,
+                        cost_usd: call.cost_usd,
                         latency_ms: call.latency_ms,
-                        outcome: "ok".into(),
-                        failed_targets: vec![],
+                        outcome: call.outcome,
+                        failed_targets: call.failed_targets,
                         request_digest: call.request_digest,
                         response: call.response,
                     };
@@ -244,7 +244,7 @@ impl Worker {
         let on_call = move |call: &operative::ModelCall| {
             let _ = calls_tx.send(call.clone());
         };
-        let work = operative::work(self.provider.as_ref(), team, &item.alias, prompt, &self.tools, &granted, &workspace, &on_call);
+        let work = operative::work(self.provider.as_ref(), team, &item.alias, prompt, &self.tools, &granted, &workspace, run.team_spent_usd, &on_call);
         // A run cancelled while its team works drops the in-flight model call. (A run that
         // is only paused, BLOCKED or NEEDS_CLARIFICATION, lets parallel stages finish.)
         let cancelled = async {
@@ -360,6 +360,8 @@ struct RunContext {
     feedback: String,
     /// Every artifact so far: path -> content digest (the latest wins).
     artifacts: BTreeMap<String, String>,
+    /// What this objective's team has spent on models in the run so far (its budget).
+    team_spent_usd: f64,
 }
 
 impl RunContext {
@@ -373,7 +375,9 @@ impl RunContext {
             inputs: String::new(),
             feedback: String::new(),
             artifacts: BTreeMap::new(),
+            team_spent_usd: 0.0,
         };
+        let mut team_objectives: std::collections::HashSet<String> = std::collections::HashSet::new();
         let mut stage_of: BTreeMap<String, String> = BTreeMap::new();
         for e in &events {
             match (e.aggregate_type.as_str(), e.event_type.as_str()) {
@@ -389,6 +393,12 @@ impl RunContext {
                 ("objective", "ObjectiveAssigned") => {
                     let stage = e.payload["stage"].as_str().unwrap_or_default().to_string();
                     stage_of.insert(e.aggregate_id.clone(), stage);
+                    if e.payload["team"].as_str() == Some(item.team.as_str()) {
+                        team_objectives.insert(e.aggregate_id.clone());
+                    }
+                }
+                ("objective", "ModelCalled") if team_objectives.contains(&e.aggregate_id) => {
+                    context.team_spent_usd += e.payload["cost_usd"].as_f64().unwrap_or(0.0);
                 }
                 ("objective", "ArtifactProduced") => {
                     if let (Some(path), Some(sha)) = (e.payload["path"].as_str(), e.payload["sha256"].as_str()) {
