@@ -24,17 +24,16 @@ pub struct Config {
     /// embedded superuser.
     pub database_admin_url: Option<SecretString>,
     pub admin_token: Option<SecretString>,
-    /// Read by the model router when the teams arrive (contract §1, §5); accepted and
-    /// validated now so that a stack configured for them starts today.
-    #[allow(dead_code)]
+    /// Forces demo mode on or off; unset, demo mode is on when no provider is configured.
     pub demo: Option<bool>,
     pub db_max_connections: u32,
     pub relay_batch_size: usize,
     pub relay_poll_interval: Duration,
-    #[allow(dead_code)]
-    pub openai_compatible_url: Option<String>,
-    #[allow(dead_code)]
-    pub openai_compatible_key: Option<SecretString>,
+    /// The model router's settings: the `[models]` table over the built-in defaults.
+    pub models: factory_models::RoutingConfig,
+    /// Where the real providers are, from `OPENAI_API_KEY`, `ANTHROPIC_API_KEY`, `OLLAMA_URL`,
+    /// `openai_compatible_url` / `_key` (keys are secrets: never printed).
+    pub providers: factory_models::ProviderSettings,
     /// The log filter (`tracing` directives); `RUST_LOG` is read when unset.
     pub log: Option<String>,
     /// The Python venv holding nats-server and PostgreSQL.
@@ -81,6 +80,7 @@ const KEYS: &[&str] = &[
     "openai_compatible_key",
     "log",
     "venv",
+    "models",
 ];
 
 struct Value {
@@ -103,6 +103,7 @@ impl Config {
             .map(|(_, v)| PathBuf::from(v))
             .unwrap_or_else(|| std::env::current_dir().unwrap_or_else(|_| PathBuf::from(".")));
         let mut values: BTreeMap<String, Value> = BTreeMap::new();
+        let mut models = factory_models::RoutingConfig::default();
         let file = home.join("factory.toml");
         if file.exists() {
             let origin = file.display().to_string();
@@ -118,6 +119,22 @@ impl Config {
                         origin,
                         problem: "the file is found through `home`, so set it with FACTORY_HOME".into(),
                     });
+                }
+                if key == "models" {
+                    let toml::Value::Table(table) = &value else {
+                        return Err(ConfigError::BadValue {
+                            key,
+                            origin,
+                            problem: "expected a table ([models])".into(),
+                        });
+                    };
+                    models = factory_models::RoutingConfig::from_toml(table).map_err(|e| match e {
+                        factory_models::routing::RoutingError::BadValue { key, problem } => {
+                            ConfigError::BadValue { key, origin: origin.clone(), problem }
+                        }
+                        other => ConfigError::BadValue { key: "models".into(), origin: origin.clone(), problem: other.to_string() },
+                    })?;
+                    continue;
                 }
                 let text = match value {
                     toml::Value::String(s) => s,
@@ -141,6 +158,9 @@ impl Config {
             let key = rest.to_ascii_lowercase();
             let origin = format!("environment variable {name}");
             check_known(&key, &origin)?;
+            if key == "models" {
+                return Err(ConfigError::BadValue { key, origin, problem: "the [models] table is set in factory.toml".into() });
+            }
             values.insert(key, Value { text: text.clone(), origin });
         }
         let get = |key: &str| values.get(key);
@@ -149,7 +169,7 @@ impl Config {
             .map(|v| PathBuf::from(&v.text))
             .unwrap_or_else(|| PathBuf::from(".factory"));
         let data_dir = if data_dir.is_absolute() { data_dir } else { home.join(data_dir) };
-        let config = Config {
+        let mut config = Config {
             http_addr: parse(get("http_addr"), "http_addr", "127.0.0.1:8080".parse().unwrap())?,
             embedded_nats_port: parse(get("embedded_nats_port"), "embedded_nats_port", 14222)?,
             embedded_pg_port: parse(get("embedded_pg_port"), "embedded_pg_port", 15432)?,
@@ -180,14 +200,26 @@ impl Config {
                 1,
                 60_000,
             )?),
-            openai_compatible_url: optional(get("openai_compatible_url")),
-            openai_compatible_key: optional(get("openai_compatible_key")).map(SecretString::from),
+            providers: {
+                let mut providers = factory_models::ProviderSettings::from_env(env);
+                if let Some(url) = optional(get("openai_compatible_url")) {
+                    providers.openai_compatible = Some(factory_models::providers::Endpoint {
+                        base_url: Some(url),
+                        key: optional(get("openai_compatible_key")).map(SecretString::from),
+                    });
+                }
+                providers
+            },
+            models,
             log: optional(get("log")),
             venv: get("venv")
                 .map(|v| PathBuf::from(&v.text))
                 .unwrap_or_else(|| home.join(".factory").join("venv")),
             data_dir,
         };
+        if let Some(demo) = config.demo {
+            config.models.demo = Some(demo);
+        }
         if config.embedded_nats_port == config.embedded_pg_port {
             return Err(ConfigError::BadValue {
                 key: "embedded_pg_port".into(),

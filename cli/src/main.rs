@@ -5,6 +5,7 @@
 
 mod bench;
 mod config;
+mod models;
 mod runs;
 mod stack;
 mod telemetry;
@@ -51,6 +52,9 @@ enum Command {
     /// Print schemas.
     #[command(subcommand)]
     Schema(verbs::SchemaVerb),
+    /// Model routing: show it, or change an alias's chain at run time.
+    #[command(subcommand)]
+    Models(models::ModelsVerb),
     /// Benchmarks; each prints one JSON object per figure.
     Bench(bench::BenchArgs),
 }
@@ -110,6 +114,7 @@ async fn dispatch(command: Command, config: config::Config) -> anyhow::Result<Ex
         Command::Replay(verb) => verbs::replay(verb, &config).await,
         Command::Audit(verb) => verbs::audit(verb, &config).await,
         Command::Schema(verb) => verbs::schema(verb),
+        Command::Models(verb) => models::run(verb, &config).await,
         Command::Bench(args) => bench::run(args, &config).await,
     }
 }

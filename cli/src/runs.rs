@@ -164,8 +164,20 @@ async fn follow(store: &Store, run_id: RunId) -> Result<ExitCode> {
                     eprintln!("  > {stage:<24} started   (team {})", e.payload["team"].as_str().unwrap_or_default());
                 }
                 ("objective", "ModelCalled") => {
+                    let p = &e.payload;
+                    let target = format!("{}:{}", p["provider"].as_str().unwrap_or_default(), p["model"].as_str().unwrap_or_default());
+                    let outcome = p["outcome"].as_str().unwrap_or("ok");
+                    if outcome != "ok" {
+                        let failed: Vec<&str> = p["failed_targets"].as_array().into_iter().flatten().filter_map(|v| v.as_str()).collect();
+                        let stage = stage_of.get(&e.aggregate_id).map(String::as_str).unwrap_or_default();
+                        eprintln!(
+                            "    {stage}: {outcome} -> {target} as {}{}",
+                            p["alias"].as_str().unwrap_or_default(),
+                            if failed.is_empty() { String::new() } else { format!(" (failed first: {})", failed.join("; ")) }
+                        );
+                    }
                     let entry = calls.entry(e.aggregate_id.clone()).or_default();
-                    entry.0 = e.payload["model"].as_str().unwrap_or_default().to_string();
+                    entry.0 = target;
                     entry.1 += e.payload["input_tokens"].as_u64().unwrap_or(0);
                     entry.2 += e.payload["output_tokens"].as_u64().unwrap_or(0);
                     entry.3 += e.payload["cost_usd"].as_f64().unwrap_or(0.0);

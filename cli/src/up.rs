@@ -68,7 +68,9 @@ async fn serve(config: &Config, embedded: &stack::Embedded) -> Result<ExitCode> 
     let orchestrator = tokio::spawn(
         factory_teams::orchestrator::Orchestrator::new(store.clone(), js.clone(), topology.clone()).run(),
     );
-    let worker = tokio::spawn(worker(config, store.clone(), js, topology, vec![]).run());
+    let router = model_router(config, &pool)?;
+    let banner = models_banner(&router);
+    let worker = tokio::spawn(worker(config, store.clone(), js, topology, vec![], router).run());
 
     let app = factory_gateway::router(factory_gateway::Health::new(pool.clone(), nats, metrics));
     let listener = tokio::net::TcpListener::bind(config.http_addr)
@@ -85,7 +87,7 @@ async fn serve(config: &Config, embedded: &stack::Embedded) -> Result<ExitCode> 
         Some(token) => println!("  admin token {token}  (kept in {})", config.data_file("admin-token").display()),
         None => println!("  admin token from FACTORY_ADMIN_TOKEN"),
     }
-    println!("  models      {}", demo_banner());
+    println!("  models      {banner}");
     println!("Ctrl-C stops it.");
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown_signal())
@@ -110,14 +112,33 @@ pub async fn relay_only(config: &Config) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Which provider answers: only the scripted one exists in this slice.
-fn demo_banner() -> &'static str {
-    let keys = ["OPENAI_API_KEY", "ANTHROPIC_API_KEY", "OLLAMA_URL", "FACTORY_OPENAI_COMPATIBLE_URL"];
-    if keys.iter().any(|k| std::env::var_os(k).is_some()) {
-        "DEMO MODE: the scripted provider answers; real providers arrive with the model router (a key is set but not used yet)"
-    } else {
-        "DEMO MODE: no model provider configured; the scripted provider answers"
+/// Which providers answer: the banner `up` and `worker` print.
+fn models_banner(router: &factory_models::Router) -> String {
+    let configured = router.providers().configured();
+    match (router.is_demo(), configured.is_empty()) {
+        (true, true) => "DEMO MODE: no model provider configured; the scripted provider answers every alias".into(),
+        (true, false) => format!(
+            "DEMO MODE (demo = true): the scripted provider answers; configured but unused: {}",
+            configured.join(", ")
+        ),
+        (false, _) => format!("providers {}; `factory models show` prints the routing", configured.join(", ")),
     }
+}
+
+/// The model router of this process, with the run-time routing table followed.
+fn model_router(config: &Config, pool: &sqlx::PgPool) -> Result<std::sync::Arc<factory_models::Router>> {
+    let router = std::sync::Arc::new(factory_models::Router::new(
+        config.models.clone(),
+        config.providers.clone(),
+        std::sync::Arc::new(factory_teams::scripted::ScriptedProvider::new()),
+    )?);
+    for (alias, chain) in &config.models.chains {
+        if !router.is_demo() && !chain.iter().any(|t| router.available(t)) && alias != "local/embed" {
+            tracing::warn!(%alias, "no target of this alias has a configured provider: its calls will fail");
+        }
+    }
+    tokio::spawn(factory_models::overrides::follow(pool.clone(), router.clone()));
+    Ok(router)
 }
 
 fn worker(
@@ -126,6 +147,7 @@ fn worker(
     js: async_nats::jetstream::Context,
     topology: factory_nats::Topology,
     teams: Vec<String>,
+    router: std::sync::Arc<factory_models::Router>,
 ) -> factory_teams::worker::Worker {
     let teams = if teams.is_empty() {
         factory_teams::TEAM_IDS.iter().map(|t| t.to_string()).collect()
@@ -133,9 +155,7 @@ fn worker(
         teams
     };
     let options = factory_teams::worker::WorkerOptions::new(teams, config.data_file("work"));
-    let provider: std::sync::Arc<dyn factory_teams::model::ModelProvider> =
-        std::sync::Arc::new(factory_teams::scripted::ScriptedProvider::new());
-    factory_teams::worker::Worker::new(store, js, topology, provider, options)
+    factory_teams::worker::Worker::new(store, js, topology, router, options)
 }
 
 pub async fn worker_only(config: &Config, teams: Vec<String>) -> Result<ExitCode> {
@@ -147,10 +167,11 @@ pub async fn worker_only(config: &Config, teams: Vec<String>) -> Result<ExitCode
     let js = async_nats::jetstream::new(nats);
     let topology = config.topology();
     topology.ensure_streams(&js).await?;
+    let router = model_router(config, &pool)?;
     let store = std::sync::Arc::new(factory_commands::Store::new(pool, std::sync::Arc::new(factory_domain::SystemServices)));
-    eprintln!("{}", demo_banner());
+    eprintln!("{}", models_banner(&router));
     tokio::select! {
-        _ = worker(config, store, js, topology, teams).run() => {}
+        _ = worker(config, store, js, topology, teams, router).run() => {}
         _ = shutdown_signal() => {}
     }
     Ok(ExitCode::SUCCESS)

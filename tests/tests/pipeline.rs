@@ -1,14 +1,15 @@
 //! Teams at work: whole runs through the relay, the orchestrator and the workers, on real
-//! NATS and PostgreSQL, answered by the scripted provider.
+//! NATS and PostgreSQL, answered by the scripted provider through the model router (demo
+//! mode), as `up` runs them.
 
 use crate::support::relay;
 use factory_commands::Store;
 use factory_domain::{RunCommand, RunId, RunStatus, SystemServices};
 use factory_teams::Pipeline;
-use factory_teams::model::ModelProvider;
 use factory_teams::orchestrator::Orchestrator;
 use factory_teams::scripted::ScriptedProvider;
 use factory_teams::worker::{Worker, WorkerOptions};
+use factory_models::{ProviderSettings, Router, RoutingConfig};
 use factory_testkit::{TestStack, wait_for};
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,13 +19,28 @@ struct Factory {
     store: Arc<Store>,
     work_dir: tempfile::TempDir,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    router: Arc<Router>,
+}
+
+/// Demo routing with short backoffs, so that fallbacks take milliseconds.
+fn demo_routing() -> RoutingConfig {
+    let mut config = RoutingConfig::default();
+    config.demo = Some(true);
+    config.retry.base_backoff = Duration::from_millis(5);
+    config.retry.max_backoff = Duration::from_millis(20);
+    config
 }
 
 impl Factory {
     async fn start() -> Self {
+        Self::start_with(demo_routing()).await
+    }
+
+    async fn start_with(routing: RoutingConfig) -> Self {
         let stack = TestStack::new().await;
         let store = Arc::new(Store::new(stack.pool.clone(), Arc::new(SystemServices)));
-        let mut factory = Self { store, work_dir: tempfile::tempdir().unwrap(), tasks: vec![], stack };
+        let router = Arc::new(Router::new(routing, ProviderSettings::default(), Arc::new(ScriptedProvider::new())).unwrap());
+        let mut factory = Self { store, work_dir: tempfile::tempdir().unwrap(), tasks: vec![], stack, router };
         let relay = relay(&factory.stack, factory.stack.js.clone(), 500).with_wake(factory.store.committed());
         factory.tasks.push(tokio::spawn(relay.run()));
         let orchestrator = Orchestrator::new(factory.store.clone(), factory.stack.js.clone(), factory.stack.topology.clone());
@@ -39,8 +55,7 @@ impl Factory {
             self.work_dir.path().to_path_buf(),
         );
         options.ack_wait = ack_wait;
-        let provider: Arc<dyn ModelProvider> = Arc::new(ScriptedProvider::new());
-        Worker::new(self.store.clone(), self.stack.js.clone(), self.stack.topology.clone(), provider, options)
+        Worker::new(self.store.clone(), self.stack.js.clone(), self.stack.topology.clone(), self.router.clone(), options)
     }
 
     async fn submit(&self, requirement: &str, pipeline: &str, auto_approve: bool) -> RunId {
@@ -237,4 +252,86 @@ async fn cancelling_drops_the_work_in_flight_and_starts_nothing_more() {
     assert_eq!(factory.store.load_run(run).await.unwrap().status, RunStatus::Cancelled);
     assert_eq!(factory.count(run, "TaskResultRecorded").await, 0);
     assert_eq!(factory.count(run, "StageStarted").await, 1);
+}
+
+/// The `ModelCalled` payloads of one stage, in order.
+async fn model_calls(factory: &Factory, run: RunId, stage: &str) -> Vec<serde_json::Value> {
+    sqlx::query_scalar(
+        "SELECT m.payload->'ModelCalled' FROM events m
+         JOIN events a ON a.aggregate_type = 'objective' AND a.aggregate_id = m.aggregate_id
+                      AND a.event_type = 'ObjectiveAssigned' AND a.payload->'ObjectiveAssigned'->>'stage' = $2
+         WHERE m.run_id = $1 AND m.event_type = 'ModelCalled' ORDER BY m.position",
+    )
+    .bind(run.0)
+    .bind(stage)
+    .fetch_all(&factory.stack.pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failing_first_target_falls_back_and_the_events_name_both_targets() {
+    let factory = Factory::start().await;
+    let run = factory.submit("Build a URL shortener #fail=factory/coder", "phase1", true).await;
+    factory.wait_status(run, RunStatus::Completed).await;
+    for stage in ["backend-engineering", "qa-engineering"] {
+        let calls = model_calls(&factory, run, stage).await;
+        assert!(!calls.is_empty(), "{stage} called no model");
+        for call in &calls {
+            assert_eq!(call["alias"], "factory/coder", "{call}");
+            assert_eq!(call["provider"], "scripted");
+            assert_eq!(call["model"], "coder-fallback", "{call}");
+            assert_eq!(call["outcome"], "fallback");
+            let failed = call["failed_targets"].as_array().unwrap();
+            assert_eq!(failed.len(), 1, "{call}");
+            assert!(failed[0].as_str().unwrap().starts_with("scripted:coder (http_500 after 3 attempt(s))"), "{call}");
+            assert!(call["cost_usd"].as_f64().unwrap() > 0.0, "the fallback is priced: {call}");
+        }
+    }
+    // Other aliases are not affected.
+    for call in model_calls(&factory, run, "solution-architecture").await {
+        assert_eq!((call["model"].as_str(), call["outcome"].as_str()), (Some("architect"), Some("ok")), "{call}");
+        assert!(call["failed_targets"].as_array().unwrap().is_empty());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_team_over_budget_is_downgraded_then_blocked() {
+    let mut routing = demo_routing();
+    // business-analysis (factory/fast): its first call stays under the hard limit, but costs
+    // more than the limit, so its next call goes to factory/cheap; priced here so that this
+    // one call passes the hard limit.
+    routing.budgets.teams.insert(
+        "business-analysis".into(),
+        factory_models::routing::Budget { limit_usd: 0.001, hard_limit_usd: 0.05 },
+    );
+    routing.pricing.insert(
+        "scripted:fast".into(),
+        factory_models::routing::Price { input_per_mtok: 2.0, output_per_mtok: 2.0 },
+    );
+    routing.pricing.insert(
+        "scripted:cheap".into(),
+        factory_models::routing::Price { input_per_mtok: 100.0, output_per_mtok: 100.0 },
+    );
+    let factory = Factory::start_with(routing).await;
+    // #malformed: the team needs a third call (the repair), which the budget refuses.
+    let run = factory.submit("Build a URL shortener #malformed", "phase1", true).await;
+    factory.wait_status(run, RunStatus::Blocked).await;
+    let calls = model_calls(&factory, run, "business-analysis").await;
+    assert_eq!(calls.len(), 2, "{calls:?}");
+    assert_eq!((calls[0]["alias"].as_str(), calls[0]["outcome"].as_str()), (Some("factory/fast"), Some("ok")));
+    let first = calls[0]["cost_usd"].as_f64().unwrap();
+    assert!(first > 0.001 && first < 0.05, "first call ${first}");
+    assert_eq!((calls[1]["alias"].as_str(), calls[1]["outcome"].as_str()), (Some("factory/cheap"), Some("downgraded")));
+    assert_eq!(calls[1]["model"], "cheap");
+    assert!(first + calls[1]["cost_usd"].as_f64().unwrap() > 0.05);
+    let reason: String = sqlx::query_scalar(
+        "SELECT payload->'RunBlocked'->>'reason' FROM events WHERE run_id = $1 AND event_type = 'RunBlocked'",
+    )
+    .bind(run.0)
+    .fetch_one(&factory.stack.pool)
+    .await
+    .unwrap();
+    assert!(reason.contains("budget"), "{reason}");
+    assert_eq!(factory.count(run, "StageStarted").await, 1, "nothing starts after the blocked stage");
 }
