@@ -222,7 +222,17 @@ fn start_factory(stack: &TestStack, work_dir: &std::path::Path) -> Vec<tokio::ta
         RelayOptions { poll_interval: Duration::from_millis(50), ..RelayOptions::default() },
     );
     let orchestrator = factory_teams::orchestrator::Orchestrator::new(store.clone(), stack.js.clone(), stack.topology.clone());
-    let provider: std::sync::Arc<dyn ModelProvider> = std::sync::Arc::new(factory_teams::scripted::ScriptedProvider::new());
+    // As `up` does: the router in demo mode, in front of the script.
+    let mut routing = factory_models::RoutingConfig::default();
+    routing.demo = Some(true);
+    let provider: std::sync::Arc<dyn ModelProvider> = std::sync::Arc::new(
+        factory_models::Router::new(
+            routing,
+            factory_models::ProviderSettings::default(),
+            std::sync::Arc::new(factory_teams::scripted::ScriptedProvider::new()),
+        )
+        .unwrap(),
+    );
     let worker = factory_teams::worker::Worker::new(
         store,
         stack.js.clone(),
@@ -250,6 +260,7 @@ async fn a_demo_run_from_the_command_line_to_exported_artifacts() {
         assert!(stderr(&out).contains(stage), "--wait shows {stage}: {}", stderr(&out));
     }
     assert!(stderr(&out).contains("COMPLETED"));
+    assert!(stderr(&out).contains("model scripted:architect"), "{}", stderr(&out));
 
     let out = cli.run(&["run", "show", &id, "--json"]).await;
     let shown: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -257,6 +268,8 @@ async fn a_demo_run_from_the_command_line_to_exported_artifacts() {
     let stages = shown["stages"].as_array().unwrap();
     assert_eq!(stages.len(), 5);
     assert!(stages.iter().all(|s| s["status"] == "COMPLETED" && s["iterations"] == 1 && s["model_calls"].as_u64() >= Some(1)));
+    // Priced by the router's table, shown per stage and in the --wait lines.
+    assert!(stages.iter().all(|s| s["cost_usd"].as_f64() > Some(0.0)), "{shown}");
 
     let export = tempfile::tempdir().unwrap();
     let out = cli.run(&["run", "artifacts", &id, "--out", export.path().to_str().unwrap()]).await;
@@ -296,4 +309,53 @@ async fn a_demo_run_from_the_command_line_to_exported_artifacts() {
     assert_exit(&cli.run(&["run", "submit", "Build a todo app #block", "--wait"]).await, 1, "BLOCKED");
     assert_exit(&cli.run(&["run", "show", &uuid::Uuid::now_v7().to_string()]).await, 1, "no run");
     tasks.iter().for_each(|t| t.abort());
+}
+
+#[tokio::test]
+async fn models_show_set_and_reset_the_routing_without_printing_keys() {
+    let stack = TestStack::new().await;
+    let mut cli = Cli::for_stack(&stack);
+    cli.env.push(("OPENAI_API_KEY".into(), "sk-very-secret-key".into()));
+    // A key is set: not demo mode; openai targets are available, anthropic ones are not.
+    let shown = cli.run(&["models", "show", "--json"]).await;
+    assert_exit(&shown, 0, "");
+    let text = stdout(&shown);
+    assert!(!text.contains("sk-very-secret-key"), "{text}");
+    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(json["demo"], false);
+    assert_eq!(json["providers"], serde_json::json!(["openai"]));
+    let coder = json["aliases"].as_array().unwrap().iter().find(|a| a["alias"] == "factory/coder").unwrap();
+    let available: Vec<&str> = coder["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["available"] == true)
+        .map(|t| t["target"].as_str().unwrap())
+        .collect();
+    assert_eq!(available, vec!["openai:gpt-4.1"]);
+
+    assert_exit(&cli.run(&["models", "set", "factory/coder", "ollama:qwen2.5-coder", "openai:gpt-4.1-mini"]).await, 0, "");
+    let shown = stdout(&cli.run(&["models", "show"]).await);
+    let line = shown.lines().find(|l| l.starts_with("factory/coder")).unwrap();
+    assert!(line.contains("(ollama:qwen2.5-coder: not configured) -> openai:gpt-4.1-mini") && line.contains("[set at run time]"), "{line}");
+    let changes: i64 = sqlx::query_scalar("SELECT count(*) FROM model_routing_changes WHERE alias = 'factory/coder'")
+        .fetch_one(&stack.pool)
+        .await
+        .unwrap();
+    assert_eq!(changes, 1);
+
+    assert_exit(&cli.run(&["models", "set", "factory/nope", "openai:x"]).await, 1, "unknown alias `factory/nope`");
+    assert_exit(&cli.run(&["models", "set", "factory/coder", "gpt-4"]).await, 1, "`gpt-4` is not a target");
+    assert_exit(&cli.run(&["models", "reset", "factory/coder"]).await, 0, "");
+    let shown = stdout(&cli.run(&["models", "show"]).await);
+    assert!(!shown.contains("[set at run time]"), "{shown}");
+}
+
+#[tokio::test]
+async fn a_bad_models_table_names_the_key() {
+    let cli = Cli::without_stack();
+    std::fs::write(cli.home.path().join("factory.toml"), "[models.retry]\ntimeout = 5\n").unwrap();
+    assert_exit(&cli.run(&["schema", "events"]).await, 2, "models.retry.timeout");
+    std::fs::write(cli.home.path().join("factory.toml"), "[models.aliases]\n\"factory/coder\" = [\"nowhere:x\"]\n").unwrap();
+    assert_exit(&cli.run(&["schema", "events"]).await, 2, "`nowhere:x` is not a target");
 }

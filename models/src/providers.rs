@@ -21,6 +21,9 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
+/// The answer length asked of Anthropic models (the API requires one).
+pub const ANTHROPIC_MAX_TOKENS: u64 = 8192;
+
 /// Where each real provider is and how to authenticate; `None` = not configured.
 #[derive(Debug, Default, Clone)]
 pub struct ProviderSettings {
@@ -134,6 +137,10 @@ impl RigProviders {
         let model: DynModel<Completion> = match target.provider {
             ProviderKind::OpenAi | ProviderKind::OpenAiCompatible => {
                 let mut config = OpenAIConfig::new(key);
+                if endpoint.key.is_none() {
+                    // A keyless proxy (vLLM, a local LiteLLM) gets no `Authorization` header.
+                    config = config.with_auth(rig_core::providers::openai::wire::Auth::OptionalBearer);
+                }
                 if let Some(url) = &endpoint.base_url {
                     config = config.with_base_url(url.trim_end_matches('/'));
                 }
@@ -168,7 +175,12 @@ impl RigProviders {
     pub fn call<'a>(&'a self, target: &'a Target, request: &'a ModelRequest) -> ModelFuture<'a> {
         Box::pin(async move {
             let model = self.model(target)?;
-            let rig_request = to_rig(request)?;
+            let mut rig_request = to_rig(request)?;
+            if target.provider == ProviderKind::Anthropic && rig_request.max_tokens.is_none() {
+                // Anthropic requires `max_tokens`; rig knows a default only for the models in
+                // its catalog, and refuses to build the request for any other name.
+                rig_request.max_tokens = Some(ANTHROPIC_MAX_TOKENS);
+            }
             let response = model.call(rig_request).await.map_err(from_rig)?;
             let mut content = String::new();
             let mut tool_calls = Vec::new();

@@ -483,11 +483,9 @@ async fn anthropic_tool_results_follow_the_tool_use_they_answer() {
     );
 }
 
-/// Ignored until `RigProviders` sets a `max_tokens` (see the report): for a Claude model rig
-/// does not know, rig has no default and refuses to encode the request, so every call
-/// fails with `bad_response` and never reaches the server.
+/// A Claude model rig does not know (an older name, a gateway's alias) still gets a request:
+/// rig has no `max_tokens` default for it, so the router sets one.
 #[tokio::test]
-#[ignore = "bug: no max_tokens is set for Anthropic models outside rig's catalog"]
 async fn anthropic_model_outside_rigs_catalog() {
     let server = FakeServer::start([Reply::ok(anthropic_text("Done.", 10, 2))]).await;
     let mut config = config();
@@ -497,7 +495,9 @@ async fn anthropic_model_outside_rigs_catalog() {
     let response = router.complete(&ask("Build it")).await;
 
     assert_eq!(response.map(|r| r.content).map_err(|e| e.to_string()), Ok("Done.".to_string()));
-    assert_eq!(server.single().body["model"], "claude-test");
+    let sent = server.single();
+    assert_eq!(sent.body["model"], "claude-test");
+    assert_eq!(sent.body["max_tokens"], factory_models::providers::ANTHROPIC_MAX_TOKENS);
 }
 
 // ---------------------------------------------------------------------------------------------
