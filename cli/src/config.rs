@@ -378,12 +378,12 @@ mod tests {
         let dir = tempfile_dir();
         std::fs::write(dir.join("factory.toml"), "embedded_pg_port = 1111\nrelay_batch_size = 10\n").unwrap();
         let home = ("FACTORY_HOME".to_string(), dir.display().to_string());
-        let c = Config::from_sources(&[home.clone()]).unwrap();
+        let c = Config::from_sources(std::slice::from_ref(&home)).unwrap();
         assert_eq!((c.embedded_pg_port, c.relay_batch_size), (1111, 10));
         let c = Config::from_sources(&[home.clone(), ("FACTORY_EMBEDDED_PG_PORT".into(), "2222".into())]).unwrap();
         assert_eq!(c.embedded_pg_port, 2222);
         std::fs::write(dir.join("factory.toml"), "colour = 1\n").unwrap();
-        let e = Config::from_sources(&[home.clone()]).unwrap_err();
+        let e = Config::from_sources(std::slice::from_ref(&home)).unwrap_err();
         assert!(e.to_string().contains("`colour`") && e.to_string().contains("factory.toml"), "{e}");
         std::fs::write(dir.join("factory.toml"), "relay_batch_size = 0\n").unwrap();
         let e = Config::from_sources(&[home]).unwrap_err();

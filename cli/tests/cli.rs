@@ -223,8 +223,7 @@ fn start_factory(stack: &TestStack, work_dir: &std::path::Path) -> Vec<tokio::ta
     );
     let orchestrator = factory_teams::orchestrator::Orchestrator::new(store.clone(), stack.js.clone(), stack.topology.clone());
     // As `up` does: the router in demo mode, in front of the script.
-    let mut routing = factory_models::RoutingConfig::default();
-    routing.demo = Some(true);
+    let routing = factory_models::RoutingConfig { demo: Some(true), ..Default::default() };
     let provider: std::sync::Arc<dyn ModelProvider> = std::sync::Arc::new(
         factory_models::Router::new(
             routing,

@@ -24,8 +24,7 @@ struct Factory {
 
 /// Demo routing with short backoffs, so that fallbacks take milliseconds.
 fn demo_routing() -> RoutingConfig {
-    let mut config = RoutingConfig::default();
-    config.demo = Some(true);
+    let mut config = RoutingConfig { demo: Some(true), ..RoutingConfig::default() };
     config.retry.base_backoff = Duration::from_millis(5);
     config.retry.max_backoff = Duration::from_millis(20);
     config
