@@ -6,6 +6,7 @@
 mod bench;
 mod config;
 mod models;
+mod projections;
 mod runs;
 mod stack;
 mod telemetry;
@@ -36,6 +37,12 @@ enum Command {
     Worker {
         #[arg(long, value_delimiter = ',')]
         teams: Vec<String>,
+    },
+    /// Run only the projection runners: keep the read models up to date.
+    Project {
+        /// `runs`, `graph`, `cost`, `activity` (default: all).
+        #[arg(long, value_delimiter = ',')]
+        projections: Vec<String>,
     },
     /// Runs: submit, ...
     #[command(subcommand)]
@@ -110,6 +117,7 @@ async fn dispatch(command: Command, config: config::Config) -> anyhow::Result<Ex
         }
         Command::Run(verb) => runs::run(verb, &config).await,
         Command::Worker { teams } => up::worker_only(&config, teams).await,
+        Command::Project { projections } => projections::project(&config, projections).await,
         Command::Events(verb) => verbs::events(verb, &config).await,
         Command::Replay(verb) => verbs::replay(verb, &config).await,
         Command::Audit(verb) => verbs::audit(verb, &config).await,

@@ -118,6 +118,13 @@ pub async fn connect_db(config: &Config) -> Result<PgPool> {
         .with_context(|| not_running_hint(config))
 }
 
+/// A pool as the migration role (an owner of the tables), for rebuilds.
+pub async fn connect_admin(config: &Config) -> Result<PgPool> {
+    factory_commands::connect(&admin_database_url(config, DATABASE)?, 4)
+        .await
+        .with_context(|| not_running_hint(config))
+}
+
 pub async fn connect_nats(config: &Config) -> Result<async_nats::Client> {
     let url = nats_url(config);
     async_nats::ConnectOptions::new()

@@ -70,6 +70,7 @@ async fn serve(config: &Config, embedded: &stack::Embedded) -> Result<ExitCode> 
     );
     let router = model_router(config, &pool)?;
     let banner = models_banner(&router);
+    let projections = crate::projections::spawn_runners(&pool, &js, &topology, &factory_projections::Projection::ALL);
     let worker = tokio::spawn(worker(config, store.clone(), js, topology, vec![], router).run());
 
     let app = factory_gateway::router(factory_gateway::Health::new(pool.clone(), nats, metrics));
@@ -96,6 +97,7 @@ async fn serve(config: &Config, embedded: &stack::Embedded) -> Result<ExitCode> 
     relay.abort();
     orchestrator.abort();
     worker.abort();
+    projections.iter().for_each(|p| p.abort());
     pool.close().await;
     println!("stopped");
     Ok(ExitCode::SUCCESS)
@@ -121,7 +123,8 @@ fn models_banner(router: &factory_models::Router) -> String {
             "DEMO MODE (demo = true): the scripted provider answers; configured but unused: {}",
             configured.join(", ")
         ),
-        (false, _) => format!("providers {}; `factory models show` prints the routing", configured.join(", ")),
+        (false, true) => "NO PROVIDER: demo = false but no model provider is configured; every model call will fail".into(),
+        (false, false) => format!("providers {}; `factory models show` prints the routing", configured.join(", ")),
     }
 }
 

@@ -37,6 +37,21 @@ pub enum ReplayVerb {
         #[arg(long)]
         json: bool,
     },
+    /// Rebuild read models from the event store into new tables, then swap them in at once.
+    Rebuild {
+        /// `runs`, `graph`, `cost`, `activity`, or `all`.
+        #[arg(long, default_value = "all")]
+        projection: String,
+    },
+    /// The run as it was right after the event at `--at` (a store position; default: now):
+    /// its status, stages, graph, costs and activity, folded from the store.
+    State {
+        run_id: RunId,
+        #[arg(long)]
+        at: Option<i64>,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -164,7 +179,11 @@ pub fn timeline_line(e: &EventEnvelope) -> String {
 }
 
 pub async fn replay(verb: ReplayVerb, config: &Config) -> Result<ExitCode> {
-    let ReplayVerb::Timeline { run_id, json } = verb;
+    let (run_id, json) = match verb {
+        ReplayVerb::Timeline { run_id, json } => (run_id, json),
+        ReplayVerb::Rebuild { projection } => return crate::projections::rebuild(config, &projection).await,
+        ReplayVerb::State { run_id, at, json } => return crate::projections::state(config, run_id, at, json).await,
+    };
     let pool = stack::connect_db(config).await?;
     let events = factory_commands::events::run_events(&pool, run_id.0, None).await?;
     if events.is_empty() {

@@ -207,9 +207,8 @@ const OPENAI_KEY: &str = "sk-test-openai-4f1c9e0d7b2a";
 const ANTHROPIC_KEY: &str = "sk-ant-test-8e3d5a1b6c0f";
 const COMPATIBLE_KEY: &str = "sk-test-compatible-2b7e";
 const OPENAI_MODEL: &str = "gpt-test";
-/// rig 0.44 refuses to encode a Messages request for a model outside its Claude catalog and
-/// its `claude-opus-4` / `claude-sonnet-4` / `claude-haiku-4-5` prefixes (no `max_tokens`
-/// default), and we set no `max_tokens`: see `anthropic_model_outside_rigs_catalog`.
+/// A model in rig's Claude catalog; `anthropic_model_outside_rigs_catalog` covers the rest
+/// (rig has no `max_tokens` default for them; the router sends one).
 const ANTHROPIC_MODEL: &str = "claude-sonnet-4-test";
 const OLLAMA_MODEL: &str = "qwen-test";
 const SYSTEM: &str = "You are the backend-engineering team.";

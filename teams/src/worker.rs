@@ -50,7 +50,7 @@ pub enum WorkerError {
     Stream(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("the event store failed")]
     Store(#[source] Box<dyn std::error::Error + Send + Sync>),
-    #[error("the model call failed")]
+    #[error("the model call failed: {0}")]
     Model(#[from] crate::model::ModelError),
     #[error("the workspace failed")]
     Workspace(#[from] std::io::Error),

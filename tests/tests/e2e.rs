@@ -2,6 +2,7 @@
 //! `factory-testkit`): the store's guarantees, the audit chain, and the relay.
 
 mod pipeline;
+mod projections;
 mod relay;
 mod store;
 mod support;

@@ -14,11 +14,11 @@ use factory_testkit::{TestStack, wait_for};
 use std::sync::Arc;
 use std::time::Duration;
 
-struct Factory {
-    stack: TestStack,
-    store: Arc<Store>,
+pub(crate) struct Factory {
+    pub(crate) stack: TestStack,
+    pub(crate) store: Arc<Store>,
     work_dir: tempfile::TempDir,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+    pub(crate) tasks: Vec<tokio::task::JoinHandle<()>>,
     router: Arc<Router>,
 }
 
@@ -31,11 +31,11 @@ fn demo_routing() -> RoutingConfig {
 }
 
 impl Factory {
-    async fn start() -> Self {
+    pub(crate) async fn start() -> Self {
         Self::start_with(demo_routing()).await
     }
 
-    async fn start_with(routing: RoutingConfig) -> Self {
+    pub(crate) async fn start_with(routing: RoutingConfig) -> Self {
         let stack = TestStack::new().await;
         let store = Arc::new(Store::new(stack.pool.clone(), Arc::new(SystemServices)));
         let router = Arc::new(Router::new(routing, ProviderSettings::default(), Arc::new(ScriptedProvider::new())).unwrap());
@@ -48,7 +48,7 @@ impl Factory {
         factory
     }
 
-    fn worker(&self, ack_wait: Duration) -> Worker {
+    pub(crate) fn worker(&self, ack_wait: Duration) -> Worker {
         let mut options = WorkerOptions::new(
             factory_teams::TEAM_IDS.iter().map(|t| t.to_string()).collect(),
             self.work_dir.path().to_path_buf(),
@@ -57,7 +57,7 @@ impl Factory {
         Worker::new(self.store.clone(), self.stack.js.clone(), self.stack.topology.clone(), self.router.clone(), options)
     }
 
-    async fn submit(&self, requirement: &str, pipeline: &str, auto_approve: bool) -> RunId {
+    pub(crate) async fn submit(&self, requirement: &str, pipeline: &str, auto_approve: bool) -> RunId {
         let plan = Pipeline::load(pipeline).unwrap();
         let run = RunId::new();
         let command = RunCommand::SubmitRequirement {
@@ -71,14 +71,14 @@ impl Factory {
         run
     }
 
-    async fn wait_status(&self, run: RunId, status: RunStatus) {
+    pub(crate) async fn wait_status(&self, run: RunId, status: RunStatus) {
         wait_for(&format!("run {run} to be {}", status.as_str()), Duration::from_secs(90), || async {
             (self.store.load_run(run).await.unwrap().status == status).then_some(())
         })
         .await;
     }
 
-    async fn count(&self, run: RunId, event_type: &str) -> i64 {
+    pub(crate) async fn count(&self, run: RunId, event_type: &str) -> i64 {
         sqlx::query_scalar("SELECT count(*) FROM events WHERE run_id = $1 AND event_type = $2")
             .bind(run.0)
             .bind(event_type)
