@@ -410,6 +410,7 @@ fn submit_requirement() -> RunCommand {
         pipeline: "phase1".into(),
         pipeline_definition: String::new(),
         auto_approve: false,
+        submitted_by: "tester".into(),
     }
 }
 
@@ -1079,6 +1080,7 @@ async fn submit_run(store: &Store, pipeline: &Pipeline) -> Result<RunId> {
                 pipeline: pipeline.name().into(),
                 pipeline_definition: pipeline.source().into(),
                 auto_approve: true,
+                submitted_by: "tester".into(),
             },
         )
         .await?;

@@ -126,3 +126,8 @@ async fn dispatch(command: Command, config: config::Config) -> anyhow::Result<Ex
         Command::Bench(args) => bench::run(args, &config).await,
     }
 }
+
+/// Who is acting, as recorded in events (`submitted_by`, `reviewer`, ...): `cli:<user>`.
+pub(crate) fn who() -> String {
+    std::env::var("USER").map(|u| format!("cli:{u}")).unwrap_or_else(|_| "cli".into())
+}

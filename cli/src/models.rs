@@ -27,21 +27,17 @@ pub enum ModelsVerb {
     Reset { alias: String },
 }
 
-fn who() -> String {
-    std::env::var("USER").map(|u| format!("cli:{u}")).unwrap_or_else(|_| "cli".into())
-}
-
 pub async fn run(verb: ModelsVerb, config: &Config) -> Result<ExitCode> {
     let pool = stack::connect_db(config).await?;
     match verb {
         ModelsVerb::Set { alias, targets } => {
-            let chain = overrides::set(&pool, &alias, &targets, &who()).await?;
+            let chain = overrides::set(&pool, &alias, &targets, &crate::who()).await?;
             let chain: Vec<String> = chain.iter().map(ToString::to_string).collect();
             println!("{alias} -> {}", chain.join(" -> "));
             Ok(ExitCode::SUCCESS)
         }
         ModelsVerb::Reset { alias } => {
-            if overrides::reset(&pool, &alias, &who()).await? {
+            if overrides::reset(&pool, &alias, &crate::who()).await? {
                 println!("{alias} is back on its configured chain");
             } else {
                 println!("{alias} was on its configured chain already");

@@ -65,6 +65,17 @@ pub enum RunVerb {
         #[arg(long)]
         revise: Option<String>,
     },
+    /// A new run that starts where this one stood right after the event at `--at` (a store
+    /// position, as `replay timeline` shows): the stages completed by then are kept, the rest
+    /// runs live. Prints the new run's id.
+    Fork {
+        run_id: RunId,
+        #[arg(long)]
+        at: i64,
+        /// Follow the new run until it ends or waits for a human.
+        #[arg(long)]
+        wait: bool,
+    },
     /// Cancel a run: no further stages start.
     Cancel {
         run_id: RunId,
@@ -93,6 +104,7 @@ pub async fn run(verb: RunVerb, config: &Config) -> Result<ExitCode> {
                 pipeline: plan.name().to_string(),
                 pipeline_definition: plan.source().to_string(),
                 auto_approve,
+                submitted_by: crate::who(),
             };
             refused_as_error(store.execute_run(run_id, command).await, "requirement refused")?;
             println!("{run_id}");
@@ -117,14 +129,30 @@ pub async fn run(verb: RunVerb, config: &Config) -> Result<ExitCode> {
                 (false, None) => bail!("say --approve or --revise \"<feedback>\""),
             };
             let store = store(config).await?;
-            let reviewer = std::env::var("USER").unwrap_or_else(|_| "cli".into());
+            let reviewer = crate::who();
             refused_as_error(store.execute_run(run_id, RunCommand::ReviewRun { decision, reviewer }).await, "review refused")?;
             println!("reviewed {run_id}");
             Ok(ExitCode::SUCCESS)
         }
+        RunVerb::Fork { run_id, at, wait } => {
+            let store = store(config).await?;
+            let fork = match factory_teams::fork::fork(&store, run_id, at, crate::who()).await {
+                Ok(fork) => fork,
+                Err(error @ (factory_teams::fork::ForkError::NotFound(_) | factory_teams::fork::ForkError::BeforeStart { .. })) => {
+                    bail!("{error}; `factory replay timeline {run_id}` shows its positions")
+                }
+                Err(error) => return Err(anyhow::Error::new(error).context("forking the run")),
+            };
+            eprintln!(
+                "forked {run_id} at position {at}: starts with {}",
+                if fork.stages.is_empty() { "no stage completed".to_string() } else { fork.stages.join(", ") }
+            );
+            println!("{}", fork.run_id);
+            if wait { follow(&store, fork.run_id).await } else { Ok(ExitCode::SUCCESS) }
+        }
         RunVerb::Cancel { run_id, reason } => {
             let store = store(config).await?;
-            let cancelled_by = std::env::var("USER").unwrap_or_else(|_| "cli".into());
+            let cancelled_by = crate::who();
             refused_as_error(store.execute_run(run_id, RunCommand::CancelRun { reason, cancelled_by }).await, "cancel refused")?;
             println!("cancelled {run_id}");
             Ok(ExitCode::SUCCESS)

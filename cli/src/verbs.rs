@@ -52,6 +52,14 @@ pub enum ReplayVerb {
         #[arg(long)]
         json: bool,
     },
+    /// Execute the run's pipeline again with every model answer taken from its recorded
+    /// `ModelCalled` events (no model is called, nothing is written) and report whether the
+    /// same decisions follow. Exit 1 where they diverge.
+    Rerun {
+        run_id: RunId,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -178,11 +186,49 @@ pub fn timeline_line(e: &EventEnvelope) -> String {
     )
 }
 
+async fn rerun(config: &Config, run_id: RunId, json: bool) -> Result<ExitCode> {
+    let pool = stack::connect_db(config).await?;
+    let scratch = config.data_dir.join("work");
+    let services: factory_domain::SharedServices = std::sync::Arc::new(factory_domain::SystemServices);
+    let report = match factory_teams::rerun::rerun(&pool, run_id, scratch, services).await {
+        Ok(report) => report,
+        Err(error @ factory_teams::rerun::RerunError::NotFound(_)) => {
+            eprintln!("error: {error}; `factory run list` shows the runs");
+            return Ok(ExitCode::FAILURE);
+        }
+        Err(error) => return Err(anyhow::Error::new(error).context("re-running the run")),
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!(
+            "re-ran {run_id}: {} objectives, {} model answers replayed from the record, {} model calls made",
+            report.objectives, report.answers_replayed, report.model_calls
+        );
+        println!("recorded status {}, re-run status {}", report.recorded_status, report.rerun_status);
+        if let Some(stopped) = &report.stopped {
+            println!("stopped: {stopped}");
+        }
+        if report.identical() {
+            println!("identical: the same {} decisions followed", report.decisions);
+        } else {
+            println!("DIVERGED in {} places:", report.divergences.len());
+            for d in &report.divergences {
+                println!("  {} [{}]", d.at, d.index);
+                println!("    recorded: {}", d.recorded.as_deref().unwrap_or("(nothing)"));
+                println!("    re-run:   {}", d.rerun.as_deref().unwrap_or("(nothing)"));
+            }
+        }
+    }
+    Ok(if report.identical() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
 pub async fn replay(verb: ReplayVerb, config: &Config) -> Result<ExitCode> {
     let (run_id, json) = match verb {
         ReplayVerb::Timeline { run_id, json } => (run_id, json),
         ReplayVerb::Rebuild { projection } => return crate::projections::rebuild(config, &projection).await,
         ReplayVerb::State { run_id, at, json } => return crate::projections::state(config, run_id, at, json).await,
+        ReplayVerb::Rerun { run_id, json } => return rerun(config, run_id, json).await,
     };
     let pool = stack::connect_db(config).await?;
     let events = factory_commands::events::run_events(&pool, run_id.0, None).await?;
@@ -243,7 +289,7 @@ pub async fn audit(verb: AuditVerb, config: &Config) -> Result<ExitCode> {
 pub fn schema(verb: SchemaVerb) -> Result<ExitCode> {
     let SchemaVerb::Events = verb;
     let topology = Topology::default();
-    let events: Vec<_> = factory_domain::schema::event_schemas()
+    let events: Vec<_> = factory_domain::schema::all_event_schemas()
         .into_iter()
         .map(|s| {
             serde_json::json!({

@@ -1,5 +1,9 @@
 //! Reading the event store directly: one run's events in order, ranges by position.
 //! Used by the relay, audit and replay tooling; queries never read events otherwise.
+//!
+//! Readers get every event at the current version of its type (older payloads go through
+//! `factory_domain::upcast`), with the hash of the row as stored. The relay alone reads
+//! events exactly as stored ([`stored_range`]): the stream carries what the store holds.
 
 use chrono::{DateTime, Utc};
 use factory_nats::EventEnvelope;
@@ -40,6 +44,26 @@ pub(crate) fn envelope_from_row(row: &PgRow) -> Result<EventEnvelope, sqlx::Erro
     })
 }
 
+/// Brings a stored event to the current version of its type (see `factory_domain::upcast`).
+pub fn upcast(envelope: &mut EventEnvelope) -> Result<(), factory_domain::upcast::UpcastError> {
+    let version = factory_domain::upcast::upcast(
+        &envelope.aggregate_type,
+        &envelope.event_type,
+        &envelope.event_version,
+        &mut envelope.payload,
+    )?;
+    if envelope.event_version != version {
+        envelope.event_version = version.to_string();
+    }
+    Ok(())
+}
+
+fn upcast_row(row: &PgRow) -> Result<EventEnvelope, sqlx::Error> {
+    let mut envelope = envelope_from_row(row)?;
+    upcast(&mut envelope).map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
+    Ok(envelope)
+}
+
 pub fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write;
     bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
@@ -63,12 +87,27 @@ pub async fn run_events<'e>(
         .fetch_all(db)
         .await?
         .iter()
-        .map(envelope_from_row)
+        .map(upcast_row)
         .collect()
 }
 
-/// Events with `after < position <= up_to`, in order, at most `limit`.
+/// Events with `after < position <= up_to`, in order, at most `limit`, at their current versions.
 pub async fn range<'e>(
+    db: impl PgExecutor<'e>,
+    after: i64,
+    up_to: i64,
+    limit: i64,
+) -> Result<Vec<EventEnvelope>, sqlx::Error> {
+    let mut events = stored_range(db, after, up_to, limit).await?;
+    for envelope in &mut events {
+        upcast(envelope).map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
+    }
+    Ok(events)
+}
+
+/// Events with `after < position <= up_to`, in order, at most `limit`, exactly as stored
+/// (for the relay: the stream carries what the store holds, hashes included).
+pub async fn stored_range<'e>(
     db: impl PgExecutor<'e>,
     after: i64,
     up_to: i64,

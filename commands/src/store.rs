@@ -2,7 +2,7 @@
 //! retried from fresh state, and an in-process signal that events were committed.
 
 use cqrs_es::{Aggregate, AggregateError, CqrsFramework};
-use cqrs_es::persist::PersistedEventStore;
+use cqrs_es::persist::{EventUpcaster, PersistedEventStore, SerializedEvent};
 use cqrs_es::{AggregateContext, EventStore};
 use factory_domain::{
     Objective, ObjectiveCommand, ObjectiveError, ObjectiveId, Run, RunCommand, RunError, RunId,
@@ -18,8 +18,34 @@ use tokio::sync::Notify;
 type Framework<A> = CqrsFramework<A, PersistedEventStore<EventRepository, A>>;
 
 fn framework<A: Aggregate>(pool: &PgPool, services: A::Services) -> Framework<A> {
-    let store = PersistedEventStore::new_event_store(EventRepository::new(pool.clone()));
-    CqrsFramework::new(store, vec![], services)
+    CqrsFramework::new(event_store(pool), vec![], services)
+}
+
+fn event_store<A: Aggregate>(pool: &PgPool) -> PersistedEventStore<EventRepository, A> {
+    PersistedEventStore::new_event_store(EventRepository::new(pool.clone()))
+        .with_upcasters(vec![Box::new(Upcaster)])
+}
+
+/// cqrs-es's hook onto `factory_domain::upcast`: aggregates load older events at the current
+/// version of their type. cqrs-es keeps payloads tagged (`{"EventType": {..}}`).
+struct Upcaster;
+
+impl EventUpcaster for Upcaster {
+    fn can_upcast(&self, _event_type: &str, _event_version: &str) -> bool {
+        // Asked without the aggregate type; `upcast` below decides, and leaves current events alone.
+        true
+    }
+
+    fn upcast(&self, mut event: SerializedEvent) -> SerializedEvent {
+        let Some(inner) = event.payload.get_mut(&event.event_type) else { return event };
+        match factory_domain::upcast::upcast(&event.aggregate_type, &event.event_type, &event.event_version, inner) {
+            Ok(version) => event.event_version = version.to_string(),
+            // Left as stored: deserialising it then fails with the event named, which is the
+            // error a reader should see.
+            Err(error) => tracing::error!(%error, aggregate_id = %event.aggregate_id, sequence = event.sequence, "cannot upcast event"),
+        }
+        event
+    }
 }
 
 /// How often a command that lost an optimistic-concurrency race is retried from fresh state
@@ -139,8 +165,7 @@ async fn load<A: Aggregate>(pool: &PgPool, aggregate_id: &str) -> Result<A, Comm
 where
     A::Error: 'static,
 {
-    let store: PersistedEventStore<EventRepository, A> =
-        PersistedEventStore::new_event_store(EventRepository::new(pool.clone()));
+    let store: PersistedEventStore<EventRepository, A> = event_store(pool);
     let mut context = store.load_aggregate(aggregate_id).await.map_err(|e| match e {
         AggregateError::DatabaseConnectionError(e)
         | AggregateError::DeserializationError(e)

@@ -13,6 +13,7 @@ pub mod run;
 pub mod schema;
 pub mod services;
 pub mod task_result;
+pub mod upcast;
 
 pub use ids::{ObjectiveId, RunId};
 pub use objective::{Objective, ObjectiveCommand, ObjectiveError, ObjectiveEvent};
@@ -27,5 +28,5 @@ pub const MAX_REQUIREMENT_BYTES: usize = 64 * 1024;
 pub const MAX_TITLE_CHARS: usize = 200;
 
 /// Every event of every aggregate names the version of its payload's shape; readers of an
-/// older version go through an upcaster (see `schema`).
+/// older version go through an upcaster (see [`upcast`]).
 pub const EVENT_VERSION_1: &str = "1";

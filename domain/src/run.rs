@@ -5,7 +5,7 @@
 //! The aggregate guards the lifecycle: it refuses what cannot happen in the run's state
 //! (completing a cancelled run, starting a stage twice, reviewing a run nobody asked to review).
 
-use crate::{EVENT_VERSION_1, MAX_REQUIREMENT_BYTES, MAX_TITLE_CHARS, ObjectiveId, SharedServices};
+use crate::{MAX_REQUIREMENT_BYTES, MAX_TITLE_CHARS, ObjectiveId, RunId, SharedServices};
 use chrono::{DateTime, Utc};
 use cqrs_es::event_sink::EventSink;
 use cqrs_es::{Aggregate, DomainEvent};
@@ -70,6 +70,8 @@ pub enum RunCommand {
         /// machine needs nothing else. Validated by whoever parsed it (the teams crate).
         pipeline_definition: String,
         auto_approve: bool,
+        /// Who submitted it (a user name or token name), for the audit trail.
+        submitted_by: String,
     },
     StartStage {
         stage: String,
@@ -110,6 +112,28 @@ pub enum RunCommand {
         stage: String,
         question: String,
     },
+    /// A new run that starts where another stood at a position of the store: its
+    /// requirement and pipeline, and the stages completed by then (their objectives, copied
+    /// into this run, already hold the results). The rest runs live.
+    ForkRun {
+        title: String,
+        requirement: String,
+        pipeline: String,
+        pipeline_definition: String,
+        auto_approve: bool,
+        submitted_by: String,
+        forked_from: RunId,
+        at_position: i64,
+        completed: Vec<ForkedStage>,
+    },
+}
+
+/// A stage a fork starts with, completed by the objective that holds its copied result.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ForkedStage {
+    pub stage: String,
+    pub team: String,
+    pub objective_id: ObjectiveId,
 }
 
 // ---- events ----
@@ -123,6 +147,9 @@ pub struct RequirementSubmitted {
     #[serde(default)]
     pub pipeline_definition: String,
     pub auto_approve: bool,
+    /// Who submitted the requirement. New in version 2; version-1 events are read through
+    /// [`crate::upcast`], which sets it to [`crate::upcast::UNKNOWN_SUBMITTER`].
+    pub submitted_by: String,
     pub submitted_at: DateTime<Utc>,
 }
 
@@ -179,6 +206,15 @@ pub struct StagesReopened {
     pub revision: u32,
 }
 
+/// This run is a fork: it starts with the state of `forked_from` after `at_position`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct RunForked {
+    pub forked_from: RunId,
+    pub at_position: i64,
+    /// The stages it starts with, completed (their StageStarted/StageCompleted follow).
+    pub stages: Vec<String>,
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct RunBlocked {
     pub stage: String,
@@ -207,6 +243,7 @@ pub enum RunEvent {
     RunBlocked(RunBlocked),
     RunNeedsClarification(RunNeedsClarification),
     StagesReopened(StagesReopened),
+    RunForked(RunForked),
 }
 
 impl DomainEvent for RunEvent {
@@ -224,13 +261,45 @@ impl DomainEvent for RunEvent {
             Self::RunBlocked(_) => "RunBlocked",
             Self::RunNeedsClarification(_) => "RunNeedsClarification",
             Self::StagesReopened(_) => "StagesReopened",
+            Self::RunForked(_) => "RunForked",
         }
         .to_string()
     }
 
     fn event_version(&self) -> String {
-        EVENT_VERSION_1.to_string()
+        crate::upcast::current_version(Run::TYPE, &self.event_type()).to_string()
     }
+}
+
+/// A requirement as submitted, checked and trimmed (for a new run and a fork alike).
+fn submission(
+    title: Option<String>,
+    requirement: String,
+    pipeline: String,
+    pipeline_definition: String,
+    auto_approve: bool,
+    submitted_by: String,
+    services: &SharedServices,
+) -> Result<RequirementSubmitted, RunError> {
+    let requirement = requirement.trim().to_string();
+    if requirement.is_empty() {
+        return Err(RunError::EmptyRequirement);
+    }
+    if requirement.len() > MAX_REQUIREMENT_BYTES {
+        return Err(RunError::RequirementTooLarge(requirement.len()));
+    }
+    let title = match title.map(|t| t.trim().to_string()).filter(|t| !t.is_empty()) {
+        Some(t) if t.chars().count() > MAX_TITLE_CHARS => {
+            return Err(RunError::TitleTooLong);
+        }
+        Some(t) => t,
+        None => default_title(&requirement),
+    };
+    let pipeline = pipeline.trim().to_string();
+    if pipeline.is_empty() {
+        return Err(RunError::EmptyPipeline);
+    }
+    Ok(RequirementSubmitted { title, requirement, pipeline, pipeline_definition, auto_approve, submitted_by, submitted_at: services.now() })
 }
 
 // ---- errors ----
@@ -331,36 +400,35 @@ impl Aggregate for Run {
         sink: &EventSink<Self>,
     ) -> Result<(), RunError> {
         let event = match command {
-            RunCommand::SubmitRequirement { title, requirement, pipeline, pipeline_definition, auto_approve } => {
+            RunCommand::SubmitRequirement { title, requirement, pipeline, pipeline_definition, auto_approve, submitted_by } => {
                 if self.status != RunStatus::New {
                     return Err(RunError::AlreadySubmitted);
                 }
-                let requirement = requirement.trim().to_string();
-                if requirement.is_empty() {
-                    return Err(RunError::EmptyRequirement);
+                RunEvent::RequirementSubmitted(submission(title, requirement, pipeline, pipeline_definition, auto_approve, submitted_by, services)?)
+            }
+            RunCommand::ForkRun {
+                title,
+                requirement,
+                pipeline,
+                pipeline_definition,
+                auto_approve,
+                submitted_by,
+                forked_from,
+                at_position,
+                completed,
+            } => {
+                if self.status != RunStatus::New {
+                    return Err(RunError::AlreadySubmitted);
                 }
-                if requirement.len() > MAX_REQUIREMENT_BYTES {
-                    return Err(RunError::RequirementTooLarge(requirement.len()));
+                let submitted = submission(Some(title), requirement, pipeline, pipeline_definition, auto_approve, submitted_by, services)?;
+                let stages = completed.iter().map(|s| s.stage.clone()).collect();
+                sink.write(RunEvent::RequirementSubmitted(submitted), self).await;
+                sink.write(RunEvent::RunForked(RunForked { forked_from, at_position, stages }), self).await;
+                for ForkedStage { stage, team, objective_id } in completed {
+                    sink.write(RunEvent::StageStarted(StageStarted { stage: stage.clone(), team, objective_id }), self).await;
+                    sink.write(RunEvent::StageCompleted(StageCompleted { stage, objective_id }), self).await;
                 }
-                let title = match title.map(|t| t.trim().to_string()).filter(|t| !t.is_empty()) {
-                    Some(t) if t.chars().count() > MAX_TITLE_CHARS => {
-                        return Err(RunError::TitleTooLong);
-                    }
-                    Some(t) => t,
-                    None => default_title(&requirement),
-                };
-                let pipeline = pipeline.trim().to_string();
-                if pipeline.is_empty() {
-                    return Err(RunError::EmptyPipeline);
-                }
-                RunEvent::RequirementSubmitted(RequirementSubmitted {
-                    title,
-                    requirement,
-                    pipeline,
-                    pipeline_definition,
-                    auto_approve,
-                    submitted_at: services.now(),
-                })
+                return Ok(());
             }
             RunCommand::StartStage { stage, team, objective_id } => {
                 self.require_running()?;
@@ -474,6 +542,7 @@ impl Aggregate for Run {
 
     fn apply(&mut self, event: RunEvent) {
         match event {
+            RunEvent::RunForked(_) => {}
             RunEvent::RequirementSubmitted(e) => {
                 self.status = RunStatus::Running;
                 self.title = e.title;
@@ -558,6 +627,7 @@ mod tests {
             pipeline: pipeline.to_string(),
             pipeline_definition: String::new(),
             auto_approve: false,
+            submitted_by: "tester".into(),
         }
     }
 
@@ -568,6 +638,7 @@ mod tests {
             pipeline: "phase1".into(),
             pipeline_definition: String::new(),
             auto_approve: false,
+            submitted_by: "tester".into(),
             submitted_at: fixed::instant(),
         })
     }
@@ -667,6 +738,7 @@ mod tests {
                 pipeline: " phase1 ".into(),
                 pipeline_definition: String::new(),
                 auto_approve: true,
+                submitted_by: "tester".into(),
             })
             .then_expect_events(vec![RunEvent::RequirementSubmitted(RequirementSubmitted {
                 title: "Todo app".into(),
@@ -674,8 +746,47 @@ mod tests {
                 pipeline: "phase1".into(),
                 pipeline_definition: String::new(),
                 auto_approve: true,
+                submitted_by: "tester".into(),
                 submitted_at: fixed::instant(),
             })]);
+    }
+
+    fn fork(completed: Vec<ForkedStage>) -> RunCommand {
+        RunCommand::ForkRun {
+            title: "Todo app".into(),
+            requirement: "Build a todo app".into(),
+            pipeline: "phase1".into(),
+            pipeline_definition: String::new(),
+            auto_approve: false,
+            submitted_by: "tester".into(),
+            forked_from: RunId(Uuid::from_u128(77)),
+            at_position: 42,
+            completed,
+        }
+    }
+
+    #[test]
+    fn a_fork_starts_with_the_requirement_and_the_stages_completed_at_its_position() {
+        let ba = ForkedStage { stage: "ba".into(), team: "ba-team".into(), objective_id: objective(1) };
+        run()
+            .given_no_previous_events()
+            .when(fork(vec![ba]))
+            .then_expect_events(vec![
+                submitted(),
+                RunEvent::RunForked(RunForked { forked_from: RunId(Uuid::from_u128(77)), at_position: 42, stages: vec!["ba".into()] }),
+                started("ba", 1),
+                RunEvent::StageCompleted(StageCompleted { stage: "ba".into(), objective_id: objective(1) }),
+            ]);
+    }
+
+    #[test]
+    fn a_fork_is_refused_onto_an_existing_run_or_without_a_requirement() {
+        run().given(vec![submitted()]).when(fork(vec![])).then_expect_error(RunError::AlreadySubmitted);
+        let mut empty = fork(vec![]);
+        if let RunCommand::ForkRun { requirement, .. } = &mut empty {
+            requirement.clear();
+        }
+        run().given_no_previous_events().when(empty).then_expect_error(RunError::EmptyRequirement);
     }
 
     #[test]
@@ -743,6 +854,7 @@ mod tests {
                     pipeline: "phase1".into(),
                     pipeline_definition: String::new(),
                     auto_approve: false,
+                    submitted_by: "tester".into(),
                     submitted_at: fixed::instant(),
                 })]);
         }
@@ -1205,6 +1317,7 @@ mod stop_tests {
                 pipeline: "phase1".into(),
                 pipeline_definition: String::new(),
                 auto_approve: false,
+                submitted_by: "tester".into(),
                 submitted_at: DateTime::UNIX_EPOCH,
             }),
             RunEvent::StageStarted(StageStarted {
@@ -1287,6 +1400,7 @@ mod revision_tests {
                 pipeline: "phase1".into(),
                 pipeline_definition: String::new(),
                 auto_approve: false,
+                submitted_by: "tester".into(),
                 submitted_at: DateTime::UNIX_EPOCH,
             }),
             RunEvent::StageStarted(StageStarted { stage: "ba".into(), team: "business-analysis".into(), objective_id: id }),

@@ -16,12 +16,46 @@ fn entry<T: JsonSchema>(aggregate_type: &'static str, event_type: &'static str) 
     EventSchema {
         aggregate_type,
         event_type,
-        event_version: crate::EVENT_VERSION_1,
+        event_version: crate::upcast::current_version(aggregate_type, event_type),
         schema: schema_for!(T),
     }
 }
 
-/// Every event type of every aggregate, in a stable order.
+/// Older shapes, kept so that consumers of stored events can still validate them. Each is
+/// read through [`crate::upcast::upcast`] into the current shape.
+mod superseded {
+    use chrono::{DateTime, Utc};
+    use schemars::JsonSchema;
+
+    /// `RequirementSubmitted` v1: before `submitted_by`.
+    #[derive(JsonSchema)]
+    #[allow(dead_code)] // only its schema is used
+    #[schemars(rename = "RequirementSubmitted")]
+    pub struct RequirementSubmittedV1 {
+        pub title: String,
+        pub requirement: String,
+        pub pipeline: String,
+        #[serde(default)]
+        pub pipeline_definition: String,
+        pub auto_approve: bool,
+        pub submitted_at: DateTime<Utc>,
+    }
+}
+
+/// Every version of every event type: the current ones ([`event_schemas`]), then the
+/// superseded versions that stored events may still have.
+pub fn all_event_schemas() -> Vec<EventSchema> {
+    let mut all = event_schemas();
+    all.push(EventSchema {
+        aggregate_type: "run",
+        event_type: "RequirementSubmitted",
+        event_version: "1",
+        schema: schema_for!(superseded::RequirementSubmittedV1),
+    });
+    all
+}
+
+/// The current version of every event type of every aggregate, in a stable order.
 pub fn event_schemas() -> Vec<EventSchema> {
     vec![
         entry::<run::RequirementSubmitted>("run", "RequirementSubmitted"),
@@ -36,6 +70,7 @@ pub fn event_schemas() -> Vec<EventSchema> {
         entry::<run::RunBlocked>("run", "RunBlocked"),
         entry::<run::RunNeedsClarification>("run", "RunNeedsClarification"),
         entry::<run::StagesReopened>("run", "StagesReopened"),
+        entry::<run::RunForked>("run", "RunForked"),
         entry::<objective::ObjectiveAssigned>("objective", "ObjectiveAssigned"),
         entry::<objective::ModelCalled>("objective", "ModelCalled"),
         entry::<objective::TaskResultRecorded>("objective", "TaskResultRecorded"),
@@ -85,6 +120,7 @@ mod tests {
                 pipeline: "phase1".into(),
                 pipeline_definition: String::new(),
                 auto_approve: true,
+                submitted_by: "tester".into(),
                 submitted_at: Utc.with_ymd_and_hms(2025, 1, 2, 3, 4, 5).unwrap()
                     + chrono::Duration::nanoseconds(123_456_789),
             }),
@@ -109,6 +145,11 @@ mod tests {
                 question: "business-analysis: who are the users?".into(),
             }),
             RunEvent::StagesReopened(StagesReopened { stages: vec!["architecture".into()], revision: 1 }),
+            RunEvent::RunForked(RunForked {
+                forked_from: RunId(Uuid::from_u128(0x0190_0000_0000_7000_8000_0000_0000_0003)),
+                at_position: 42,
+                stages: vec!["analysis".into()],
+            }),
         ]
     }
 
@@ -177,11 +218,27 @@ mod tests {
     }
 
     #[test]
-    fn there_is_one_schema_for_each_of_the_18_event_types() {
+    fn every_version_that_ever_existed_has_a_schema() {
+        let all = all_event_schemas();
+        for (aggregate_type, event_type, versions) in crate::upcast::versioned_types() {
+            for version in *versions {
+                assert!(
+                    all.iter().any(|s| s.aggregate_type == *aggregate_type && s.event_type == *event_type && s.event_version == *version),
+                    "{aggregate_type}.{event_type} v{version} has no schema"
+                );
+            }
+        }
+        let v1 = all.iter().find(|s| s.event_type == "RequirementSubmitted" && s.event_version == "1").unwrap();
+        assert!(v1.schema.get("properties").unwrap().get("submitted_by").is_none());
+        assert_eq!(all.len(), 20);
+    }
+
+    #[test]
+    fn there_is_one_schema_for_each_of_the_19_event_types() {
         let schemas = event_schemas();
-        assert_eq!(schemas.len(), 18);
+        assert_eq!(schemas.len(), 19);
         let names: BTreeSet<_> = schemas.iter().map(|s| s.event_type).collect();
-        assert_eq!(names.len(), 18, "event types repeat: {names:?}");
+        assert_eq!(names.len(), 19, "event types repeat: {names:?}");
     }
 
     #[test]

@@ -17,6 +17,11 @@ pub(crate) fn describe(e: &EventEnvelope) -> Option<(&'static str, String)> {
             let stages: Vec<&str> = p["stages"].as_array().into_iter().flatten().filter_map(|v| v.as_str()).collect();
             ("review", format!("Revision {}: reopened {}", p["revision"], stages.join(", ")))
         }
+        ("run", "RunForked") => {
+            let stages: Vec<&str> = p["stages"].as_array().into_iter().flatten().filter_map(|v| v.as_str()).collect();
+            let kept = if stages.is_empty() { "no stage".to_string() } else { stages.join(", ") };
+            ("run", format!("Forked from run {} at position {}, keeping {kept}", s("forked_from"), p["at_position"]))
+        }
         ("run", "RunAwaitingReview") => ("review", "Waiting for a human review".to_string()),
         ("run", "RunReviewed") => ("review", format!("{} reviewed: {}", s("reviewer"), s("decision"))),
         ("run", "RunCompleted") => ("run", "Run completed".to_string()),

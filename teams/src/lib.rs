@@ -9,11 +9,13 @@
 //! runtime. Start reading at [`pipeline`] and [`gate`], then [`orchestrator`] and [`worker`].
 
 pub mod catalog;
+pub mod fork;
 pub mod gate;
 pub mod model;
 pub mod operative;
 pub mod orchestrator;
 pub mod pipeline;
+pub mod rerun;
 pub mod scripted;
 pub mod tools;
 pub mod worker;

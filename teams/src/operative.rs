@@ -141,8 +141,12 @@ fn blocked(reasoning: String, blocker: String) -> TaskResult {
     }
 }
 
+/// sha256 of a request as sent (the budget left out): what a re-run matches answers by.
+pub fn request_digest(request: &ModelRequest) -> String {
+    hex(&Sha256::digest(serde_json::to_vec(request).unwrap_or_default()))
+}
+
 fn record(request: &ModelRequest, response: &ModelResponse, started: Instant) -> ModelCall {
-    let digest = Sha256::digest(serde_json::to_vec(request).unwrap_or_default());
     let response_text = serde_json::to_string(&serde_json::json!({
         "content": response.content,
         "tool_calls": response.tool_calls,
@@ -165,7 +169,7 @@ fn record(request: &ModelRequest, response: &ModelResponse, started: Instant) ->
         input_tokens: response.input_tokens,
         output_tokens: response.output_tokens,
         latency_ms: started.elapsed().as_millis() as u64,
-        request_digest: hex(&digest),
+        request_digest: request_digest(request),
         response: response_text,
     }
 }

@@ -128,23 +128,17 @@ impl Orchestrator {
                 self.advance(run_id).await
             }
             ("run", "RunReviewed") if event.payload["decision"] == "REVISE" => self.revise(run_id).await,
-            ("objective", "ObjectiveCompleted") => {
-                let objective = self.objective(event).await?;
-                self.run_command(run_id, RunCommand::CompleteStage { stage: objective.stage }).await
+            ("objective", "TaskResultRecorded")
+                if event.payload["result"]["status"] != serde_json::json!(TaskStatus::NeedsClarification) =>
+            {
+                Ok(())
             }
-            ("objective", "ObjectiveBlocked") => {
+            ("objective", event_type @ ("ObjectiveCompleted" | "ObjectiveBlocked" | "TaskResultRecorded")) => {
                 let objective = self.objective(event).await?;
-                let reason = event.payload["reason"].as_str().unwrap_or("blocked").to_string();
-                self.run_command(run_id, RunCommand::BlockRun { stage: objective.stage, reason }).await
-            }
-            ("objective", "TaskResultRecorded") => {
-                let status: Option<TaskStatus> = serde_json::from_value(event.payload["result"]["status"].clone()).ok();
-                if status != Some(TaskStatus::NeedsClarification) {
-                    return Ok(());
+                match reaction(event_type, &event.payload, objective.stage) {
+                    Some(command) => self.run_command(run_id, command).await,
+                    None => Ok(()),
                 }
-                let objective = self.objective(event).await?;
-                let question = event.payload["result"]["clarification_needed"].as_str().unwrap_or("").to_string();
-                self.run_command(run_id, RunCommand::AwaitClarification { stage: objective.stage, question }).await
             }
             _ => Ok(()),
         }
@@ -196,17 +190,7 @@ impl Orchestrator {
             return Ok(());
         }
         let Some(pipeline) = self.pipeline_of(run_id, &run).await? else { return Ok(()) };
-        if run.revisions > pipeline.max_revisions() {
-            let reason = format!("revised {} times; the pipeline allows {}", run.revisions, pipeline.max_revisions());
-            return self.run_command(run_id, RunCommand::FailRun { reason }).await;
-        }
-        let stages = pipeline
-            .downstream(pipeline.revision_stage())
-            .into_iter()
-            .map(|s| s.name.clone())
-            .filter(|name| run.stages.contains_key(name))
-            .collect();
-        self.run_command(run_id, RunCommand::ReopenStages { stages }).await
+        self.run_command(run_id, revision(&run, &pipeline)).await
     }
 
     /// Starts ready stages, or finishes the run.
@@ -216,13 +200,6 @@ impl Orchestrator {
             return Ok(());
         }
         let Some(pipeline) = self.pipeline_of(run_id, &run).await? else { return Ok(()) };
-        let done: BTreeSet<String> = run
-            .stages
-            .iter()
-            .filter(|(_, s)| matches!(s, StageState::Completed { .. } | StageState::Skipped))
-            .map(|(name, _)| name.clone())
-            .collect();
-        let started: BTreeSet<String> = run.stages.keys().cloned().collect();
         // Stages in progress (started, not done) are re-published: a crash may have come
         // between starting a stage and putting its work on the queue.
         for (stage_name, state) in &run.stages {
@@ -232,28 +209,25 @@ impl Orchestrator {
                 self.dispatch(run_id, *objective_id, stage).await?;
             }
         }
-        if pipeline.is_finished(&done) {
-            let command = if run.auto_approve || !pipeline.review() {
-                RunCommand::CompleteRun
-            } else {
-                RunCommand::AwaitReview
-            };
-            return self.run_command(run_id, command).await;
-        }
-        for stage in pipeline.ready_stages(&done, &started) {
-            let objective_id = ObjectiveId::new();
-            let command = RunCommand::StartStage {
-                stage: stage.name.clone(),
-                team: stage.team.clone(),
-                objective_id,
-            };
-            match self.store.execute_run(run_id, command).await {
-                Ok(()) => self.dispatch(run_id, objective_id, stage).await?,
-                Err(CommandError::Refused(RunError::StageAlreadyStarted(_) | RunError::StageFinished(_))) => {}
-                Err(CommandError::Refused(reason)) => {
-                    tracing::debug!(%run_id, %reason, "stage not started");
+        match next_step(&run, &pipeline) {
+            Next::Finish(command) => return self.run_command(run_id, command).await,
+            Next::Start(stages) => {
+                for stage in stages {
+                    let objective_id = ObjectiveId::new();
+                    let command = RunCommand::StartStage {
+                        stage: stage.name.clone(),
+                        team: stage.team.clone(),
+                        objective_id,
+                    };
+                    match self.store.execute_run(run_id, command).await {
+                        Ok(()) => self.dispatch(run_id, objective_id, stage).await?,
+                        Err(CommandError::Refused(RunError::StageAlreadyStarted(_) | RunError::StageFinished(_))) => {}
+                        Err(CommandError::Refused(reason)) => {
+                            tracing::debug!(%run_id, %reason, "stage not started");
+                        }
+                        Err(other) => return Err(store_err(other)),
+                    }
                 }
-                Err(other) => return Err(store_err(other)),
             }
         }
         Ok(())
@@ -261,26 +235,12 @@ impl Orchestrator {
 
     /// Assigns the objective (a no-op when already assigned) and queues its work.
     async fn dispatch(&self, run_id: RunId, objective_id: ObjectiveId, stage: &crate::pipeline::Stage) -> Result<(), OrchestratorError> {
-        let assign = ObjectiveCommand::AssignObjective {
-            objective_id,
-            run_id,
-            stage: stage.name.clone(),
-            team: stage.team.clone(),
-            instructions: format!("{} for stage {}", stage.team, stage.name),
-            max_iterations: stage.max_iterations,
-        };
+        let assign = assignment(run_id, objective_id, stage);
         match self.store.execute_objective(objective_id, run_id, assign).await {
             Ok(()) | Err(CommandError::Refused(ObjectiveError::AlreadyAssigned)) => {}
             Err(other) => return Err(store_err(other)),
         }
-        let item = WorkItem {
-            objective_id,
-            run_id,
-            stage: stage.name.clone(),
-            team: stage.team.clone(),
-            alias: stage.alias.clone(),
-            max_iterations: stage.max_iterations,
-        };
+        let item = WorkItem::new(run_id, objective_id, stage);
         let mut headers = async_nats::HeaderMap::new();
         headers.insert("Nats-Msg-Id", objective_id.to_string().as_str());
         let body = serde_json::to_vec(&item).map_err(stream_err)?;
@@ -291,5 +251,99 @@ impl Orchestrator {
             .await
             .map_err(stream_err)?;
         Ok(())
+    }
+}
+
+impl WorkItem {
+    pub fn new(run_id: RunId, objective_id: ObjectiveId, stage: &crate::pipeline::Stage) -> Self {
+        Self {
+            objective_id,
+            run_id,
+            stage: stage.name.clone(),
+            team: stage.team.clone(),
+            alias: stage.alias.clone(),
+            max_iterations: stage.max_iterations,
+        }
+    }
+}
+
+// ---- decisions: pure functions of a run's state and its pipeline ----
+//
+// The live orchestrator and the deterministic re-run (`rerun`) decide through these, so a
+// re-run checks the very logic that drove the run.
+
+/// What a running run needs next.
+#[derive(Debug)]
+pub enum Next<'p> {
+    /// Every stage is done: complete the run, or wait for review.
+    Finish(RunCommand),
+    /// Start these stages (their inputs are done); empty while others are in progress.
+    Start(Vec<&'p crate::pipeline::Stage>),
+}
+
+pub fn next_step<'p>(run: &factory_domain::Run, pipeline: &'p Pipeline) -> Next<'p> {
+    let done: BTreeSet<String> = run
+        .stages
+        .iter()
+        .filter(|(_, s)| matches!(s, StageState::Completed { .. } | StageState::Skipped))
+        .map(|(name, _)| name.clone())
+        .collect();
+    if pipeline.is_finished(&done) {
+        return Next::Finish(if run.auto_approve || !pipeline.review() {
+            RunCommand::CompleteRun
+        } else {
+            RunCommand::AwaitReview
+        });
+    }
+    let started: BTreeSet<String> = run.stages.keys().cloned().collect();
+    Next::Start(pipeline.ready_stages(&done, &started))
+}
+
+/// After a REVISE review: reopen the revision stage and everything downstream, or fail the
+/// run past the pipeline's revision limit.
+pub fn revision(run: &factory_domain::Run, pipeline: &Pipeline) -> RunCommand {
+    if run.revisions > pipeline.max_revisions() {
+        let reason = format!("revised {} times; the pipeline allows {}", run.revisions, pipeline.max_revisions());
+        return RunCommand::FailRun { reason };
+    }
+    let stages = pipeline
+        .downstream(pipeline.revision_stage())
+        .into_iter()
+        .map(|s| s.name.clone())
+        .filter(|name| run.stages.contains_key(name))
+        .collect();
+    RunCommand::ReopenStages { stages }
+}
+
+/// The objective for a started stage.
+pub fn assignment(run_id: RunId, objective_id: ObjectiveId, stage: &crate::pipeline::Stage) -> ObjectiveCommand {
+    ObjectiveCommand::AssignObjective {
+        objective_id,
+        run_id,
+        stage: stage.name.clone(),
+        team: stage.team.clone(),
+        instructions: format!("{} for stage {}", stage.team, stage.name),
+        max_iterations: stage.max_iterations,
+    }
+}
+
+/// What the run does about an objective's event (its stage completes, the run blocks or
+/// waits for a clarification), given the objective's stage.
+pub fn reaction(event_type: &str, payload: &serde_json::Value, stage: String) -> Option<RunCommand> {
+    match event_type {
+        "ObjectiveCompleted" => Some(RunCommand::CompleteStage { stage }),
+        "ObjectiveBlocked" => {
+            let reason = payload["reason"].as_str().unwrap_or("blocked").to_string();
+            Some(RunCommand::BlockRun { stage, reason })
+        }
+        "TaskResultRecorded" => {
+            let status: Option<TaskStatus> = serde_json::from_value(payload["result"]["status"].clone()).ok();
+            if status != Some(TaskStatus::NeedsClarification) {
+                return None;
+            }
+            let question = payload["result"]["clarification_needed"].as_str().unwrap_or("").to_string();
+            Some(RunCommand::AwaitClarification { stage, question })
+        }
+        _ => None,
     }
 }

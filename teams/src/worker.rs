@@ -208,14 +208,7 @@ impl Worker {
                 let _ = workspace.write_file(path, &text);
             }
         }
-        let prompt = team.objective_prompt(&ObjectiveContext {
-            title: &run.title,
-            requirement: &run.requirement,
-            inputs: &run.inputs,
-            feedback: &run.feedback,
-            iteration: objective.iterations + 1,
-            max_iterations: item.max_iterations,
-        });
+        let prompt = run.prompt(team, objective.iterations + 1, item.max_iterations);
         // Model calls are recorded as they happen, by a task of their own.
         let (calls_tx, mut calls_rx) = tokio::sync::mpsc::unbounded_channel::<operative::ModelCall>();
         let recorder = {
@@ -273,42 +266,20 @@ impl Worker {
         drop(on_call);
         recorder.await.map_err(|e| WorkerError::Store(Box::new(e)))??;
         let objective_cmd = |command| self.store.execute_objective(item.objective_id, item.run_id, command);
-        let mut paths: Vec<String> = outcome.written.clone();
-        for path in &outcome.result.artifacts {
-            if !paths.contains(path) {
-                paths.push(path.clone());
-            }
-        }
-        for path in paths {
+        for path in artifact_paths(&outcome) {
             let Ok(full) = workspace.resolve(&path) else { continue };
             let Ok(content) = std::fs::read(&full) else { continue };
-            let sha = operative::hex(&Sha256::digest(&content));
+            let artifact = artifact_of(path, &content);
             sqlx::query("INSERT INTO artifacts (sha256, content, bytes) VALUES ($1, $2, $3) ON CONFLICT (sha256) DO NOTHING")
-                .bind(&sha)
+                .bind(&artifact.sha256)
                 .bind(&content)
                 .bind(content.len() as i64)
                 .execute(self.store.pool())
                 .await
                 .map_err(store_err)?;
-            let artifact = ArtifactProduced { media_type: media_type(&path).into(), bytes: content.len() as u64, sha256: sha, path };
             ignore_finished(objective_cmd(ObjectiveCommand::ProduceArtifact(artifact)).await)?;
         }
-        let status = outcome.result.status;
-        let blockers = outcome.result.blockers.join("; ");
-        let record = ObjectiveCommand::RecordTaskResult { idempotency_key: key.to_string(), result: outcome.result };
-        ignore_finished(objective_cmd(record).await)?;
-        let finish = match status {
-            TaskStatus::Complete => Some(ObjectiveCommand::CompleteObjective),
-            TaskStatus::Blocked => Some(ObjectiveCommand::BlockObjective {
-                reason: match &outcome.unparsed {
-                    Some(raw) => format!("{blockers}; raw answer: {}", raw.chars().take(4000).collect::<String>()),
-                    None => blockers,
-                },
-            }),
-            // The orchestrator pauses the run on the recorded result.
-            TaskStatus::NeedsClarification => None,
-        };
-        if let Some(command) = finish {
+        for command in result_commands(key, outcome) {
             ignore_finished(objective_cmd(command).await)?;
         }
         let _ = std::fs::remove_dir_all(&dir);
@@ -327,6 +298,43 @@ impl Worker {
             .await
             .map_err(store_err)
     }
+}
+
+/// The files that become the objective's artifacts: those its tools wrote, then those its
+/// result names, without repeats.
+pub fn artifact_paths(outcome: &operative::Outcome) -> Vec<String> {
+    let mut paths: Vec<String> = outcome.written.clone();
+    for path in &outcome.result.artifacts {
+        if !paths.contains(path) {
+            paths.push(path.clone());
+        }
+    }
+    paths
+}
+
+/// The `ArtifactProduced` of one file: content-addressed.
+pub fn artifact_of(path: String, content: &[u8]) -> ArtifactProduced {
+    let sha256 = operative::hex(&Sha256::digest(content));
+    ArtifactProduced { media_type: media_type(&path).into(), bytes: content.len() as u64, sha256, path }
+}
+
+/// After the artifacts: record the TaskResult, then complete or block the objective (a
+/// NEEDS_CLARIFICATION answer stays open: the orchestrator pauses the run on the result).
+pub fn result_commands(key: &str, outcome: operative::Outcome) -> Vec<ObjectiveCommand> {
+    let status = outcome.result.status;
+    let blockers = outcome.result.blockers.join("; ");
+    let mut commands = vec![ObjectiveCommand::RecordTaskResult { idempotency_key: key.to_string(), result: outcome.result }];
+    match status {
+        TaskStatus::Complete => commands.push(ObjectiveCommand::CompleteObjective),
+        TaskStatus::Blocked => commands.push(ObjectiveCommand::BlockObjective {
+            reason: match &outcome.unparsed {
+                Some(raw) => format!("{blockers}; raw answer: {}", raw.chars().take(4000).collect::<String>()),
+                None => blockers,
+            },
+        }),
+        TaskStatus::NeedsClarification => {}
+    }
+    commands
 }
 
 /// Another delivery finished the objective first: nothing to record.
@@ -353,7 +361,7 @@ fn media_type(path: &str) -> &'static str {
 }
 
 /// What a team needs to know of its run, read from the run's events.
-struct RunContext {
+pub struct RunContext {
     title: String,
     requirement: String,
     inputs: String,
@@ -361,14 +369,46 @@ struct RunContext {
     /// Every artifact so far: path -> content digest (the latest wins).
     artifacts: BTreeMap<String, String>,
     /// What this objective's team has spent on models in the run so far (its budget).
-    team_spent_usd: f64,
+    pub team_spent_usd: f64,
 }
 
 impl RunContext {
+    /// What the run knew when the objective was assigned: the events up to its assignment.
+    /// Cut there, not at "now", so that what a team sees does not depend on how fast its
+    /// parallel siblings are (a deterministic re-run rebuilds the same context).
     async fn read(store: &Store, item: &WorkItem) -> Result<Self, WorkerError> {
-        let events: Vec<EventEnvelope> = factory_commands::events::run_events(store.pool(), item.run_id.0, None)
+        let assigned: Option<i64> = sqlx::query_scalar(
+            "SELECT position FROM events WHERE aggregate_type = 'objective' AND aggregate_id = $1 AND sequence = 1",
+        )
+        .bind(item.objective_id.to_string())
+        .fetch_optional(store.pool())
+        .await
+        .map_err(store_err)?;
+        let events: Vec<EventEnvelope> = factory_commands::events::run_events(store.pool(), item.run_id.0, assigned)
             .await
             .map_err(store_err)?;
+        Ok(Self::fold(&events, item))
+    }
+
+    /// The objective's prompt: the team's template filled with the run's context.
+    pub fn prompt(&self, team: &crate::catalog::Team, iteration: u32, max_iterations: u32) -> String {
+        team.objective_prompt(&ObjectiveContext {
+            title: &self.title,
+            requirement: &self.requirement,
+            inputs: &self.inputs,
+            feedback: &self.feedback,
+            iteration,
+            max_iterations,
+        })
+    }
+
+    /// Every artifact of the run so far: path -> content digest (the latest wins).
+    pub fn artifacts(&self) -> &BTreeMap<String, String> {
+        &self.artifacts
+    }
+
+    /// Folds the run's events (in position order) into what `item`'s team needs to know.
+    pub fn fold(events: &[EventEnvelope], item: &WorkItem) -> Self {
         let mut context = RunContext {
             title: String::new(),
             requirement: String::new(),
@@ -379,7 +419,7 @@ impl RunContext {
         };
         let mut team_objectives: std::collections::HashSet<String> = std::collections::HashSet::new();
         let mut stage_of: BTreeMap<String, String> = BTreeMap::new();
-        for e in &events {
+        for e in events {
             match (e.aggregate_type.as_str(), e.event_type.as_str()) {
                 ("run", "RequirementSubmitted") => {
                     context.title = e.payload["title"].as_str().unwrap_or_default().to_string();
@@ -423,6 +463,6 @@ impl RunContext {
                 _ => {}
             }
         }
-        Ok(context)
+        context
     }
 }

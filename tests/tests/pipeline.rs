@@ -66,6 +66,7 @@ impl Factory {
             pipeline: plan.name().into(),
             pipeline_definition: plan.source().into(),
             auto_approve,
+            submitted_by: "tester".into(),
         };
         self.store.execute_run(run, command).await.unwrap();
         run

@@ -201,6 +201,7 @@ async fn a_rebuild_while_runs_are_written_swaps_in_a_complete_model_without_read
                     pipeline: plan.name().into(),
                     pipeline_definition: plan.source().into(),
                     auto_approve: true,
+                    submitted_by: "tester".into(),
                 };
                 store.execute_run(factory_domain::RunId::new(), command).await.unwrap();
                 submitted += 1;
@@ -326,6 +327,7 @@ async fn random_history(store: &factory_commands::Store, rng: &mut rand::rngs::S
                 pipeline: plan.name().into(),
                 pipeline_definition: plan.source().into(),
                 auto_approve: rng.random_bool(0.5),
+                submitted_by: "tester".into(),
             };
             store.execute_run(run, command).await.unwrap();
             runs.push((run, which));

@@ -25,7 +25,7 @@ async fn publishes_every_event_in_order_with_the_contract_headers() {
     let task = tokio::spawn(relay.run());
     let run = RunId::new();
     store
-        .execute_run(run, RunCommand::SubmitRequirement { title: Some("Shortener".into()), requirement: "Build a URL shortener".into(), pipeline: "phase1".into(), pipeline_definition: String::new(), auto_approve: true })
+        .execute_run(run, RunCommand::SubmitRequirement { title: Some("Shortener".into()), requirement: "Build a URL shortener".into(), pipeline: "phase1".into(), pipeline_definition: String::new(), auto_approve: true, submitted_by: "tester".into() })
         .await
         .unwrap();
     store.execute_run(run, RunCommand::CancelRun { reason: "test".into(), cancelled_by: "ada".into() }).await.unwrap();
@@ -126,7 +126,7 @@ async fn a_ten_second_broker_outage_loses_and_repeats_nothing() {
             let store = store.clone();
             tokio::spawn(async move {
                 for _ in 0..250 {
-                    let command = RunCommand::SubmitRequirement { title: None, requirement: "outage".into(), pipeline: "phase1".into(), pipeline_definition: String::new(), auto_approve: false };
+                    let command = RunCommand::SubmitRequirement { title: None, requirement: "outage".into(), pipeline: "phase1".into(), pipeline_definition: String::new(), auto_approve: false, submitted_by: "tester".into() };
                     store.execute_run(RunId::new(), command).await.unwrap();
                 }
             })

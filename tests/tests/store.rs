@@ -12,6 +12,7 @@ fn submit(requirement: &str) -> RunCommand {
         pipeline: "phase1".into(),
         pipeline_definition: String::new(),
         auto_approve: false,
+        submitted_by: "tester".into(),
     }
 }
 
