@@ -201,11 +201,17 @@ async fn schema_events_describes_every_event_type() {
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let events = doc["events"].as_array().unwrap();
-    assert_eq!(events.len(), 18);
-    let submitted = events.iter().find(|e| e["event_type"] == "RequirementSubmitted").unwrap();
-    assert_eq!(submitted["ce_type"], "factory.run.RequirementSubmitted.v1");
-    assert_eq!(submitted["subject"], "factory.events.<run_id>.run.RequirementSubmitted");
-    assert!(submitted["schema"]["properties"]["requirement"].is_object());
+    // 19 event types at their current versions, and RequirementSubmitted's v1 as well.
+    assert_eq!(events.len(), 20);
+    let submitted = |version: &str| {
+        events.iter().find(|e| e["event_type"] == "RequirementSubmitted" && e["event_version"] == version).unwrap()
+    };
+    assert_eq!(submitted("2")["ce_type"], "factory.run.RequirementSubmitted.v2");
+    assert_eq!(submitted("2")["subject"], "factory.events.<run_id>.run.RequirementSubmitted");
+    assert!(submitted("2")["schema"]["properties"]["submitted_by"].is_object());
+    assert_eq!(submitted("1")["ce_type"], "factory.run.RequirementSubmitted.v1");
+    assert!(submitted("1")["schema"]["properties"]["requirement"].is_object());
+    assert!(submitted("1")["schema"]["properties"].get("submitted_by").is_none());
 }
 
 /// The stack's moving parts in-process, on the test's database and streams.
@@ -292,9 +298,27 @@ async fn a_demo_run_from_the_command_line_to_exported_artifacts() {
         "not empty",
     );
 
+    // Re-run from the record: identical, no model called; a fork from the end completes.
+    let out = cli.run(&["replay", "rerun", &id]).await;
+    assert_eq!(out.status.code(), Some(0), "{}{}", stdout(&out), stderr(&out));
+    assert!(stdout(&out).contains("identical"), "{}", stdout(&out));
+    assert!(stdout(&out).contains("0 model calls made"), "{}", stdout(&out));
+    let out = cli.run(&["replay", "rerun", &id, "--json"]).await;
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["objectives"], 5);
+    assert_eq!(report["divergences"], serde_json::json!([]));
+    let out = cli.run(&["run", "fork", &id, "--at", "999999999", "--wait"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stderr(&out).contains("starts with business-analysis"), "{}", stderr(&out));
+    let forked = stdout(&out).trim().to_string();
+    assert_ne!(forked, id);
+    assert_exit(&cli.run(&["run", "fork", &uuid::Uuid::now_v7().to_string(), "--at", "1"]).await, 1, "has no events");
+    assert_exit(&cli.run(&["replay", "rerun", &uuid::Uuid::now_v7().to_string()]).await, 1, "has no events");
+
     let listed = cli.run(&["run", "list", "--json"]).await;
     let runs: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
-    assert_eq!(runs[0]["id"], id.as_str());
+    assert_eq!(runs[0]["id"], forked.as_str(), "the newest run first");
+    assert_eq!(runs[1]["id"], id.as_str());
     assert_eq!(runs[0]["status"], "COMPLETED");
 
     // The review gate from the command line, and a blocked run's exit code.
