@@ -39,7 +39,7 @@ async fn publishes_every_event_in_order_with_the_contract_headers() {
     assert_eq!(header("Nats-Msg-Id"), format!("run:{run}:1"));
     assert_eq!(header("ce-specversion"), "1.0");
     assert_eq!(header("ce-id"), format!("run:{run}:1"));
-    assert_eq!(header("ce-type"), "factory.run.RequirementSubmitted.v1");
+    assert_eq!(header("ce-type"), "factory.run.RequirementSubmitted.v2");
     assert_eq!(header("ce-source"), format!("/factory/run/{run}"));
     assert_eq!(header("ce-subject"), run.to_string());
     assert!(header("ce-time").ends_with('Z'));
