@@ -30,6 +30,24 @@ pub struct ModelCall {
     pub response: String,
 }
 
+impl From<ModelCall> for factory_domain::objective::ModelCalled {
+    fn from(call: ModelCall) -> Self {
+        Self {
+            alias: call.alias,
+            provider: call.provider,
+            model: call.model,
+            input_tokens: call.input_tokens,
+            output_tokens: call.output_tokens,
+            cost_usd: call.cost_usd,
+            latency_ms: call.latency_ms,
+            outcome: call.outcome,
+            failed_targets: call.failed_targets,
+            request_digest: call.request_digest,
+            response: call.response,
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct Outcome {
     pub result: TaskResult,

@@ -529,20 +529,7 @@ impl Simulation {
         let calls = calls.into_inner().expect("not poisoned");
         self.replayed += calls.len();
         for call in calls {
-            let event = ModelCalled {
-                alias: call.alias,
-                provider: call.provider,
-                model: call.model,
-                input_tokens: call.input_tokens,
-                output_tokens: call.output_tokens,
-                cost_usd: call.cost_usd,
-                latency_ms: call.latency_ms,
-                outcome: call.outcome,
-                failed_targets: call.failed_targets,
-                request_digest: call.request_digest,
-                response: call.response,
-            };
-            self.objective_command(objective_id, ObjectiveCommand::RecordModelCall(event)).await;
+            self.objective_command(objective_id, ObjectiveCommand::RecordModelCall(call.into())).await;
         }
         match outcome {
             Ok(outcome) => {

@@ -14,7 +14,7 @@ use crate::orchestrator::WorkItem;
 use crate::tools::{ToolRegistry, Workspace, granted_tools};
 use async_nats::jetstream::{self, AckKind, consumer::pull};
 use factory_commands::{CommandError, Store};
-use factory_domain::objective::{ArtifactProduced, ModelCalled, ObjectiveStatus};
+use factory_domain::objective::{ArtifactProduced, ObjectiveStatus};
 use factory_domain::{ObjectiveCommand, ObjectiveError, TaskStatus};
 use factory_nats::{EventEnvelope, Topology};
 use futures::StreamExt;
@@ -216,20 +216,8 @@ impl Worker {
             let (objective_id, run_id) = (item.objective_id, item.run_id);
             tokio::spawn(async move {
                 while let Some(call) = calls_rx.recv().await {
-                    let event = ModelCalled {
-                        alias: call.alias,
-                        provider: call.provider,
-                        model: call.model,
-                        input_tokens: call.input_tokens,
-                        output_tokens: call.output_tokens,
-                        cost_usd: call.cost_usd,
-                        latency_ms: call.latency_ms,
-                        outcome: call.outcome,
-                        failed_targets: call.failed_targets,
-                        request_digest: call.request_digest,
-                        response: call.response,
-                    };
-                    ignore_finished(store.execute_objective(objective_id, run_id, ObjectiveCommand::RecordModelCall(event)).await)?;
+                    let event = ObjectiveCommand::RecordModelCall(call.into());
+                    ignore_finished(store.execute_objective(objective_id, run_id, event).await)?;
                 }
                 Ok::<(), WorkerError>(())
             })
