@@ -26,8 +26,8 @@ pub(crate) async fn apply(db: &mut PgConnection, e: &EventEnvelope) -> Result<()
             let stages = pipeline_stages(e)?;
             sqlx::query(
                 "INSERT INTO rm_runs (run_id, title, pipeline, status, auto_approve, submitted_at, updated_at,
-                                      stages_total, last_position)
-                 VALUES ($1, $2, $3, 'RUNNING', $4, $5, $5, $6, $7)",
+                                      stages_total, last_position, submitted_by)
+                 VALUES ($1, $2, $3, 'RUNNING', $4, $5, $5, $6, $7, $8)",
             )
             .bind(run)
             .bind(text(e, "title")?)
@@ -36,6 +36,7 @@ pub(crate) async fn apply(db: &mut PgConnection, e: &EventEnvelope) -> Result<()
             .bind(at)
             .bind(stages.len() as i32)
             .bind(e.position)
+            .bind(text(e, "submitted_by")?)
             .execute(&mut *db)
             .await?;
             for (ordinal, (stage, team, _)) in stages.iter().enumerate() {
@@ -49,6 +50,15 @@ pub(crate) async fn apply(db: &mut PgConnection, e: &EventEnvelope) -> Result<()
                 .execute(&mut *db)
                 .await?;
             }
+        }
+        "RunForked" => {
+            let from: uuid::Uuid = text(e, "forked_from")?.parse().map_err(|_| Problem::Invalid("bad forked_from".into()))?;
+            sqlx::query("UPDATE rm_runs SET forked_from = $2, forked_at = $3 WHERE run_id = $1")
+                .bind(run)
+                .bind(from)
+                .bind(e.payload["at_position"].as_i64())
+                .execute(&mut *db)
+                .await?;
         }
         "StageStarted" => {
             let objective: uuid::Uuid = text(e, "objective_id")?.parse().map_err(|_| Problem::Invalid("bad objective_id".into()))?;

@@ -48,9 +48,9 @@ async fn a_stored_v1_event_reads_as_v2_everywhere_and_is_published_as_stored() {
 
     // The read models fold it.
     factory_projections::rebuild::rebuild(&stack.admin, Projection::Runs, |_, _, _| {}).await.unwrap();
-    let (title, status): (String, String) =
-        sqlx::query_as("SELECT title, status FROM rm_runs WHERE run_id = $1").bind(run.0).fetch_one(&stack.pool).await.unwrap();
-    assert_eq!((title.as_str(), status.as_str()), ("Old run", "CANCELLED"));
+    let (title, status, by): (String, String, String) =
+        sqlx::query_as("SELECT title, status, submitted_by FROM rm_runs WHERE run_id = $1").bind(run.0).fetch_one(&stack.pool).await.unwrap();
+    assert_eq!((title.as_str(), status.as_str(), by.as_str()), ("Old run", "CANCELLED", UNKNOWN_SUBMITTER));
 
     // The stream carries what the store holds: version 1, as stored.
     let stored = factory_commands::events::stored_range(&stack.pool, 0, i64::MAX, 10).await.unwrap();

@@ -188,6 +188,15 @@ async fn a_fork_keeps_the_stages_completed_at_its_position_and_runs_the_rest_liv
         .unwrap();
     assert_eq!(forked["forked_from"], source.to_string());
     assert_eq!(forked["at_position"], at);
+    // The runs read model says where the fork came from and who made it.
+    factory_projections::rebuild::rebuild(&factory.stack.admin, factory_projections::Projection::Runs, |_, _, _| {}).await.unwrap();
+    let (from, from_at, by): (Option<uuid::Uuid>, Option<i64>, String) =
+        sqlx::query_as("SELECT forked_from, forked_at, submitted_by FROM rm_runs WHERE run_id = $1")
+            .bind(run.0)
+            .fetch_one(&factory.stack.pool)
+            .await
+            .unwrap();
+    assert_eq!((from, from_at, by.as_str()), (Some(source.0), Some(at), "ada"));
 
     // Bad positions and runs are refused by name.
     let first: i64 = sqlx::query_scalar("SELECT min(position) FROM events WHERE run_id = $1").bind(source.0).fetch_one(&factory.stack.pool).await.unwrap();
