@@ -3,6 +3,7 @@
 
 use cqrs_es::{Aggregate, AggregateError, CqrsFramework};
 use cqrs_es::persist::{EventUpcaster, PersistedEventStore, SerializedEvent};
+use cqrs_es::event_sink::EventSink;
 use cqrs_es::{AggregateContext, EventStore};
 use factory_domain::{
     Objective, ObjectiveCommand, ObjectiveError, ObjectiveId, Run, RunCommand, RunError, RunId,
@@ -70,6 +71,9 @@ pub struct Store {
     pool: PgPool,
     runs: Framework<Run>,
     objectives: Framework<Objective>,
+    /// For several commands in one commit (cqrs-es's framework takes one at a time).
+    objective_events: PersistedEventStore<EventRepository, Objective>,
+    services: SharedServices,
     committed: Arc<Notify>,
 }
 
@@ -77,7 +81,9 @@ impl Store {
     pub fn new(pool: PgPool, services: SharedServices) -> Self {
         Self {
             runs: framework(&pool, services.clone()),
-            objectives: framework(&pool, services),
+            objectives: framework(&pool, services.clone()),
+            objective_events: event_store(&pool),
+            services,
             pool,
             committed: Arc::new(Notify::new()),
         }
@@ -118,6 +124,49 @@ impl Store {
         command: ObjectiveCommand,
     ) -> Result<(), CommandError<ObjectiveError>> {
         self.execute(&self.objectives, &objective_id.to_string(), run_id, command).await
+    }
+
+    /// Several commands on one objective, handled in order on one load of it and written in
+    /// one append (one statement, so one transaction): all their events or none. A refusal of
+    /// any refuses the lot. A worker records a finished objective's artifacts, result and end
+    /// this way: one round trip pair instead of one per command.
+    pub async fn execute_objective_all(
+        &self,
+        objective_id: ObjectiveId,
+        run_id: RunId,
+        commands: Vec<ObjectiveCommand>,
+    ) -> Result<(), CommandError<ObjectiveError>> {
+        let aggregate_id = objective_id.to_string();
+        let metadata = HashMap::from([("run_id".to_string(), run_id.to_string())]);
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let outcome = async {
+                let mut context = self.objective_events.load_aggregate(&aggregate_id).await?;
+                let sink = EventSink::default();
+                for command in commands.iter().cloned() {
+                    context.aggregate().handle(command, &self.services, &sink).await.map_err(AggregateError::UserError)?;
+                }
+                self.objective_events.commit(sink.collect().await, context, metadata.clone()).await
+            }
+            .await;
+            match outcome {
+                Ok(_) => {
+                    self.committed.notify_one();
+                    return Ok(());
+                }
+                Err(AggregateError::UserError(e)) => return Err(CommandError::Refused(e)),
+                Err(AggregateError::AggregateConflict) if attempt < MAX_ATTEMPTS => {
+                    tokio::time::sleep(conflict_backoff(attempt)).await;
+                }
+                Err(AggregateError::AggregateConflict) => return Err(CommandError::Conflict),
+                Err(
+                    AggregateError::DatabaseConnectionError(e)
+                    | AggregateError::DeserializationError(e)
+                    | AggregateError::UnexpectedError(e),
+                ) => return Err(CommandError::Store(e)),
+            }
+        }
     }
 
     async fn execute<A>(

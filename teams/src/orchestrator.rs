@@ -59,6 +59,9 @@ fn stream_err(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Orchest
     OrchestratorError::Stream(e.into())
 }
 
+/// Runs handled side by side by one orchestrator.
+const LANES: usize = 16;
+
 pub struct Orchestrator {
     store: Arc<Store>,
     js: jetstream::Context,
@@ -96,25 +99,59 @@ impl Orchestrator {
             .await
             .map_err(stream_err)?;
         let mut messages = consumer.messages().await.map_err(stream_err)?;
-        while let Some(message) = messages.next().await {
-            let message = message.map_err(stream_err)?;
-            let envelope: EventEnvelope = match serde_json::from_slice(&message.payload) {
-                Ok(envelope) => envelope,
-                Err(error) => {
-                    tracing::error!(subject = %message.subject, %error, "not an event envelope; terminated");
-                    message.ack_with(AckKind::Term).await.map_err(stream_err)?;
-                    continue;
+        // Runs are independent: their events are handled in lanes side by side, each run's
+        // events in one lane, in stream order.
+        let (senders, receivers): (Vec<_>, Vec<_>) =
+            (0..LANES).map(|_| tokio::sync::mpsc::channel::<jetstream::Message>(256)).unzip();
+        let lanes = futures::future::join_all(receivers.into_iter().map(|mut lane| async move {
+            while let Some(message) = lane.recv().await {
+                if let Err(error) = self.settle(message).await {
+                    tracing::warn!(error = %error, "event not settled; it will be redelivered");
                 }
-            };
-            match self.handle(&envelope).await {
-                Ok(()) => message.ack().await.map_err(stream_err)?,
-                Err(error) => {
-                    tracing::warn!(position = envelope.position, event = %envelope.event_type, error = %error, "event not handled; redelivering");
-                    message
-                        .ack_with(AckKind::Nak(Some(Duration::from_millis(500))))
-                        .await
-                        .map_err(stream_err)?;
+            }
+        }));
+        let feed = async move {
+            while let Some(message) = messages.next().await {
+                let message = message.map_err(stream_err)?;
+                let lane = self.lane_of(&message.subject);
+                if senders[lane].send(message).await.is_err() {
+                    break;
                 }
+            }
+            Ok::<(), OrchestratorError>(())
+        };
+        let (fed, _) = futures::join!(feed, lanes);
+        fed
+    }
+
+    /// The lane of an event: by its run (the subject's token after the prefix).
+    fn lane_of(&self, subject: &str) -> usize {
+        use std::hash::{Hash, Hasher};
+        let run = subject
+            .strip_prefix(self.topology.events_prefix.as_str())
+            .and_then(|rest| rest.strip_prefix('.'))
+            .and_then(|rest| rest.split('.').next())
+            .unwrap_or(subject);
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        run.hash(&mut hasher);
+        (hasher.finish() % LANES as u64) as usize
+    }
+
+    /// One event from the stream: handled, then acked; or handed back for redelivery.
+    async fn settle(&self, message: jetstream::Message) -> Result<(), OrchestratorError> {
+        let envelope: EventEnvelope = match serde_json::from_slice(&message.payload) {
+            Ok(envelope) => envelope,
+            Err(error) => {
+                tracing::error!(subject = %message.subject, %error, "not an event envelope; terminated");
+                message.ack_with(AckKind::Term).await.map_err(stream_err)?;
+                return Ok(());
+            }
+        };
+        match self.handle(&envelope).await {
+            Ok(()) => message.ack().await.map_err(stream_err)?,
+            Err(error) => {
+                tracing::warn!(position = envelope.position, event = %envelope.event_type, error = %error, "event not handled; redelivering");
+                message.ack_with(AckKind::Nak(Some(Duration::from_millis(500)))).await.map_err(stream_err)?;
             }
         }
         Ok(())

@@ -36,11 +36,13 @@ pub struct WorkerOptions {
     pub ack_wait: Duration,
     /// Deliveries of one message before its objective is blocked.
     pub max_deliver: i64,
+    /// Objectives one team works at once in this process (model calls are mostly waiting).
+    pub concurrency: usize,
 }
 
 impl WorkerOptions {
     pub fn new(teams: Vec<String>, work_dir: PathBuf) -> Self {
-        Self { teams, work_dir, ack_wait: Duration::from_secs(30), max_deliver: 5 }
+        Self { teams, work_dir, ack_wait: Duration::from_secs(30), max_deliver: 5, concurrency: 16 }
     }
 }
 
@@ -135,48 +137,66 @@ impl Worker {
             )
             .await
             .map_err(stream_err)?;
-        let mut messages = consumer.messages().await.map_err(stream_err)?;
-        while let Some(message) = messages.next().await {
+        let messages = consumer.messages().await.map_err(stream_err)?;
+        // Several objectives at once; each message is acked on its own, so their order does
+        // not matter (a work queue has no order between objectives).
+        let mut handled = messages.map(|message| async move {
             let message = message.map_err(stream_err)?;
-            let info = message.info().map_err(stream_err)?;
-            let (sequence, delivered) = (info.stream_sequence, info.delivered);
-            let item: WorkItem = match serde_json::from_slice(&message.payload) {
-                Ok(item) => item,
-                Err(error) => {
-                    tracing::error!(%error, "not a work item; terminated");
-                    message.ack_with(AckKind::Term).await.map_err(stream_err)?;
-                    continue;
+            // One message failing (an ack lost with the connection) ends only its own work:
+            // JetStream redelivers it after `ack_wait`.
+            if let Err(error) = self.handle(message).await {
+                tracing::warn!(error = %error, "work message not settled; it will be redelivered");
+            }
+            Ok::<(), WorkerError>(())
+        })
+        .buffer_unordered(self.options.concurrency.max(1));
+        while let Some(outcome) = handled.next().await {
+            outcome?;
+        }
+        Ok(())
+    }
+
+    /// One work message: the objective worked, then acked; or handed back for redelivery;
+    /// or, past `max_deliver`, its objective blocked.
+    async fn handle(&self, message: jetstream::Message) -> Result<(), WorkerError> {
+        let info = message.info().map_err(stream_err)?;
+        let (sequence, delivered) = (info.stream_sequence, info.delivered);
+        let item: WorkItem = match serde_json::from_slice(&message.payload) {
+            Ok(item) => item,
+            Err(error) => {
+                tracing::error!(%error, "not a work item; terminated");
+                message.ack_with(AckKind::Term).await.map_err(stream_err)?;
+                return Ok(());
+            }
+        };
+        let key = format!("work:{sequence}");
+        let work = self.process(&item, &key);
+        tokio::pin!(work);
+        // Tell JetStream we are alive while the team works (model calls can be long).
+        let mut heartbeat = tokio::time::interval(self.options.ack_wait / 3);
+        heartbeat.tick().await;
+        let outcome = loop {
+            tokio::select! {
+                outcome = &mut work => break outcome,
+                _ = heartbeat.tick() => {
+                    let _ = message.ack_with(AckKind::Progress).await;
                 }
-            };
-            let key = format!("work:{sequence}");
-            let work = self.process(&item, &key);
-            tokio::pin!(work);
-            // Tell JetStream we are alive while the team works (model calls can be long).
-            let mut heartbeat = tokio::time::interval(self.options.ack_wait / 3);
-            heartbeat.tick().await;
-            let outcome = loop {
-                tokio::select! {
-                    outcome = &mut work => break outcome,
-                    _ = heartbeat.tick() => {
-                        let _ = message.ack_with(AckKind::Progress).await;
-                    }
-                }
-            };
-            match outcome {
-                Ok(()) => message.double_ack().await.map_err(stream_err)?,
-                Err(error) if delivered >= self.options.max_deliver => {
-                    tracing::error!(objective = %item.objective_id, error = %error, "giving up on the objective");
-                    let reason = format!("the worker failed {delivered} times: {error}");
-                    let _ = self
-                        .store
-                        .execute_objective(item.objective_id, item.run_id, ObjectiveCommand::BlockObjective { reason })
-                        .await;
-                    message.ack_with(AckKind::Term).await.map_err(stream_err)?;
-                }
-                Err(error) => {
-                    tracing::warn!(objective = %item.objective_id, error = %error, delivered, "objective failed; redelivering");
-                    message.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await.map_err(stream_err)?;
-                }
+            }
+        };
+        match outcome {
+            Ok(()) => message.double_ack().await.map_err(stream_err)?,
+            Err(error) if delivered >= self.options.max_deliver => {
+                tracing::error!(objective = %item.objective_id, error = %error, "giving up on the objective");
+                let reason = format!("the worker failed {delivered} times: {error}");
+                let _ = self
+                    .store
+                    .execute_objective(item.objective_id, item.run_id, ObjectiveCommand::BlockObjective { reason })
+                    .await;
+                message.ack_with(AckKind::Term).await.map_err(stream_err)?;
+            }
+            Err(error) => {
+                tracing::warn!(objective = %item.objective_id, error = %error, delivered, "objective failed; redelivering");
+                message.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await.map_err(stream_err)?;
             }
         }
         Ok(())
@@ -253,23 +273,33 @@ impl Worker {
         };
         drop(on_call);
         recorder.await.map_err(|e| WorkerError::Store(Box::new(e)))??;
-        let objective_cmd = |command| self.store.execute_objective(item.objective_id, item.run_id, command);
+        // The contents first (content-addressed, so a repeat is a no-op), then the artifacts,
+        // the result and the objective's end in one commit.
+        let mut commands = Vec::new();
+        let (mut shas, mut contents, mut sizes) = (Vec::new(), Vec::new(), Vec::new());
         for path in artifact_paths(&outcome) {
             let Ok(full) = workspace.resolve(&path) else { continue };
             let Ok(content) = std::fs::read(&full) else { continue };
             let artifact = artifact_of(path, &content);
-            sqlx::query("INSERT INTO artifacts (sha256, content, bytes) VALUES ($1, $2, $3) ON CONFLICT (sha256) DO NOTHING")
-                .bind(&artifact.sha256)
-                .bind(&content)
-                .bind(content.len() as i64)
-                .execute(self.store.pool())
-                .await
-                .map_err(store_err)?;
-            ignore_finished(objective_cmd(ObjectiveCommand::ProduceArtifact(artifact)).await)?;
+            shas.push(artifact.sha256.clone());
+            sizes.push(content.len() as i64);
+            contents.push(content);
+            commands.push(ObjectiveCommand::ProduceArtifact(artifact));
         }
-        for command in result_commands(key, outcome) {
-            ignore_finished(objective_cmd(command).await)?;
+        if !shas.is_empty() {
+            sqlx::query(
+                "INSERT INTO artifacts (sha256, content, bytes) SELECT * FROM unnest($1::text[], $2::bytea[], $3::bigint[])
+                 ON CONFLICT (sha256) DO NOTHING",
+            )
+            .bind(&shas)
+            .bind(&contents)
+            .bind(&sizes)
+            .execute(self.store.pool())
+            .await
+            .map_err(store_err)?;
         }
+        commands.extend(result_commands(key, outcome));
+        ignore_finished(self.store.execute_objective_all(item.objective_id, item.run_id, commands).await)?;
         let _ = std::fs::remove_dir_all(&dir);
         Ok(())
     }
