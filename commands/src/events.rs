@@ -64,6 +64,17 @@ fn upcast_row(row: &PgRow) -> Result<EventEnvelope, sqlx::Error> {
     Ok(envelope)
 }
 
+/// An aggregate as these events (its own, in order) make it: for readers that already hold
+/// a run's events and need one of its aggregates without another query.
+pub fn fold<'a, A: cqrs_es::Aggregate>(events: impl IntoIterator<Item = &'a EventEnvelope>) -> Result<A, serde_json::Error> {
+    let mut aggregate = A::default();
+    for e in events {
+        let tagged = serde_json::json!({ e.event_type.clone(): e.payload.clone() });
+        aggregate.apply(serde_json::from_value(tagged)?);
+    }
+    Ok(aggregate)
+}
+
 pub fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write;
     bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {

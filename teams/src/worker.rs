@@ -204,46 +204,67 @@ impl Worker {
 
     /// Works one objective to its end, or does nothing when it already ended.
     pub async fn process(&self, item: &WorkItem, key: &str) -> Result<(), WorkerError> {
-        let objective = self.store.load_objective(item.objective_id).await.map_err(store_err)?;
-        if objective.status != ObjectiveStatus::Assigned {
+        // One read of the run's events answers everything before the work: whether the run
+        // ended, where the objective stands, and what the team needs to know.
+        let events = factory_commands::events::run_events(self.store.pool(), item.run_id.0, None)
+            .await
+            .map_err(store_err)?;
+        let id = item.objective_id.to_string();
+        let run: factory_domain::Run =
+            factory_commands::events::fold(events.iter().filter(|e| e.aggregate_type == "run")).map_err(store_err)?;
+        let objective: factory_domain::Objective =
+            factory_commands::events::fold(events.iter().filter(|e| e.aggregate_type == "objective" && e.aggregate_id == id))
+                .map_err(store_err)?;
+        if objective.status != ObjectiveStatus::Assigned || run.status.is_terminal() {
+            // Finished by another delivery, or its run was cancelled or failed meanwhile.
             return Ok(());
         }
         let team = team_docs(&item.team).ok_or_else(|| WorkerError::UnknownTeam(item.team.clone()))?;
         let granted = granted_tools(team.tools).map_err(|e| WorkerError::UnknownTeam(format!("{}: {e}", item.team)))?;
-        if self.run_has_ended(item).await? {
-            // Cancelled or failed meanwhile: no work starts for it.
-            return Ok(());
-        }
-        let run = RunContext::read(&self.store, item).await?;
+        let run = RunContext::at_assignment(&events, item);
 
         let dir = self.options.work_dir.join(format!("{}-{}", item.objective_id, key.replace(':', "-")));
         if dir.exists() {
             std::fs::remove_dir_all(&dir)?;
         }
         let workspace = Workspace::new(&dir)?;
+        let shas: Vec<&str> = run.artifacts.values().map(String::as_str).collect();
+        let contents = self.artifacts(&shas).await?;
         for (path, sha) in &run.artifacts {
-            if let Some(content) = self.artifact(sha).await?
-                && let Ok(text) = String::from_utf8(content)
+            if let Some(content) = contents.get(sha)
+                && let Ok(text) = std::str::from_utf8(content)
             {
-                let _ = workspace.write_file(path, &text);
+                let _ = workspace.write_file(path, text);
             }
         }
         let prompt = run.prompt(team, objective.iterations + 1, item.max_iterations);
-        // Model calls are recorded as they happen, by a task of their own.
-        let (calls_tx, mut calls_rx) = tokio::sync::mpsc::unbounded_channel::<operative::ModelCall>();
+        // Model calls are recorded as they return, by a task of their own, so that a dying
+        // attempt keeps its audit; calls it has not taken when the work ends go into the
+        // final commit instead (with a fast model, most of them).
+        let calls = Arc::new(CallLog::default());
         let recorder = {
-            let store = self.store.clone();
+            let (store, calls) = (self.store.clone(), calls.clone());
             let (objective_id, run_id) = (item.objective_id, item.run_id);
             tokio::spawn(async move {
-                while let Some(call) = calls_rx.recv().await {
-                    let event = ObjectiveCommand::RecordModelCall(call.into());
-                    ignore_finished(store.execute_objective(objective_id, run_id, event).await)?;
+                loop {
+                    let batch = calls.take();
+                    if batch.is_empty() {
+                        if calls.done.load(std::sync::atomic::Ordering::Acquire) {
+                            return Ok::<(), WorkerError>(());
+                        }
+                        calls.wake.notified().await;
+                        continue;
+                    }
+                    let commands = batch.into_iter().map(|call| ObjectiveCommand::RecordModelCall(call.into())).collect();
+                    ignore_finished(store.execute_objective_all(objective_id, run_id, commands).await)?;
                 }
-                Ok::<(), WorkerError>(())
             })
         };
-        let on_call = move |call: &operative::ModelCall| {
-            let _ = calls_tx.send(call.clone());
+        // However this function returns, the recorder records what is left and stops.
+        let _finish_recording = calls.finisher();
+        let on_call = {
+            let calls = calls.clone();
+            move |call: &operative::ModelCall| calls.push(call.clone())
         };
         let work = operative::work(self.provider.as_ref(), team, &item.alias, prompt, &self.tools, &granted, &workspace, run.team_spent_usd, &on_call);
         // A run cancelled while its team works drops the in-flight model call. (A run that
@@ -272,10 +293,13 @@ impl Worker {
             }
         };
         drop(on_call);
+        calls.finish();
+        let unrecorded = calls.take();
         recorder.await.map_err(|e| WorkerError::Store(Box::new(e)))??;
         // The contents first (content-addressed, so a repeat is a no-op), then the artifacts,
         // the result and the objective's end in one commit.
-        let mut commands = Vec::new();
+        let mut commands: Vec<ObjectiveCommand> =
+            unrecorded.into_iter().map(|call| ObjectiveCommand::RecordModelCall(call.into())).collect();
         let (mut shas, mut contents, mut sizes) = (Vec::new(), Vec::new(), Vec::new());
         for path in artifact_paths(&outcome) {
             let Ok(full) = workspace.resolve(&path) else { continue };
@@ -309,12 +333,17 @@ impl Worker {
         Ok(run.status.is_terminal())
     }
 
-    async fn artifact(&self, sha: &str) -> Result<Option<Vec<u8>>, WorkerError> {
-        sqlx::query_scalar("SELECT content FROM artifacts WHERE sha256 = $1")
-            .bind(sha)
-            .fetch_optional(self.store.pool())
+    /// Stored contents by sha256, in one query.
+    async fn artifacts(&self, shas: &[&str]) -> Result<std::collections::HashMap<String, Vec<u8>>, WorkerError> {
+        if shas.is_empty() {
+            return Ok(Default::default());
+        }
+        let rows: Vec<(String, Vec<u8>)> = sqlx::query_as("SELECT sha256, content FROM artifacts WHERE sha256 = ANY($1)")
+            .bind(shas)
+            .fetch_all(self.store.pool())
             .await
-            .map_err(store_err)
+            .map_err(store_err)?;
+        Ok(rows.into_iter().collect())
     }
 }
 
@@ -355,6 +384,41 @@ pub fn result_commands(key: &str, outcome: operative::Outcome) -> Vec<ObjectiveC
     commands
 }
 
+/// The model calls of one objective's work, between the operative and the recorder task.
+#[derive(Default)]
+struct CallLog {
+    pending: std::sync::Mutex<Vec<operative::ModelCall>>,
+    wake: tokio::sync::Notify,
+    done: std::sync::atomic::AtomicBool,
+}
+
+impl CallLog {
+    fn push(&self, call: operative::ModelCall) {
+        self.pending.lock().expect("not poisoned").push(call);
+        self.wake.notify_one();
+    }
+
+    fn take(&self) -> Vec<operative::ModelCall> {
+        std::mem::take(&mut *self.pending.lock().expect("not poisoned"))
+    }
+
+    /// No more calls come: the recorder stops once it has nothing left.
+    fn finish(&self) {
+        self.done.store(true, std::sync::atomic::Ordering::Release);
+        self.wake.notify_one();
+    }
+
+    fn finisher(self: &Arc<Self>) -> impl Drop {
+        struct Finisher(Arc<CallLog>);
+        impl Drop for Finisher {
+            fn drop(&mut self) {
+                self.0.finish();
+            }
+        }
+        Finisher(self.clone())
+    }
+}
+
 /// Another delivery finished the objective first: nothing to record.
 fn ignore_finished(result: Result<(), CommandError<ObjectiveError>>) -> Result<(), WorkerError> {
     match result {
@@ -391,21 +455,16 @@ pub struct RunContext {
 }
 
 impl RunContext {
-    /// What the run knew when the objective was assigned: the events up to its assignment.
+    /// What the run knew when the objective was assigned: its events up to the assignment.
     /// Cut there, not at "now", so that what a team sees does not depend on how fast its
     /// parallel siblings are (a deterministic re-run rebuilds the same context).
-    async fn read(store: &Store, item: &WorkItem) -> Result<Self, WorkerError> {
-        let assigned: Option<i64> = sqlx::query_scalar(
-            "SELECT position FROM events WHERE aggregate_type = 'objective' AND aggregate_id = $1 AND sequence = 1",
-        )
-        .bind(item.objective_id.to_string())
-        .fetch_optional(store.pool())
-        .await
-        .map_err(store_err)?;
-        let events: Vec<EventEnvelope> = factory_commands::events::run_events(store.pool(), item.run_id.0, assigned)
-            .await
-            .map_err(store_err)?;
-        Ok(Self::fold(&events, item))
+    pub fn at_assignment(events: &[EventEnvelope], item: &WorkItem) -> Self {
+        let id = item.objective_id.to_string();
+        let end = events
+            .iter()
+            .position(|e| e.aggregate_type == "objective" && e.aggregate_id == id && e.sequence == 1)
+            .map_or(events.len(), |i| i + 1);
+        Self::fold(&events[..end], item)
     }
 
     /// The objective's prompt: the team's template filled with the run's context.
