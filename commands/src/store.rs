@@ -1,8 +1,8 @@
 //! Executing commands: cqrs-es with the postgres-es repository, optimistic concurrency
 //! retried from fresh state, and an in-process signal that events were committed.
 
-use cqrs_es::{Aggregate, AggregateError, CqrsFramework};
-use cqrs_es::persist::{EventUpcaster, PersistedEventStore, SerializedEvent};
+use cqrs_es::{Aggregate, AggregateError};
+use cqrs_es::persist::{EventStoreAggregateContext, EventUpcaster, PersistedEventStore, SerializedEvent};
 use cqrs_es::event_sink::EventSink;
 use cqrs_es::{AggregateContext, EventStore};
 use factory_domain::{
@@ -15,12 +15,6 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Notify;
-
-type Framework<A> = CqrsFramework<A, PersistedEventStore<EventRepository, A>>;
-
-fn framework<A: Aggregate>(pool: &PgPool, services: A::Services) -> Framework<A> {
-    CqrsFramework::new(event_store(pool), vec![], services)
-}
 
 fn event_store<A: Aggregate>(pool: &PgPool) -> PersistedEventStore<EventRepository, A> {
     PersistedEventStore::new_event_store(EventRepository::new(pool.clone()))
@@ -49,6 +43,43 @@ impl EventUpcaster for Upcaster {
     }
 }
 
+/// Aggregates kept per process at most; past it the cache starts over (it only saves loads).
+const CACHED_AGGREGATES: usize = 20_000;
+
+/// Writes one aggregate type: cqrs-es's event store, and the state this process left each
+/// aggregate in after its last commit, so the next command on it skips the load. A state
+/// made stale by another process costs one optimistic-concurrency conflict (or a refusal
+/// double-checked on fresh state), then a fresh load: the store stays the judge.
+struct Writer<A: Aggregate> {
+    events: PersistedEventStore<EventRepository, A>,
+    cache: std::sync::Mutex<HashMap<String, (A, usize)>>,
+}
+
+impl<A: Aggregate + Clone> Writer<A> {
+    fn new(pool: &PgPool) -> Self {
+        Self { events: event_store(pool), cache: std::sync::Mutex::new(HashMap::new()) }
+    }
+
+    fn cached(&self, aggregate_id: &str) -> Option<(A, usize)> {
+        self.cache.lock().expect("not poisoned").get(aggregate_id).cloned()
+    }
+
+    fn remember(&self, aggregate_id: &str, state: Option<(A, usize)>) {
+        let mut cache = self.cache.lock().expect("not poisoned");
+        match state {
+            Some(state) => {
+                if cache.len() >= CACHED_AGGREGATES && !cache.contains_key(aggregate_id) {
+                    cache.clear();
+                }
+                cache.insert(aggregate_id.to_string(), state);
+            }
+            None => {
+                cache.remove(aggregate_id);
+            }
+        }
+    }
+}
+
 /// How often a command that lost an optimistic-concurrency race is retried from fresh state
 /// before the conflict is reported.
 const MAX_ATTEMPTS: u32 = 32;
@@ -66,13 +97,11 @@ pub enum CommandError<E: std::error::Error + 'static> {
     Store(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
-/// The write side: one cqrs-es framework per aggregate over one pool.
+/// The write side: cqrs-es's event store per aggregate type over one pool.
 pub struct Store {
     pool: PgPool,
-    runs: Framework<Run>,
-    objectives: Framework<Objective>,
-    /// For several commands in one commit (cqrs-es's framework takes one at a time).
-    objective_events: PersistedEventStore<EventRepository, Objective>,
+    runs: Writer<Run>,
+    objectives: Writer<Objective>,
     services: SharedServices,
     committed: Arc<Notify>,
 }
@@ -80,9 +109,8 @@ pub struct Store {
 impl Store {
     pub fn new(pool: PgPool, services: SharedServices) -> Self {
         Self {
-            runs: framework(&pool, services.clone()),
-            objectives: framework(&pool, services.clone()),
-            objective_events: event_store(&pool),
+            runs: Writer::new(&pool),
+            objectives: Writer::new(&pool),
             services,
             pool,
             committed: Arc::new(Notify::new()),
@@ -114,7 +142,7 @@ impl Store {
         run_id: RunId,
         command: RunCommand,
     ) -> Result<(), CommandError<RunError>> {
-        self.execute(&self.runs, &run_id.to_string(), run_id, command).await
+        self.execute(&self.runs, &run_id.to_string(), run_id, vec![command]).await
     }
 
     pub async fn execute_objective(
@@ -123,7 +151,7 @@ impl Store {
         run_id: RunId,
         command: ObjectiveCommand,
     ) -> Result<(), CommandError<ObjectiveError>> {
-        self.execute(&self.objectives, &objective_id.to_string(), run_id, command).await
+        self.execute(&self.objectives, &objective_id.to_string(), run_id, vec![command]).await
     }
 
     /// Several commands on one objective, handled in order on one load of it and written in
@@ -136,75 +164,84 @@ impl Store {
         run_id: RunId,
         commands: Vec<ObjectiveCommand>,
     ) -> Result<(), CommandError<ObjectiveError>> {
-        let aggregate_id = objective_id.to_string();
-        let metadata = HashMap::from([("run_id".to_string(), run_id.to_string())]);
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let outcome = async {
-                let mut context = self.objective_events.load_aggregate(&aggregate_id).await?;
-                let sink = EventSink::default();
-                for command in commands.iter().cloned() {
-                    context.aggregate().handle(command, &self.services, &sink).await.map_err(AggregateError::UserError)?;
-                }
-                self.objective_events.commit(sink.collect().await, context, metadata.clone()).await
-            }
-            .await;
-            match outcome {
-                Ok(_) => {
-                    self.committed.notify_one();
-                    return Ok(());
-                }
-                Err(AggregateError::UserError(e)) => return Err(CommandError::Refused(e)),
-                Err(AggregateError::AggregateConflict) if attempt < MAX_ATTEMPTS => {
-                    tokio::time::sleep(conflict_backoff(attempt)).await;
-                }
-                Err(AggregateError::AggregateConflict) => return Err(CommandError::Conflict),
-                Err(
-                    AggregateError::DatabaseConnectionError(e)
-                    | AggregateError::DeserializationError(e)
-                    | AggregateError::UnexpectedError(e),
-                ) => return Err(CommandError::Store(e)),
-            }
-        }
+        self.execute(&self.objectives, &objective_id.to_string(), run_id, commands).await
     }
 
+    /// Handles the commands in order on the aggregate's state and commits all their events
+    /// in one append, retrying from fresh state when another writer got there first.
     async fn execute<A>(
         &self,
-        framework: &Framework<A>,
+        writer: &Writer<A>,
         aggregate_id: &str,
         run_id: RunId,
-        command: A::Command,
+        commands: Vec<A::Command>,
     ) -> Result<(), CommandError<A::Error>>
     where
-        A: Aggregate,
+        A: Aggregate<Services = SharedServices> + Clone,
         A::Command: Clone,
         A::Error: 'static,
     {
         let metadata = HashMap::from([("run_id".to_string(), run_id.to_string())]);
+        let store_error = |e: AggregateError<A::Error>| match e {
+            AggregateError::DatabaseConnectionError(e)
+            | AggregateError::DeserializationError(e)
+            | AggregateError::UnexpectedError(e) => CommandError::Store(e),
+            AggregateError::AggregateConflict => CommandError::Conflict,
+            AggregateError::UserError(e) => CommandError::Refused(e),
+        };
         let mut attempt = 0;
         loop {
             attempt += 1;
-            match framework
-                .execute_with_metadata(aggregate_id, command.clone(), metadata.clone())
-                .await
-            {
-                Ok(()) => {
+            let cached = writer.cached(aggregate_id);
+            let from_cache = cached.is_some();
+            let mut context = match cached {
+                Some((aggregate, current_sequence)) => EventStoreAggregateContext {
+                    aggregate_id: aggregate_id.to_string(),
+                    aggregate,
+                    current_sequence,
+                    current_snapshot: None,
+                },
+                None => writer.events.load_aggregate(aggregate_id).await.map_err(store_error)?,
+            };
+            let sink = EventSink::default();
+            let mut refused = None;
+            for command in commands.iter().cloned() {
+                if let Err(e) = context.aggregate.handle(command, &self.services, &sink).await {
+                    refused = Some(e);
+                    break;
+                }
+            }
+            if let Some(e) = refused {
+                writer.remember(aggregate_id, None);
+                if from_cache {
+                    // Perhaps refused on what another process has since changed: ask again on fresh state.
+                    continue;
+                }
+                return Err(CommandError::Refused(e));
+            }
+            let events = sink.collect().await;
+            let after = (context.aggregate.clone(), context.current_sequence + events.len());
+            if events.is_empty() {
+                return Ok(());
+            }
+            match writer.events.commit(events, context, metadata.clone()).await {
+                Ok(_) => {
+                    writer.remember(aggregate_id, Some(after));
                     // `notify_one` keeps a permit when the relay is busy, so no wake-up is lost.
                     self.committed.notify_one();
                     return Ok(());
                 }
-                Err(AggregateError::UserError(e)) => return Err(CommandError::Refused(e)),
                 Err(AggregateError::AggregateConflict) if attempt < MAX_ATTEMPTS => {
+                    writer.remember(aggregate_id, None);
                     tracing::debug!(aggregate_id, attempt, "concurrent write; retrying from fresh state");
-                    tokio::time::sleep(conflict_backoff(attempt)).await;
+                    if !from_cache {
+                        tokio::time::sleep(conflict_backoff(attempt)).await;
+                    }
                 }
-                Err(AggregateError::AggregateConflict) => return Err(CommandError::Conflict),
-                Err(
-                    AggregateError::DatabaseConnectionError(e)
-                    | AggregateError::DeserializationError(e)
-                    | AggregateError::UnexpectedError(e),
-                ) => return Err(CommandError::Store(e)),
+                Err(error) => {
+                    writer.remember(aggregate_id, None);
+                    return Err(store_error(error));
+                }
             }
         }
     }

@@ -204,3 +204,42 @@ async fn audit_finds_a_removed_event() {
     assert_eq!(report.broken[0].sequence, 3);
     assert!(report.broken[0].reason.contains("gap"), "{}", report.broken[0].reason);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn another_process_writing_an_aggregate_never_makes_a_command_act_on_stale_state() {
+    let stack = TestStack::new().await;
+    // Two stores are two processes: each remembers the state of its own last commits.
+    let (a, b) = (store(&stack).await, store(&stack).await);
+    let run = run_with_two_stages(&a).await;
+    // b moves the run on behind a's back.
+    b.execute_run(run, RunCommand::StartStage { stage: "qa".into(), team: "qa-engineering".into(), objective_id: ObjectiveId::new() })
+        .await
+        .unwrap();
+    // a's remembered state is one event behind: its next command still lands after b's.
+    a.execute_run(run, RunCommand::StartStage { stage: "docs".into(), team: "documentation".into(), objective_id: ObjectiveId::new() })
+        .await
+        .unwrap();
+    assert_eq!(sequences(&stack, &run.to_string()).await, [1, 2, 3, 4, 5]);
+    // A command a's stale state would accept is refused on the fresh one: b cancelled the run.
+    b.execute_run(run, RunCommand::CancelRun { reason: "stop".into(), cancelled_by: "ada".into() }).await.unwrap();
+    let refused = a
+        .execute_run(run, RunCommand::StartStage { stage: "ops".into(), team: "devops".into(), objective_id: ObjectiveId::new() })
+        .await;
+    assert!(matches!(refused, Err(CommandError::Refused(RunError::Terminal(_)))), "{refused:?}");
+    assert_eq!(sequences(&stack, &run.to_string()).await, [1, 2, 3, 4, 5, 6]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_command_refused_on_remembered_state_is_asked_again_on_fresh_state() {
+    let stack = TestStack::new().await;
+    let (a, b) = (store(&stack).await, store(&stack).await);
+    let run = RunId::new();
+    a.execute_run(run, submit("Build a URL shortener")).await.unwrap();
+    let start = || RunCommand::StartStage { stage: "ba".into(), team: "business-analysis".into(), objective_id: ObjectiveId::new() };
+    a.execute_run(run, start()).await.unwrap();
+    // b completes and reopens the stage: a still remembers it as in progress.
+    b.execute_run(run, RunCommand::CompleteStage { stage: "ba".into() }).await.unwrap();
+    b.execute_run(run, RunCommand::ReopenStages { stages: vec!["ba".into()] }).await.unwrap();
+    a.execute_run(run, start()).await.expect("accepted on the fresh state, though refused on the remembered one");
+    assert_eq!(sequences(&stack, &run.to_string()).await, [1, 2, 3, 4, 5]);
+}
