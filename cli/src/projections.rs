@@ -54,22 +54,29 @@ pub async fn project(config: &Config, names: Vec<String>) -> Result<ExitCode> {
 pub async fn rebuild(config: &Config, name: &str) -> Result<ExitCode> {
     let projections = parse_projections(&[name.to_string()])?;
     let admin = stack::connect_admin(config).await?;
-    for projection in projections {
-        let bar = indicatif::ProgressBar::new(0).with_style(
-            indicatif::ProgressStyle::with_template(
-                "{prefix:>9} [{bar:30}] {pos}/{len} positions, {per_sec}, eta {eta}",
-            )?
-            .progress_chars("=> "),
-        );
+    // The projections are independent (tables, schema, lock of their own): they are rebuilt
+    // side by side, each on its own connection, a progress bar each.
+    let bars = indicatif::MultiProgress::new();
+    let style = indicatif::ProgressStyle::with_template("{prefix:>9} [{bar:30}] {pos}/{len} positions, {per_sec}, eta {eta}")?
+        .progress_chars("=> ");
+    let started = std::time::Instant::now();
+    let rebuilds = projections.iter().map(|&projection| {
+        let bar = bars.add(indicatif::ProgressBar::new(0).with_style(style.clone()));
         bar.set_prefix(projection.name());
-        let started = std::time::Instant::now();
-        let report = factory_projections::rebuild::rebuild(&admin, projection, |_, position, target| {
-            bar.set_length(target.max(0) as u64);
-            bar.set_position(position.max(0) as u64);
-        })
-        .await?;
-        bar.finish_and_clear();
-        let seconds = started.elapsed().as_secs_f64();
+        let admin = admin.clone();
+        async move {
+            let started = std::time::Instant::now();
+            let report = factory_projections::rebuild::rebuild(&admin, projection, |_, position, target| {
+                bar.set_length(target.max(0) as u64);
+                bar.set_position(position.max(0) as u64);
+            })
+            .await;
+            bar.finish_and_clear();
+            report.map(|report| (projection, report, started.elapsed().as_secs_f64()))
+        }
+    });
+    let reports = futures::future::try_join_all(rebuilds).await?;
+    for (projection, report, seconds) in &reports {
         println!(
             "{}: rebuilt from {} events up to position {} in {:.1} s ({:.0} events/s), swapped in",
             projection.name(),
@@ -78,6 +85,9 @@ pub async fn rebuild(config: &Config, name: &str) -> Result<ExitCode> {
             seconds,
             report.events_applied as f64 / seconds.max(1e-9)
         );
+    }
+    if reports.len() > 1 {
+        println!("all rebuilt in {:.1} s", started.elapsed().as_secs_f64());
     }
     Ok(ExitCode::SUCCESS)
 }
