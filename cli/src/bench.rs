@@ -844,25 +844,43 @@ const HOPS: [&str; 9] = [
 ];
 
 async fn pipeline_suite(config: &Config, plan: Plan) -> Result<()> {
-    let topology = Topology::namespaced(&format!("benchpipe{}", std::process::id()));
-    // As in `up`, the components share one connection; the bench watches the events stream
-    // on another, like any outside reader.
+    with_components(config, "pipe", |pool, stack| {
+        pipeline_figures(pool, stack.components, stack.reader, stack.topology, stack.work_dir, stack.relay, plan)
+    })
+    .await
+}
+
+/// What a suite that runs the stack's own components gets.
+struct BenchStack {
+    /// As in `up`, the components share one connection.
+    components: jetstream::Context,
+    /// The bench watches the events stream on another, like any outside reader.
+    reader: jetstream::Context,
+    topology: Topology,
+    work_dir: PathBuf,
+    relay: RelayOptions,
+}
+
+/// Runs `figures` on a scratch database, streams of a namespace of its own and a work dir,
+/// and removes all three afterwards, whatever happened.
+async fn with_components<F, Fut>(config: &Config, name: &str, figures: F) -> Result<()>
+where
+    F: FnOnce(PgPool, BenchStack) -> Fut,
+    Fut: Future<Output = Result<()>>,
+{
+    let topology = Topology::namespaced(&format!("bench{name}{}", std::process::id()));
     let components = jetstream::new(stack::connect_nats(config).await?);
     let reader = jetstream::new(stack::connect_nats(config).await?);
     topology.ensure_streams(&components).await?;
-    let work_dir = std::env::temp_dir().join(format!("factory-bench-{}-work", std::process::id()));
-    let outcome = in_scratch_database(config, |pool| {
-        pipeline_figures(
-            pool,
-            components.clone(),
-            reader,
-            topology.clone(),
-            work_dir.clone(),
-            relay_options(config),
-            plan,
-        )
-    })
-    .await;
+    let work_dir = std::env::temp_dir().join(format!("factory-bench-{}-{name}-work", std::process::id()));
+    let stack = BenchStack {
+        components: components.clone(),
+        reader,
+        topology: topology.clone(),
+        work_dir: work_dir.clone(),
+        relay: relay_options(config),
+    };
+    let outcome = in_scratch_database(config, |pool| figures(pool, stack)).await;
     let cleanup = delete_streams(&components, &topology).await;
     settle(outcome, cleanup.and(remove_work_dir(&work_dir)))
 }
@@ -1513,28 +1531,10 @@ const RUNNERS_DRAIN_DEADLINE: Duration = Duration::from_secs(120);
 const TARGET_ACHIEVED_SHARE: f64 = 0.99;
 
 async fn rebuild_suite(config: &Config, plan: Plan) -> Result<()> {
-    let topology = Topology::namespaced(&format!("benchrebuild{}", std::process::id()));
-    // As in `up`, the components share one connection; the bench watches the events stream
-    // on another while it records the template runs.
-    let components = jetstream::new(stack::connect_nats(config).await?);
-    let reader = jetstream::new(stack::connect_nats(config).await?);
-    topology.ensure_streams(&components).await?;
-    let work_dir =
-        std::env::temp_dir().join(format!("factory-bench-{}-rebuild-work", std::process::id()));
-    let outcome = in_scratch_database(config, |pool| {
-        rebuild_figures(
-            pool,
-            components.clone(),
-            reader,
-            topology.clone(),
-            work_dir.clone(),
-            relay_options(config),
-            plan,
-        )
+    with_components(config, "rebuild", |pool, stack| {
+        rebuild_figures(pool, stack.components, stack.reader, stack.topology, stack.work_dir, stack.relay, plan)
     })
-    .await;
-    let cleanup = delete_streams(&components, &topology).await;
-    settle(outcome, cleanup.and(remove_work_dir(&work_dir)))
+    .await
 }
 
 async fn rebuild_figures(
