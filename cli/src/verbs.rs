@@ -202,10 +202,13 @@ async fn rerun(config: &Config, run_id: RunId, json: bool) -> Result<ExitCode> {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         println!(
-            "re-ran {run_id}: {} objectives, {} model answers replayed from the record, {} model calls made",
-            report.objectives, report.answers_replayed, report.model_calls
+            "re-ran {run_id}: {} objectives, {} model answers replayed from the record, no model called",
+            report.objectives, report.answers_replayed
         );
         println!("recorded status {}, re-run status {}", report.recorded_status, report.rerun_status);
+        if report.unanswered > 0 {
+            println!("{} requests had no recorded answer", report.unanswered);
+        }
         if let Some(stopped) = &report.stopped {
             println!("stopped: {stopped}");
         }

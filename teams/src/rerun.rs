@@ -68,9 +68,9 @@ pub struct RerunReport {
     pub objectives: usize,
     /// Model answers taken from the record.
     pub answers_replayed: usize,
-    /// Model calls made: always 0 (the re-run has no provider but the record); reported so
-    /// that a reader sees it checked.
-    pub model_calls: usize,
+    /// Requests the record had no answer for. The re-run has no provider but the record, so
+    /// no model is ever called; a request it cannot answer fails the team's attempt instead.
+    pub unanswered: usize,
     /// Decisions compared, recorded side.
     pub decisions: usize,
     pub divergences: Vec<Divergence>,
@@ -115,7 +115,7 @@ pub async fn rerun(pool: &sqlx::PgPool, run_id: RunId, scratch: PathBuf, service
         rerun_status: sim.run.status.as_str().to_string(),
         objectives: sim.objectives.len(),
         answers_replayed: sim.replayed,
-        model_calls: 0,
+        unanswered: sim.unanswered.load(std::sync::atomic::Ordering::Relaxed),
         decisions: recorded.values().map(Vec::len).sum(),
         divergences,
         stopped: sim.stopped,
@@ -274,6 +274,7 @@ struct Recorded {
     budget: Option<(f64, f64)>,
     mismatches: Arc<Mutex<Vec<Divergence>>>,
     asked: Mutex<usize>,
+    unanswered: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl ModelProvider for Recorded {
@@ -310,7 +311,10 @@ impl ModelProvider for Recorded {
                 }
                 None => match self.budget {
                     Some((spent_usd, limit_usd)) => Err(ModelError::BudgetExceeded { spent_usd, limit_usd }),
-                    None => Err(ModelError::NotConfigured("the recording has no further answer for this objective".into())),
+                    None => {
+                        self.unanswered.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        Err(ModelError::NotConfigured("the recording has no further answer for this objective".into()))
+                    }
                 },
             }
         })
@@ -346,6 +350,7 @@ struct Simulation {
     contents: HashMap<String, Vec<u8>>,
     replayed: usize,
     mismatches: Arc<Mutex<Vec<Divergence>>>,
+    unanswered: Arc<std::sync::atomic::AtomicUsize>,
     stopped: Option<String>,
 }
 
@@ -367,6 +372,7 @@ impl Simulation {
             contents: HashMap::new(),
             replayed: 0,
             mismatches: Arc::new(Mutex::new(Vec::new())),
+            unanswered: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
             stopped: None,
         }
     }
@@ -511,6 +517,7 @@ impl Simulation {
             budget: recorded.budget,
             mismatches: self.mismatches.clone(),
             asked: Mutex::new(0),
+            unanswered: self.unanswered.clone(),
         };
         let calls: Mutex<Vec<ModelCall>> = Mutex::new(Vec::new());
         let on_call = |call: &ModelCall| calls.lock().expect("not poisoned").push(call.clone());
