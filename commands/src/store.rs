@@ -190,9 +190,11 @@ impl Store {
             AggregateError::UserError(e) => CommandError::Refused(e),
         };
         let mut attempt = 0;
+        // After a refusal on remembered state, the next attempt loads, whatever the cache says.
+        let mut fresh = false;
         loop {
             attempt += 1;
-            let cached = writer.cached(aggregate_id);
+            let cached = if fresh { None } else { writer.cached(aggregate_id) };
             let from_cache = cached.is_some();
             let mut context = match cached {
                 Some((aggregate, current_sequence)) => EventStoreAggregateContext {
@@ -215,6 +217,7 @@ impl Store {
                 writer.remember(aggregate_id, None);
                 if from_cache {
                     // Perhaps refused on what another process has since changed: ask again on fresh state.
+                    fresh = true;
                     continue;
                 }
                 return Err(CommandError::Refused(e));
@@ -222,6 +225,9 @@ impl Store {
             let events = sink.collect().await;
             let after = (context.aggregate.clone(), context.current_sequence + events.len());
             if events.is_empty() {
+                // Accepted with nothing to record (a repeated idempotency key). Safe on
+                // remembered state: what makes a command a no-op (a key already recorded)
+                // never becomes untrue later.
                 return Ok(());
             }
             match writer.events.commit(events, context, metadata.clone()).await {

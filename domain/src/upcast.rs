@@ -1,8 +1,11 @@
 //! Event evolution. Stored events are never rewritten: an event type that changes shape gets
 //! a new version, and readers bring older payloads up to the current one here, on the way
-//! in. Every reader goes through this one function (the aggregates through cqrs-es's
-//! upcaster hook, projections, time travel and replay through the store's readers), so a
-//! v1 event in the store reads exactly like the v2 event it would be today.
+//! in. Every reader of the store goes through this one function (the aggregates through
+//! cqrs-es's upcaster hook, projections, time travel and replay through the store's
+//! readers), so a v1 event in the store reads exactly like the v2 event it would be today.
+//! The stream carries events as stored (their hashes must check): its consumers see the
+//! version in `event_version` and the schemas of every version in `schema events`, and the
+//! Factory's own stream consumers read only fields every version has.
 //!
 //! Versions so far:
 //! - `run.RequirementSubmitted` v1 -> v2: adds `submitted_by` (who submitted it). v1 events

@@ -110,22 +110,19 @@ pub async fn fork(store: &Store, source: RunId, at: i64, submitted_by: String) -
     for (stage, team, objective_id, copy) in done {
         let (Some(assigned), Some(result)) = (copy.assigned, copy.result) else { continue };
         let objective_id_new = ObjectiveId::new();
-        let execute = |command| store.execute_objective(objective_id_new, run_id, command);
-        let assign = ObjectiveCommand::AssignObjective {
+        let mut commands = vec![ObjectiveCommand::AssignObjective {
             objective_id: objective_id_new,
             run_id,
             stage: stage.clone(),
             team: team.clone(),
             instructions: assigned.instructions,
             max_iterations: assigned.max_iterations,
-        };
-        execute(assign).await.map_err(ForkError::ObjectiveRefused)?;
-        for artifact in copy.artifacts {
-            execute(ObjectiveCommand::ProduceArtifact(artifact)).await.map_err(ForkError::ObjectiveRefused)?;
-        }
-        let record = ObjectiveCommand::RecordTaskResult { idempotency_key: format!("fork:{objective_id}"), result: result.result };
-        execute(record).await.map_err(ForkError::ObjectiveRefused)?;
-        execute(ObjectiveCommand::CompleteObjective).await.map_err(ForkError::ObjectiveRefused)?;
+        }];
+        commands.extend(copy.artifacts.into_iter().map(ObjectiveCommand::ProduceArtifact));
+        commands.push(ObjectiveCommand::RecordTaskResult { idempotency_key: format!("fork:{objective_id}"), result: result.result });
+        commands.push(ObjectiveCommand::CompleteObjective);
+        // One commit per copy: a copy is there whole or not at all.
+        store.execute_objective_all(objective_id_new, run_id, commands).await.map_err(ForkError::ObjectiveRefused)?;
         completed.push(ForkedStage { stage: stage.clone(), team: team.clone(), objective_id: objective_id_new });
     }
     let stages: Vec<String> = completed.iter().map(|s| s.stage.clone()).collect();

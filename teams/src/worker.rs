@@ -137,23 +137,36 @@ impl Worker {
             )
             .await
             .map_err(stream_err)?;
-        let messages = consumer.messages().await.map_err(stream_err)?;
+        // Pull no more than can be worked at once: a message waiting in the client's buffer
+        // gets no in-progress acks and would be redelivered after `ack_wait`.
+        let concurrency = self.options.concurrency.max(1);
+        let messages = consumer.stream().max_messages_per_batch(concurrency).messages().await.map_err(stream_err)?;
         // Several objectives at once; each message is acked on its own, so their order does
-        // not matter (a work queue has no order between objectives).
-        let mut handled = messages.map(|message| async move {
-            let message = message.map_err(stream_err)?;
-            // One message failing (an ack lost with the connection) ends only its own work:
-            // JetStream redelivers it after `ack_wait`.
-            if let Err(error) = self.handle(message).await {
-                tracing::warn!(error = %error, "work message not settled; it will be redelivered");
-            }
-            Ok::<(), WorkerError>(())
-        })
-        .buffer_unordered(self.options.concurrency.max(1));
-        while let Some(outcome) = handled.next().await {
-            outcome?;
+        // not matter (a work queue has no order between objectives). When the message stream
+        // fails, the objectives in flight finish first; then it is opened again.
+        let failed = std::sync::Mutex::new(None::<String>);
+        let mut handled = messages
+            .take_while(|message| {
+                if let Err(error) = message {
+                    *failed.lock().expect("not poisoned") = Some(error.to_string());
+                }
+                futures::future::ready(message.is_ok())
+            })
+            .filter_map(|message| futures::future::ready(message.ok()))
+            .map(|message| async move {
+                // One message failing (an ack lost with the connection) ends only its own
+                // work: JetStream redelivers it after `ack_wait`.
+                if let Err(error) = self.handle(message).await {
+                    tracing::warn!(error = %error, "work message not settled; it will be redelivered");
+                }
+            })
+            .buffer_unordered(concurrency);
+        while handled.next().await.is_some() {}
+        drop(handled);
+        match failed.into_inner().expect("not poisoned") {
+            Some(error) => Err(stream_err(error)),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// One work message: the objective worked, then acked; or handed back for redelivery;
@@ -215,18 +228,17 @@ impl Worker {
         let objective: factory_domain::Objective =
             factory_commands::events::fold(events.iter().filter(|e| e.aggregate_type == "objective" && e.aggregate_id == id))
                 .map_err(store_err)?;
-        if objective.status != ObjectiveStatus::Assigned || run.status.is_terminal() {
-            // Finished by another delivery, or its run was cancelled or failed meanwhile.
+        if objective.status != ObjectiveStatus::Assigned || run.status.is_terminal() || objective.result_keys.contains(key) {
+            // Finished by another delivery (or this very message's result was recorded, its
+            // ack lost), or its run was cancelled or failed meanwhile.
             return Ok(());
         }
         let team = team_docs(&item.team).ok_or_else(|| WorkerError::UnknownTeam(item.team.clone()))?;
         let granted = granted_tools(team.tools).map_err(|e| WorkerError::UnknownTeam(format!("{}: {e}", item.team)))?;
         let run = RunContext::at_assignment(&events, item);
 
-        let dir = self.options.work_dir.join(format!("{}-{}", item.objective_id, key.replace(':', "-")));
-        if dir.exists() {
-            std::fs::remove_dir_all(&dir)?;
-        }
+        // A workspace per attempt: two deliveries of one message never share one.
+        let dir = self.options.work_dir.join(format!("{}-{}-{}", item.objective_id, key.replace(':', "-"), uuid::Uuid::now_v7()));
         let workspace = Workspace::new(&dir)?;
         let shas: Vec<&str> = run.artifacts.values().map(String::as_str).collect();
         let contents = self.artifacts(&shas).await?;
@@ -282,6 +294,9 @@ impl Worker {
             _ = cancelled => {
                 tracing::info!(objective = %item.objective_id, "run stopped; work dropped");
                 let _ = std::fs::remove_dir_all(&dir);
+                // The calls made so far are recorded before the message is settled.
+                calls.finish();
+                let _ = recorder.await;
                 return Ok(());
             }
         };
@@ -289,6 +304,10 @@ impl Worker {
             Ok(outcome) => outcome,
             Err(error) => {
                 let _ = std::fs::remove_dir_all(&dir);
+                // Recorded before the message is settled: on the last delivery the objective
+                // is blocked next, and calls recorded after that would be refused (lost).
+                calls.finish();
+                let _ = recorder.await;
                 return Err(error.into());
             }
         };
@@ -464,7 +483,11 @@ impl RunContext {
             .iter()
             .position(|e| e.aggregate_type == "objective" && e.aggregate_id == id && e.sequence == 1)
             .map_or(events.len(), |i| i + 1);
-        Self::fold(&events[..end], item)
+        let mut context = Self::fold(&events[..end], item);
+        // The budget counts everything the team has spent, this objective's earlier attempts
+        // and parallel work included, not only what was known at the assignment.
+        context.team_spent_usd = Self::fold(events, item).team_spent_usd;
+        context
     }
 
     /// The objective's prompt: the team's template filled with the run's context.
