@@ -62,6 +62,7 @@ async fn rebuild_all(factory: &Factory) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_projection_killed_mid_stream_and_restarted_equals_a_rebuild() {
+    let _turn = factory_testkit::one_killer_at_a_time().await;
     let mut factory = Factory::start().await;
     let mut runners = start_runners(&factory);
     let first = factory.submit("Build a URL shortener #fail=factory/coder", "phase1", true).await;
