@@ -5,8 +5,7 @@
 //! * A submitted run, a completed or skipped stage, a revision: start the stages whose
 //!   inputs are done (each an objective, assigned and put on `FACTORY_WORK` for its team),
 //!   or finish the run (review gate, or completed with `auto_approve`).
-//! * A completed objective completes its stage (and the run goes on from there at once,
-//!   without waiting for its StageCompleted to come back); a blocked one blocks the run; a
+//! * A completed objective completes its stage; a blocked one blocks the run; a
 //!   NEEDS_CLARIFICATION answer pauses the run.
 //!
 //! Redelivered events are harmless: starting a started stage is refused (and its objective
@@ -174,13 +173,6 @@ impl Orchestrator {
             ("objective", event_type @ ("ObjectiveCompleted" | "ObjectiveBlocked" | "TaskResultRecorded")) => {
                 let objective = self.objective(event).await?;
                 match reaction(event_type, &event.payload, objective.stage) {
-                    Some(command @ RunCommand::CompleteStage { .. }) => {
-                        self.run_command(run_id, command).await?;
-                        // Go on from the state just committed rather than wait for its
-                        // StageCompleted to come back through the relay; when it does,
-                        // `advance` finds nothing left to start.
-                        self.advance(run_id).await
-                    }
                     Some(command) => self.run_command(run_id, command).await,
                     None => Ok(()),
                 }
