@@ -196,16 +196,6 @@ impl TestStack {
 }
 
 /// Polls `check` until it returns `Some`, or panics naming `what` after `deadline`.
-/// Held by the tests that kill a component of a working stack mid-flight (a worker during
-/// a model call, the projection runners mid-stream). Two of them running side by side in one
-/// test binary stalled their runs past the deadline about one time in three (2026-12-01;
-/// each alone, and each beside any other test, passes); the cause is not found yet, see the
-/// closing note of that day. Until it is, they take turns.
-pub async fn one_killer_at_a_time() -> tokio::sync::MutexGuard<'static, ()> {
-    static KILLERS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-    KILLERS.lock().await
-}
-
 pub async fn wait_for<T, F, Fut>(what: &str, deadline: Duration, mut check: F) -> T
 where
     F: FnMut() -> Fut,

@@ -183,7 +183,6 @@ async fn a_question_pauses_the_run_as_needs_clarification() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_worker_killed_mid_call_is_replaced_and_the_objective_completes_once() {
-    let _turn = factory_testkit::one_killer_at_a_time().await;
     let mut factory = Factory::start().await;
     // Replace the default worker with one whose messages come back quickly when it dies.
     factory.tasks.pop().unwrap().abort();

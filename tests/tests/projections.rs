@@ -62,7 +62,6 @@ async fn rebuild_all(factory: &Factory) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_projection_killed_mid_stream_and_restarted_equals_a_rebuild() {
-    let _turn = factory_testkit::one_killer_at_a_time().await;
     let mut factory = Factory::start().await;
     let mut runners = start_runners(&factory);
     let first = factory.submit("Build a URL shortener #fail=factory/coder", "phase1", true).await;
@@ -168,8 +167,9 @@ async fn the_same_event_delivered_twice_is_applied_once() {
 async fn a_rebuild_while_runs_are_written_swaps_in_a_complete_model_without_reader_errors() {
     let mut factory = Factory::start().await;
     let runners = start_runners(&factory);
+    let mut runs = Vec::new();
     for i in 0..3 {
-        factory.submit(&format!("Build service {i}"), "phase1", true).await;
+        runs.push(factory.submit(&format!("Build service {i}"), "phase1", true).await);
     }
     caught_up(&factory).await;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -193,21 +193,23 @@ async fn a_rebuild_while_runs_are_written_swaps_in_a_complete_model_without_read
         let store = factory.store.clone();
         let stop = stop.clone();
         tokio::spawn(async move {
-            let mut submitted = 0;
+            let mut submitted = Vec::new();
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 let plan = factory_teams::Pipeline::load("phase1").unwrap();
                 let command = factory_domain::RunCommand::SubmitRequirement {
                     title: None,
-                    requirement: format!("Build tool {submitted}"),
+                    requirement: format!("Build tool {}", submitted.len()),
                     pipeline: plan.name().into(),
                     pipeline_definition: plan.source().into(),
                     auto_approve: true,
                     submitted_by: "tester".into(),
                 };
-                store.execute_run(factory_domain::RunId::new(), command).await.unwrap();
-                submitted += 1;
+                let run = factory_domain::RunId::new();
+                store.execute_run(run, command).await.unwrap();
+                submitted.push(run);
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
+            submitted
         })
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -223,9 +225,13 @@ async fn a_rebuild_while_runs_are_written_swaps_in_a_complete_model_without_read
     .unwrap();
     assert_eq!(missing, 0);
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    writer.await.unwrap();
+    runs.extend(writer.await.unwrap());
     assert!(reader.await.unwrap() > 0);
-    // The live runner goes on from the swapped-in model; it ends where a fresh rebuild does.
+    // The live runner goes on from the swapped-in model; once the runs are over and it has
+    // caught up, it ends where a fresh rebuild does.
+    for run in runs {
+        factory.wait_status(run, RunStatus::Completed).await;
+    }
     caught_up(&factory).await;
     let live = snapshot(&factory.stack.pool).await;
     rebuild_all(&factory).await;

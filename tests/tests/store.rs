@@ -243,3 +243,45 @@ async fn a_command_refused_on_remembered_state_is_asked_again_on_fresh_state() {
     a.execute_run(run, start()).await.expect("accepted on the fresh state, though refused on the remembered one");
     assert_eq!(sequences(&stack, &run.to_string()).await, [1, 2, 3, 4, 5]);
 }
+
+/// sqlx 0.8.6 (vendor/README.md): a `begin` dropped while its `BEGIN` is answered left the
+/// session in a transaction that the pool handed to the next borrower, whose writes then
+/// never committed. Dropped here at exactly that point, on a pool of one connection.
+#[tokio::test]
+async fn a_begin_dropped_in_flight_leaves_the_pooled_connection_outside_any_transaction() {
+    use futures::FutureExt;
+    use sqlx::Connection;
+    let stack = TestStack::new().await;
+    let pool = sqlx::postgres::PgPoolOptions::new().max_connections(1).connect(&stack.app_url()).await.unwrap();
+    let mut dropped_in_flight = 0;
+    for _ in 0..20 {
+        let mut conn = pool.acquire().await.unwrap();
+        // One poll: `BEGIN` is sent and its answer awaited; then the future is dropped.
+        if conn.begin().now_or_never().is_none() {
+            dropped_in_flight += 1;
+        }
+        drop(conn);
+        // The same connection again (the pool has one): idle, not idle in a transaction, and
+        // what it writes is committed.
+        let mut conn = pool.acquire().await.unwrap();
+        let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(&mut *conn).await.unwrap();
+        let state: String = sqlx::query_scalar("SELECT state FROM pg_stat_activity WHERE pid = $1")
+            .bind(pid)
+            .fetch_one(&stack.admin)
+            .await
+            .unwrap();
+        assert_eq!(state, "idle", "the pooled connection is still inside the dropped begin's transaction");
+        sqlx::query(
+            "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) \
+             VALUES ('test', gen_random_uuid()::text, 1, 'Tested', '1', '{\"Tested\": {}}', jsonb_build_object('run_id', gen_random_uuid()::text))",
+        )
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+        drop(conn);
+    }
+    assert!(dropped_in_flight > 0, "no begin was caught in flight");
+    let committed: i64 = sqlx::query_scalar("SELECT count(*) FROM events").fetch_one(&stack.admin).await.unwrap();
+    assert_eq!(committed, 20, "the writes after the dropped begins were committed");
+    pool.close().await;
+}
