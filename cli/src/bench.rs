@@ -396,18 +396,19 @@ async fn commands_per_s(store: &Arc<Store>, writers: usize, duration: Duration) 
             let run_id = RunId::new();
             store.execute_run(run_id, submit_requirement()).await?;
             let stage = "business-analysis".to_string();
+            let objective_id = ObjectiveId::new();
             store
                 .execute_run(
                     run_id,
                     RunCommand::StartStage {
                         stage: stage.clone(),
                         team: stage.clone(),
-                        objective_id: ObjectiveId::new(),
+                        objective_id,
                     },
                 )
                 .await?;
             store
-                .execute_run(run_id, RunCommand::CompleteStage { stage })
+                .execute_run(run_id, RunCommand::CompleteStage { stage, objective_id })
                 .await?;
             Ok(3)
         }
@@ -2363,6 +2364,7 @@ impl Replay {
                         let completed: StageCompleted = serde_json::from_value(payload())?;
                         RunCommand::CompleteStage {
                             stage: completed.stage,
+                            objective_id: ObjectiveId(self.fresh(completed.objective_id.0)),
                         }
                     }
                     "RunCompleted" => RunCommand::CompleteRun,

@@ -141,14 +141,14 @@ pub async fn stored_range<'e>(
 
 /// A position below which every event is settled (committed or rolled back): an event at or
 /// below it that is not visible now never will be. Waits for the transactions that were
-/// running when it was read, as the relay's horizon does. Call it on a connection whose
-/// transaction holds no transaction id, or it waits for itself.
+/// running when it was read that append events, as the relay's horizon does. Call it on a
+/// connection whose transaction has appended no event, or it waits for itself.
 pub async fn settled_position(pool: &sqlx::PgPool) -> Result<i64, sqlx::Error> {
     let (drawn, bound, mut xmin): (i64, i64, i64) =
         sqlx::query_as("SELECT last_position, bound, xmin FROM events_horizon()").fetch_one(pool).await?;
     while xmin < bound {
         tokio::time::sleep(std::time::Duration::from_millis(2)).await;
-        xmin = sqlx::query_scalar("SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint").fetch_one(pool).await?;
+        xmin = sqlx::query_scalar("SELECT events_oldest_appender($1)").bind(bound).fetch_one(pool).await?;
     }
     Ok(drawn)
 }

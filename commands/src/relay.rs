@@ -4,13 +4,15 @@
 //! * **Safe horizon.** Positions come from a sequence, so a transaction may hold a lower
 //!   position and commit after one with a higher position. The relay never reads past a
 //!   position some still-running transaction might hold: `events_horizon()` reads the highest
-//!   position drawn so far (`V`), then takes a fresh transaction id (`bound`), then a
-//!   snapshot's `xmin`. Every position `<= V` was drawn by a transaction whose id was assigned
-//!   before `V` was read (the insert trigger takes the id before drawing the position), so its
-//!   id is below `bound`. Once a snapshot's `xmin >= bound`, every one of those transactions
-//!   has committed or aborted and all events up to `V` are visible: `V` is safe. Within the
-//!   same call that is `xmin == bound` (nothing older is running); otherwise a later call
-//!   settles it.
+//!   position drawn so far (`V`), then takes a fresh transaction id (`bound`), then the oldest
+//!   running *appender* below it (`xmin`). Every position `<= V` was drawn by a transaction
+//!   whose id was assigned before `V` was read (the insert trigger takes the id before
+//!   drawing the position), so its id is below `bound`, and that holds the appenders' lock
+//!   until it ends (the trigger takes it before drawing, too). Once no holder below `bound`
+//!   is left, every one of those transactions has committed or aborted and all events up to
+//!   `V` are visible: `V` is safe. Transactions that append nothing (a rebuild, another
+//!   database's batch job) are not waited for (migration 0006). Within the same call that is
+//!   `xmin == bound`; otherwise a later call settles it.
 //! * **Checkpoint after PubAck.** The checkpoint (position and stream sequence) is written to
 //!   PostgreSQL only after JetStream acknowledged every message up to it. On restart, messages
 //!   the stream holds past the checkpoint are read back and not published again; anything

@@ -78,8 +78,11 @@ pub enum RunCommand {
         team: String,
         objective_id: ObjectiveId,
     },
+    /// The stage's objective is done. Names the objective, so that a late or redelivered
+    /// completion of an earlier objective of a reopened stage completes nothing.
     CompleteStage {
         stage: String,
+        objective_id: ObjectiveId,
     },
     SkipStage {
         stage: String,
@@ -337,6 +340,10 @@ pub enum RunError {
     EmptyFeedback,
     #[error("no stages named to reopen")]
     NothingToReopen,
+    #[error("stage `{stage}` is now worked by objective {current}, not {named}")]
+    NotTheStagesObjective { stage: String, named: ObjectiveId, current: ObjectiveId },
+    #[error("the run was sent back for revision: its stages must be reopened first")]
+    RevisionPending,
 }
 
 // ---- the aggregate ----
@@ -358,6 +365,9 @@ pub struct Run {
     pub auto_approve: bool,
     pub stages: BTreeMap<String, StageState>,
     pub revisions: u32,
+    /// Sent back by a REVISE review, its stages not yet reopened.
+    #[serde(default)]
+    pub revision_pending: bool,
 }
 
 impl Run {
@@ -373,6 +383,16 @@ impl Run {
         self.require_active()?;
         if self.status != RunStatus::Running {
             return Err(RunError::NotRunning(self.status.as_str()));
+        }
+        Ok(())
+    }
+
+    /// Between a REVISE review and the reopening of its stages, the run must not start,
+    /// finish or go back to review on the state from before the review (a late event could
+    /// otherwise send it straight back to review, the revision lost).
+    fn require_no_pending_revision(&self) -> Result<(), RunError> {
+        if self.revision_pending {
+            return Err(RunError::RevisionPending);
         }
         Ok(())
     }
@@ -432,6 +452,7 @@ impl Aggregate for Run {
             }
             RunCommand::StartStage { stage, team, objective_id } => {
                 self.require_running()?;
+                self.require_no_pending_revision()?;
                 if let Some(state) = self.stages.get(&stage) {
                     return Err(match state {
                         StageState::InProgress { .. } => RunError::StageAlreadyStarted(stage),
@@ -440,11 +461,14 @@ impl Aggregate for Run {
                 }
                 RunEvent::StageStarted(StageStarted { stage, team, objective_id })
             }
-            RunCommand::CompleteStage { stage } => {
+            RunCommand::CompleteStage { stage, objective_id: named } => {
                 self.require_active()?;
                 match self.stages.get(&stage) {
+                    Some(StageState::InProgress { objective_id, .. }) if *objective_id == named => {
+                        RunEvent::StageCompleted(StageCompleted { objective_id: named, stage })
+                    }
                     Some(StageState::InProgress { objective_id, .. }) => {
-                        RunEvent::StageCompleted(StageCompleted { objective_id: *objective_id, stage })
+                        return Err(RunError::NotTheStagesObjective { stage, named, current: *objective_id });
                     }
                     Some(_) => return Err(RunError::StageFinished(stage)),
                     None => return Err(RunError::StageNotStarted(stage)),
@@ -462,6 +486,7 @@ impl Aggregate for Run {
             }
             RunCommand::AwaitReview => {
                 self.require_running()?;
+                self.require_no_pending_revision()?;
                 let busy = self.in_progress();
                 if !busy.is_empty() {
                     return Err(RunError::StagesInProgress(busy.join(", ")));
@@ -493,6 +518,7 @@ impl Aggregate for Run {
             }
             RunCommand::CompleteRun => {
                 self.require_running()?;
+                self.require_no_pending_revision()?;
                 let busy = self.in_progress();
                 if !busy.is_empty() {
                     return Err(RunError::StagesInProgress(busy.join(", ")));
@@ -575,6 +601,7 @@ impl Aggregate for Run {
                 if let ReviewDecision::Revise { .. } = e.decision {
                     self.revisions += 1;
                     self.status = RunStatus::Running;
+                    self.revision_pending = true;
                 }
             }
             RunEvent::RunCompleted(_) => self.status = RunStatus::Completed,
@@ -585,6 +612,7 @@ impl Aggregate for Run {
                 for stage in &e.stages {
                     self.stages.remove(stage);
                 }
+                self.revision_pending = false;
             }
             RunEvent::RunNeedsClarification(_) => self.status = RunStatus::NeedsClarification,
         }
@@ -682,6 +710,10 @@ mod tests {
         RunEvent::RunReviewed(RunReviewed { decision, reviewer: "ada".into() })
     }
 
+    fn reopened(stages: &[&str]) -> RunEvent {
+        RunEvent::StagesReopened(StagesReopened { stages: stages.iter().map(|s| s.to_string()).collect(), revision: 1 })
+    }
+
     fn revise(feedback: &str) -> ReviewDecision {
         ReviewDecision::Revise { feedback: feedback.into() }
     }
@@ -690,8 +722,8 @@ mod tests {
         RunCommand::StartStage { stage: stage.into(), team: format!("{stage}-team"), objective_id: objective(n) }
     }
 
-    fn complete_stage(stage: &str) -> RunCommand {
-        RunCommand::CompleteStage { stage: stage.into() }
+    fn complete_stage(stage: &str, n: u128) -> RunCommand {
+        RunCommand::CompleteStage { stage: stage.into(), objective_id: objective(n) }
     }
 
     fn skip(stage: &str) -> RunCommand {
@@ -706,7 +738,7 @@ mod tests {
     fn commands_after_submission() -> Vec<RunCommand> {
         vec![
             start("design", 1),
-            complete_stage("design"),
+            complete_stage("design", 1),
             skip("design"),
             RunCommand::AwaitReview,
             review(ReviewDecision::Approve),
@@ -1038,8 +1070,52 @@ mod tests {
     fn completing_a_stage_names_the_objective_it_was_started_with() {
         run()
             .given(vec![submitted(), started("design", 7)])
-            .when(complete_stage("design"))
+            .when(complete_stage("design", 7))
             .then_expect_events(vec![stage_completed("design", 7)]);
+    }
+
+    #[test]
+    fn a_completion_naming_an_earlier_objective_of_a_reopened_stage_is_refused() {
+        // Objective 1 completed the stage; a revision reopened it and objective 2 works it.
+        // A redelivered completion of objective 1 must not complete objective 2's stage.
+        run()
+            .given(vec![
+                submitted(),
+                started("design", 1),
+                stage_completed("design", 1),
+                awaiting_review(&["design"]),
+                reviewed(revise("more detail")),
+                reopened(&["design"]),
+                started("design", 2),
+            ])
+            .when(complete_stage("design", 1))
+            .then_expect_error(RunError::NotTheStagesObjective {
+                stage: "design".into(),
+                named: objective(1),
+                current: objective(2),
+            });
+    }
+
+    #[test]
+    fn after_a_revise_the_run_neither_finishes_nor_starts_until_its_stages_are_reopened() {
+        // A late event must not send the run straight back to review on its old stages.
+        let history = vec![
+            submitted(),
+            started("design", 1),
+            stage_completed("design", 1),
+            awaiting_review(&["design"]),
+            reviewed(revise("more detail")),
+        ];
+        for command in [RunCommand::AwaitReview, RunCommand::CompleteRun, start("build", 2)] {
+            run().given(history.clone()).when(command).then_expect_error(RunError::RevisionPending);
+        }
+        let mut reopened_history = history.clone();
+        reopened_history.push(reopened(&["design"]));
+        run().given(reopened_history).when(start("design", 2)).then_expect_events(vec![started("design", 2)]);
+        run()
+            .given(history)
+            .when(RunCommand::FailRun { reason: "revised too often".into() })
+            .then_expect_events(vec![RunEvent::RunFailed(RunFailed { reason: "revised too often".into() })]);
     }
 
     #[test]
@@ -1055,7 +1131,7 @@ mod tests {
     fn completing_a_stage_that_never_started_is_refused() {
         run()
             .given(vec![submitted(), started("design", 1)])
-            .when(complete_stage("build"))
+            .when(complete_stage("build", 1))
             .then_expect_error(RunError::StageNotStarted("build".into()));
     }
 
@@ -1063,11 +1139,11 @@ mod tests {
     fn completing_a_finished_stage_is_refused() {
         run()
             .given(vec![submitted(), started("design", 1), stage_completed("design", 1)])
-            .when(complete_stage("design"))
+            .when(complete_stage("design", 1))
             .then_expect_error(RunError::StageFinished("design".into()));
         run()
             .given(vec![submitted(), skipped("design")])
-            .when(complete_stage("design"))
+            .when(complete_stage("design", 1))
             .then_expect_error(RunError::StageFinished("design".into()));
     }
 
@@ -1087,7 +1163,7 @@ mod tests {
             .then_expect_events(vec![skipped("design")]);
         run()
             .given(vec![submitted(), started("design", 1), skipped("design")])
-            .when(complete_stage("design"))
+            .when(complete_stage("design", 1))
             .then_expect_error(RunError::StageFinished("design".into()));
     }
 
@@ -1178,8 +1254,11 @@ mod tests {
         assert_eq!(run_state.status, RunStatus::Running);
         assert_eq!(run_state.revisions, 2);
 
-        // Running again: it can stop for review again, and cannot be reviewed until it does.
-        run().given(once.clone()).when(RunCommand::AwaitReview).then_expect_events(vec![awaiting_review(&[])]);
+        // Running again: its stages reopened, it can stop for review again, and cannot be
+        // reviewed until it does.
+        let mut reopened_once = once.clone();
+        reopened_once.push(reopened(&[]));
+        run().given(reopened_once).when(RunCommand::AwaitReview).then_expect_events(vec![awaiting_review(&[])]);
         run().given(once).when(review(ReviewDecision::Approve)).then_expect_error(RunError::NotAwaitingReview("RUNNING"));
     }
 

@@ -172,7 +172,7 @@ impl Orchestrator {
             }
             ("objective", event_type @ ("ObjectiveCompleted" | "ObjectiveBlocked" | "TaskResultRecorded")) => {
                 let objective = self.objective(event).await?;
-                match reaction(event_type, &event.payload, objective.stage) {
+                match reaction(event_type, &event.payload, objective.stage, objective_id_of(event)?) {
                     Some(command) => self.run_command(run_id, command).await,
                     None => Ok(()),
                 }
@@ -182,8 +182,7 @@ impl Orchestrator {
     }
 
     async fn objective(&self, event: &EventEnvelope) -> Result<factory_domain::Objective, OrchestratorError> {
-        let id: ObjectiveId = event.aggregate_id.parse().map_err(|e| OrchestratorError::Store(Box::new(e)))?;
-        self.store.load_objective(id).await.map_err(store_err)
+        self.store.load_objective(objective_id_of(event)?).await.map_err(store_err)
     }
 
     /// A command whose refusal means "already done or no longer relevant" (a redelivery, or a
@@ -291,6 +290,11 @@ impl Orchestrator {
     }
 }
 
+/// The objective an objective event belongs to (its aggregate id).
+fn objective_id_of(event: &EventEnvelope) -> Result<ObjectiveId, OrchestratorError> {
+    event.aggregate_id.parse().map_err(|e| OrchestratorError::Store(Box::new(e)))
+}
+
 impl WorkItem {
     pub fn new(run_id: RunId, objective_id: ObjectiveId, stage: &crate::pipeline::Stage) -> Self {
         Self {
@@ -319,6 +323,10 @@ pub enum Next<'p> {
 }
 
 pub fn next_step<'p>(run: &factory_domain::Run, pipeline: &'p Pipeline) -> Next<'p> {
+    if run.revision_pending {
+        // Sent back for revision: nothing starts or finishes until its stages are reopened.
+        return Next::Start(Vec::new());
+    }
     let done: BTreeSet<String> = run
         .stages
         .iter()
@@ -366,9 +374,9 @@ pub fn assignment(run_id: RunId, objective_id: ObjectiveId, stage: &crate::pipel
 
 /// What the run does about an objective's event (its stage completes, the run blocks or
 /// waits for a clarification), given the objective's stage.
-pub fn reaction(event_type: &str, payload: &serde_json::Value, stage: String) -> Option<RunCommand> {
+pub fn reaction(event_type: &str, payload: &serde_json::Value, stage: String, objective_id: ObjectiveId) -> Option<RunCommand> {
     match event_type {
-        "ObjectiveCompleted" => Some(RunCommand::CompleteStage { stage }),
+        "ObjectiveCompleted" => Some(RunCommand::CompleteStage { stage, objective_id }),
         "ObjectiveBlocked" => {
             let reason = payload["reason"].as_str().unwrap_or("blocked").to_string();
             Some(RunCommand::BlockRun { stage, reason })

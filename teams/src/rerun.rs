@@ -606,7 +606,7 @@ impl Simulation {
         let id = objective_id.to_string();
         for event in sink.collect().await {
             let envelope = self.append::<Objective>(&id, &event);
-            if let Some(command) = orchestrator::reaction(&envelope.event_type, &envelope.payload, stage.clone()) {
+            if let Some(command) = orchestrator::reaction(&envelope.event_type, &envelope.payload, stage.clone(), objective_id) {
                 self.run_command(command).await;
             }
         }

@@ -362,7 +362,15 @@ async fn random_history(store: &factory_commands::Store, rng: &mut rand::rngs::S
                     run_command(RunCommand::StartStage { stage: stage.name.clone(), team: stage.team.clone(), objective_id: objective }).await;
                 }
             }
-            3 => { let _ = run_command(RunCommand::CompleteStage { stage: stage.name.clone() }).await; },
+            3 => {
+                // The stage's latest objective, as the orchestrator would name it.
+                let objective_id = objectives
+                    .iter()
+                    .rev()
+                    .find(|(_, r, s)| *r == run && *s == stage.name)
+                    .map_or_else(ObjectiveId::new, |(o, _, _)| *o);
+                let _ = run_command(RunCommand::CompleteStage { stage: stage.name.clone(), objective_id }).await;
+            }
             4 => { let _ = run_command(RunCommand::SkipStage { stage: stage.name.clone(), reason: "not needed".into() }).await; },
             5 => { let _ = run_command(RunCommand::AwaitReview).await; },
             6 => {

@@ -244,3 +244,38 @@ async fn an_idle_relay_is_woken_by_notify_long_before_its_backstop_poll() {
     assert!(started.elapsed() < Duration::from_secs(5), "woken by the poll, not by NOTIFY");
     task.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_transaction_that_appends_nothing_does_not_hold_the_relay_back() {
+    // Older than every append below and holding a transaction id: one in this database, one
+    // in another database of the cluster. Neither appends an event, so neither is waited for.
+    let stack = TestStack::new().await;
+    let neighbour = TestStack::new().await;
+    let mut here = stack.admin.begin().await.unwrap();
+    sqlx::query("SELECT pg_current_xact_id()").execute(&mut *here).await.unwrap();
+    let mut there = neighbour.pool.begin().await.unwrap();
+    sqlx::query("SELECT pg_current_xact_id()").execute(&mut *there).await.unwrap();
+    let task = tokio::spawn(relay(&stack, stack.js.clone(), 100).run());
+    append_raw(&stack.pool, 5).await;
+    let published = std::time::Instant::now();
+    wait_published(&stack, &stack.js, 5).await;
+    assert!(published.elapsed() < Duration::from_secs(5), "took {:?}", published.elapsed());
+    // An appender still is waited for: its position is lower than a committed one's.
+    let mut appender = stack.pool.begin().await.unwrap();
+    sqlx::query(
+        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) \
+         VALUES ('test', 'open', 1, 'Tested', '1', '{}', '{}')",
+    )
+    .execute(&mut *appender)
+    .await
+    .unwrap();
+    append_raw(&stack.pool, 1).await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(stream_len(&stack.js, &stack).await, 5, "published past an open appender");
+    appender.commit().await.unwrap();
+    wait_published(&stack, &stack.js, 7).await;
+    assert_stream_equals_store(&stack.js, &stack).await;
+    here.rollback().await.unwrap();
+    there.rollback().await.unwrap();
+    task.abort();
+}

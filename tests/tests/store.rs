@@ -60,11 +60,11 @@ async fn eight_concurrent_writers_on_one_aggregate_all_succeed_without_gaps() {
         .map(|i| {
             let store = store.clone();
             tokio::spawn(async move {
-                let stage = format!("stage-{i}");
+                let (stage, objective_id) = (format!("stage-{i}"), ObjectiveId::new());
                 store
-                    .execute_run(run, RunCommand::StartStage { stage: stage.clone(), team: "qa-engineering".into(), objective_id: ObjectiveId::new() })
+                    .execute_run(run, RunCommand::StartStage { stage: stage.clone(), team: "qa-engineering".into(), objective_id })
                     .await?;
-                store.execute_run(run, RunCommand::CompleteStage { stage }).await
+                store.execute_run(run, RunCommand::CompleteStage { stage, objective_id }).await
             })
         })
         .collect();
@@ -235,12 +235,13 @@ async fn a_command_refused_on_remembered_state_is_asked_again_on_fresh_state() {
     let (a, b) = (store(&stack).await, store(&stack).await);
     let run = RunId::new();
     a.execute_run(run, submit("Build a URL shortener")).await.unwrap();
-    let start = || RunCommand::StartStage { stage: "ba".into(), team: "business-analysis".into(), objective_id: ObjectiveId::new() };
-    a.execute_run(run, start()).await.unwrap();
+    let first = ObjectiveId::new();
+    let start = |objective_id| RunCommand::StartStage { stage: "ba".into(), team: "business-analysis".into(), objective_id };
+    a.execute_run(run, start(first)).await.unwrap();
     // b completes and reopens the stage: a still remembers it as in progress.
-    b.execute_run(run, RunCommand::CompleteStage { stage: "ba".into() }).await.unwrap();
+    b.execute_run(run, RunCommand::CompleteStage { stage: "ba".into(), objective_id: first }).await.unwrap();
     b.execute_run(run, RunCommand::ReopenStages { stages: vec!["ba".into()] }).await.unwrap();
-    a.execute_run(run, start()).await.expect("accepted on the fresh state, though refused on the remembered one");
+    a.execute_run(run, start(ObjectiveId::new())).await.expect("accepted on the fresh state, though refused on the remembered one");
     assert_eq!(sequences(&stack, &run.to_string()).await, [1, 2, 3, 4, 5]);
 }
 
