@@ -13,4 +13,4 @@ pub mod repository;
 pub mod store;
 
 pub use db::{DbError, connect, migrate, migrator};
-pub use store::{CommandError, Store};
+pub use store::{CommandError, Committed, Store};

@@ -1,10 +1,12 @@
 //! Executing commands: cqrs-es with the postgres-es repository, optimistic concurrency
-//! retried from fresh state, and an in-process signal that events were committed.
+//! retried from fresh state, and an in-process signal that events were committed (a wake-up
+//! for the relay, and the committed events themselves for in-process consumers: the
+//! orchestrator's fast path, see [`Committed`]).
 
-use cqrs_es::{Aggregate, AggregateError};
+use cqrs_es::{Aggregate, AggregateError, DomainEvent};
 use cqrs_es::persist::{EventStoreAggregateContext, EventUpcaster, PersistedEventStore, SerializedEvent};
 use cqrs_es::event_sink::EventSink;
-use cqrs_es::{AggregateContext, EventStore};
+use cqrs_es::EventStore;
 use factory_domain::{
     Objective, ObjectiveCommand, ObjectiveError, ObjectiveId, Run, RunCommand, RunError, RunId,
     SharedServices,
@@ -64,6 +66,31 @@ impl<A: Aggregate + Clone> Writer<A> {
         self.cache.lock().expect("not poisoned").get(aggregate_id).cloned()
     }
 
+    /// The aggregate as its events say it is now: the remembered state when the store holds
+    /// no later event of it (one index lookup), else a fresh load, then remembered.
+    async fn current(&self, pool: &PgPool, aggregate_id: &str) -> Result<A, CommandError<A::Error>>
+    where
+        A::Error: 'static,
+    {
+        if let Some((state, sequence)) = self.cached(aggregate_id) {
+            let latest: Option<i64> =
+                sqlx::query_scalar("SELECT max(sequence) FROM events WHERE aggregate_type = $1 AND aggregate_id = $2")
+                    .bind(A::TYPE)
+                    .bind(aggregate_id)
+                    .fetch_one(pool)
+                    .await
+                    .map_err(|e| CommandError::Store(Box::new(e)))?;
+            if latest.unwrap_or(0) == sequence as i64 {
+                return Ok(state);
+            }
+        }
+        let context = self.events.load_aggregate(aggregate_id).await.map_err(store_error)?;
+        let sequence = context.current_sequence;
+        let state = context.aggregate;
+        self.remember(aggregate_id, Some((state.clone(), sequence)));
+        Ok(state)
+    }
+
     fn remember(&self, aggregate_id: &str, state: Option<(A, usize)>) {
         let mut cache = self.cache.lock().expect("not poisoned");
         match state {
@@ -97,6 +124,26 @@ pub enum CommandError<E: std::error::Error + 'static> {
     Store(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
+/// An event this process has just committed, told in memory to in-process consumers before
+/// the relay has published it (DESIGN §4's fast path: a component told of a commit at once,
+/// the broker still getting every event). Best effort by design: a receiver that falls
+/// behind misses some and reads them from the stream as always; the stream stays the
+/// delivery that counts. `(aggregate_id, sequence)` names the event as the stream's copy
+/// does, so a consumer can tell the two apart.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Committed {
+    pub aggregate_type: String,
+    pub aggregate_id: String,
+    pub sequence: i64,
+    pub run_id: RunId,
+    pub event_type: String,
+    /// The event's own fields (the inner object, as in an `EventEnvelope`).
+    pub payload: serde_json::Value,
+}
+
+/// Committed events buffered per in-process receiver before it starts missing some.
+const COMMITTED_BUFFER: usize = 8_192;
+
 /// The write side: cqrs-es's event store per aggregate type over one pool.
 pub struct Store {
     pool: PgPool,
@@ -104,6 +151,7 @@ pub struct Store {
     objectives: Writer<Objective>,
     services: SharedServices,
     committed: Arc<Notify>,
+    local: tokio::sync::broadcast::Sender<Arc<Committed>>,
 }
 
 impl Store {
@@ -114,17 +162,24 @@ impl Store {
             services,
             pool,
             committed: Arc::new(Notify::new()),
+            local: tokio::sync::broadcast::channel(COMMITTED_BUFFER).0,
         }
+    }
+
+    /// Every event this store commits from now on, as soon as its transaction has committed
+    /// (see [`Committed`]). A receiver that lags gets `Lagged` and goes on with newer ones.
+    pub fn subscribe_committed(&self) -> tokio::sync::broadcast::Receiver<Arc<Committed>> {
+        self.local.subscribe()
     }
 
     /// A run as its events say it is now (the default state when it does not exist).
     pub async fn load_run(&self, run_id: RunId) -> Result<Run, CommandError<RunError>> {
-        load::<Run>(&self.pool, &run_id.to_string()).await
+        self.runs.current(&self.pool, &run_id.to_string()).await
     }
 
     /// An objective as its events say it is now.
     pub async fn load_objective(&self, objective_id: ObjectiveId) -> Result<Objective, CommandError<ObjectiveError>> {
-        load::<Objective>(&self.pool, &objective_id.to_string()).await
+        self.objectives.current(&self.pool, &objective_id.to_string()).await
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -135,6 +190,15 @@ impl Store {
     /// publish at once instead of waiting for NOTIFY.
     pub fn committed(&self) -> Arc<Notify> {
         self.committed.clone()
+    }
+
+    /// Says that `objective_id` was just drawn, so no event of it exists: its first command
+    /// skips the load. (Were it wrong, that command would meet a conflict and load.)
+    pub fn expect_new_objective(&self, objective_id: ObjectiveId) {
+        let id = objective_id.to_string();
+        if self.objectives.cached(&id).is_none() {
+            self.objectives.remember(&id, Some((Objective::default(), 0)));
+        }
     }
 
     pub async fn execute_run(
@@ -182,13 +246,6 @@ impl Store {
         A::Error: 'static,
     {
         let metadata = HashMap::from([("run_id".to_string(), run_id.to_string())]);
-        let store_error = |e: AggregateError<A::Error>| match e {
-            AggregateError::DatabaseConnectionError(e)
-            | AggregateError::DeserializationError(e)
-            | AggregateError::UnexpectedError(e) => CommandError::Store(e),
-            AggregateError::AggregateConflict => CommandError::Conflict,
-            AggregateError::UserError(e) => CommandError::Refused(e),
-        };
         let mut attempt = 0;
         // After a refusal on remembered state, the next attempt loads, whatever the cache says.
         let mut fresh = false;
@@ -224,6 +281,12 @@ impl Store {
             }
             let events = sink.collect().await;
             let after = (context.aggregate.clone(), context.current_sequence + events.len());
+            // Told in memory after the commit; built only while someone listens.
+            let told: Vec<Committed> = if self.local.receiver_count() > 0 {
+                committed::<A>(aggregate_id, run_id, context.current_sequence, &events)
+            } else {
+                Vec::new()
+            };
             if events.is_empty() {
                 // Accepted with nothing to record (a repeated idempotency key). Safe on
                 // remembered state: what makes a command a no-op (a key already recorded)
@@ -235,6 +298,10 @@ impl Store {
                     writer.remember(aggregate_id, Some(after));
                     // `notify_one` keeps a permit when the relay is busy, so no wake-up is lost.
                     self.committed.notify_one();
+                    for event in told {
+                        // No receiver left is fine: the stream carries every event anyway.
+                        let _ = self.local.send(Arc::new(event));
+                    }
                     return Ok(());
                 }
                 Err(AggregateError::AggregateConflict) if attempt < MAX_ATTEMPTS => {
@@ -253,19 +320,36 @@ impl Store {
     }
 }
 
-async fn load<A: Aggregate>(pool: &PgPool, aggregate_id: &str) -> Result<A, CommandError<A::Error>>
-where
-    A::Error: 'static,
-{
-    let store: PersistedEventStore<EventRepository, A> = event_store(pool);
-    let mut context = store.load_aggregate(aggregate_id).await.map_err(|e| match e {
+/// The in-memory form of events about to be committed after `current_sequence`.
+fn committed<A: Aggregate>(aggregate_id: &str, run_id: RunId, current_sequence: usize, events: &[A::Event]) -> Vec<Committed> {
+    events
+        .iter()
+        .enumerate()
+        .map(|(i, event)| {
+            let event_type = event.event_type();
+            // cqrs-es tags payloads by event type; the envelope carries the inner object.
+            let mut tagged = serde_json::to_value(event).unwrap_or_default();
+            let payload = tagged.get_mut(&event_type).map(serde_json::Value::take).unwrap_or(tagged);
+            Committed {
+                aggregate_type: A::TYPE.to_string(),
+                aggregate_id: aggregate_id.to_string(),
+                sequence: (current_sequence + i + 1) as i64,
+                run_id,
+                event_type,
+                payload,
+            }
+        })
+        .collect()
+}
+
+fn store_error<E: std::error::Error + 'static>(e: AggregateError<E>) -> CommandError<E> {
+    match e {
         AggregateError::DatabaseConnectionError(e)
         | AggregateError::DeserializationError(e)
         | AggregateError::UnexpectedError(e) => CommandError::Store(e),
         AggregateError::AggregateConflict => CommandError::Conflict,
         AggregateError::UserError(e) => CommandError::Refused(e),
-    })?;
-    Ok(std::mem::take(context.aggregate()))
+    }
 }
 
 /// Short, growing, jittered pauses: the winner's commit takes a millisecond or two.

@@ -11,10 +11,19 @@
 //! Redelivered events are harmless: starting a started stage is refused (and its objective
 //! is re-assigned and re-published, which are no-ops: the assignment is refused, and the work
 //! message carries `Nats-Msg-Id` = objective id).
+//!
+//! **Fast path.** Events committed by this process's own store (its workers' results, its
+//! own commands) are also taken in memory the moment they commit ([`Store::subscribe_committed`]),
+//! a relay round trip sooner than the stream brings them. The stream stays the delivery that
+//! counts: the stream's copy of an event already handled in memory is acked without being
+//! handled again, and anything the fast path missed (a lagging receiver, another process's
+//! event, a restart) comes through the stream as before. Handling is decided from the
+//! aggregates' current state, so handling an event twice, or in memory before the stream's
+//! copy of an earlier one arrives, changes nothing.
 
 use crate::pipeline::Pipeline;
 use async_nats::jetstream::{self, AckKind, consumer::pull};
-use factory_commands::{CommandError, Store};
+use factory_commands::{CommandError, Committed, Store};
 use factory_domain::run::StageState;
 use factory_domain::{
     ObjectiveCommand, ObjectiveError, ObjectiveId, RunCommand, RunError, RunId, RunStatus, TaskStatus,
@@ -22,7 +31,7 @@ use factory_domain::{
 use factory_nats::{EventEnvelope, Topology};
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -62,15 +71,72 @@ fn stream_err(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Orchest
 /// Runs handled side by side by one orchestrator.
 const LANES: usize = 16;
 
+/// Events a lane remembers having handled in memory, waiting for the stream's copy; past
+/// this it forgets them all (the copies are then handled again, which is harmless).
+const HANDLED_IN_MEMORY: usize = 50_000;
+
+/// How an event reached the orchestrator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivered {
+    /// From `FACTORY_EVENTS`: the delivery that counts, acked once handled.
+    Stream,
+    /// From this process's store as it committed (the fast path); its stream copy follows.
+    InMemory,
+}
+
+/// What a lane is given: an event from the stream, or one this process just committed.
+enum Delivery {
+    Stream(jetstream::Message),
+    Local(Arc<Committed>),
+}
+
+/// What the orchestrator needs of an event, wherever it came from.
+#[derive(Debug, Clone, Copy)]
+pub struct Seen<'a> {
+    pub run_id: Option<RunId>,
+    pub aggregate_type: &'a str,
+    pub aggregate_id: &'a str,
+    pub event_type: &'a str,
+    pub payload: &'a serde_json::Value,
+}
+
+impl<'a> From<&'a EventEnvelope> for Seen<'a> {
+    fn from(e: &'a EventEnvelope) -> Self {
+        Self {
+            run_id: e.run_id.map(RunId),
+            aggregate_type: &e.aggregate_type,
+            aggregate_id: &e.aggregate_id,
+            event_type: &e.event_type,
+            payload: &e.payload,
+        }
+    }
+}
+
+impl<'a> From<&'a Committed> for Seen<'a> {
+    fn from(e: &'a Committed) -> Self {
+        Self {
+            run_id: Some(e.run_id),
+            aggregate_type: &e.aggregate_type,
+            aggregate_id: &e.aggregate_id,
+            event_type: &e.event_type,
+            payload: &e.payload,
+        }
+    }
+}
+
 pub struct Orchestrator {
     store: Arc<Store>,
     js: jetstream::Context,
     topology: Topology,
+    /// The fast path's subscription, taken when made: what the store commits from then on
+    /// is seen in memory, even before the first consume.
+    local: std::sync::Mutex<Option<tokio::sync::broadcast::Receiver<Arc<Committed>>>>,
 }
 
 impl Orchestrator {
     pub fn new(store: Arc<Store>, js: jetstream::Context, topology: Topology) -> Self {
-        Self { store, js, topology }
+        let local = std::sync::Mutex::new(Some(store.subscribe_committed()));
+        Self { store, js, topology, local }
     }
 
     /// Runs until dropped; errors are logged and retried.
@@ -98,47 +164,93 @@ impl Orchestrator {
             )
             .await
             .map_err(stream_err)?;
+        // Subscribed before the stream is read (at construction for the first consume): what
+        // is committed from then on is in one or the other, or both.
+        let taken = self.local.lock().expect("not poisoned").take();
+        let mut local = taken.unwrap_or_else(|| self.store.subscribe_committed());
         let mut messages = consumer.messages().await.map_err(stream_err)?;
         // Runs are independent: their events are handled in lanes side by side, each run's
-        // events in one lane, in stream order.
+        // events in one lane, in stream order (and this process's own, in commit order).
         let (senders, receivers): (Vec<_>, Vec<_>) =
-            (0..LANES).map(|_| tokio::sync::mpsc::channel::<jetstream::Message>(256)).unzip();
+            (0..LANES).map(|_| tokio::sync::mpsc::channel::<Delivery>(256)).unzip();
         let lanes = futures::future::join_all(receivers.into_iter().map(|mut lane| async move {
-            while let Some(message) = lane.recv().await {
-                if let Err(error) = self.settle(message).await {
-                    tracing::warn!(error = %error, "event not settled; it will be redelivered");
+            let mut handled_in_memory: HashSet<(String, i64)> = HashSet::new();
+            while let Some(delivery) = lane.recv().await {
+                match delivery {
+                    Delivery::Stream(message) => {
+                        if let Err(error) = self.settle(message, &mut handled_in_memory).await {
+                            tracing::warn!(error = %error, "event not settled; it will be redelivered");
+                        }
+                    }
+                    Delivery::Local(event) => match self.react(Seen::from(&*event), Delivered::InMemory).await {
+                        Ok(()) => {
+                            if handled_in_memory.len() >= HANDLED_IN_MEMORY {
+                                handled_in_memory.clear();
+                            }
+                            handled_in_memory.insert((event.aggregate_id.clone(), event.sequence));
+                        }
+                        // The stream's copy will be handled (and retried) as usual.
+                        Err(error) => tracing::debug!(error = %error, event = %event.event_type, "in-memory event not handled; the stream's copy will be"),
+                    },
                 }
             }
         }));
-        let feed = async move {
-            while let Some(message) = messages.next().await {
-                let message = message.map_err(stream_err)?;
-                let lane = self.lane_of(&message.subject);
-                if senders[lane].send(message).await.is_err() {
-                    break;
+        let stream_feed = {
+            let senders = senders.clone();
+            async move {
+                while let Some(message) = messages.next().await {
+                    let message = message.map_err(stream_err)?;
+                    let lane = self.lane_of(&message.subject);
+                    if senders[lane].send(Delivery::Stream(message)).await.is_err() {
+                        break;
+                    }
+                }
+                Ok::<(), OrchestratorError>(())
+            }
+        };
+        let local_feed = async move {
+            loop {
+                match local.recv().await {
+                    Ok(event) => {
+                        let lane = lane_of_run(&event.run_id.to_string());
+                        if senders[lane].send(Delivery::Local(event)).await.is_err() {
+                            break;
+                        }
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
+                        tracing::debug!(missed, "fast path fell behind; the stream brings those events");
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
                 }
             }
-            Ok::<(), OrchestratorError>(())
+            // Without the fast path the stream still brings everything.
+            futures::future::pending::<()>().await;
         };
-        let (fed, _) = futures::join!(feed, lanes);
+        // The stream ending (or failing) ends both feeds; their senders dropped, the lanes
+        // finish what they hold and end.
+        let feeds = async move {
+            tokio::select! {
+                fed = stream_feed => fed,
+                () = local_feed => Ok(()),
+            }
+        };
+        let (fed, _) = futures::join!(feeds, lanes);
         fed
     }
 
     /// The lane of an event: by its run (the subject's token after the prefix).
     fn lane_of(&self, subject: &str) -> usize {
-        use std::hash::{Hash, Hasher};
         let run = subject
             .strip_prefix(self.topology.events_prefix.as_str())
             .and_then(|rest| rest.strip_prefix('.'))
             .and_then(|rest| rest.split('.').next())
             .unwrap_or(subject);
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        run.hash(&mut hasher);
-        (hasher.finish() % LANES as u64) as usize
+        lane_of_run(run)
     }
 
-    /// One event from the stream: handled, then acked; or handed back for redelivery.
-    async fn settle(&self, message: jetstream::Message) -> Result<(), OrchestratorError> {
+    /// One event from the stream: handled (unless it already was, in memory), then acked;
+    /// or handed back for redelivery.
+    async fn settle(&self, message: jetstream::Message, handled_in_memory: &mut HashSet<(String, i64)>) -> Result<(), OrchestratorError> {
         let envelope: EventEnvelope = match serde_json::from_slice(&message.payload) {
             Ok(envelope) => envelope,
             Err(error) => {
@@ -147,6 +259,10 @@ impl Orchestrator {
                 return Ok(());
             }
         };
+        if handled_in_memory.remove(&(envelope.aggregate_id.clone(), envelope.sequence)) {
+            message.ack().await.map_err(stream_err)?;
+            return Ok(());
+        }
         match self.handle(&envelope).await {
             Ok(()) => message.ack().await.map_err(stream_err)?,
             Err(error) => {
@@ -157,12 +273,17 @@ impl Orchestrator {
         Ok(())
     }
 
-    /// What one event causes.
+    /// What one event from the stream causes.
     pub async fn handle(&self, event: &EventEnvelope) -> Result<(), OrchestratorError> {
-        let Some(run_id) = event.run_id.map(RunId) else { return Ok(()) };
-        match (event.aggregate_type.as_str(), event.event_type.as_str()) {
+        self.react(Seen::from(event), Delivered::Stream).await
+    }
+
+    /// What one event causes.
+    pub async fn react(&self, event: Seen<'_>, delivered: Delivered) -> Result<(), OrchestratorError> {
+        let Some(run_id) = event.run_id else { return Ok(()) };
+        match (event.aggregate_type, event.event_type) {
             ("run", "RequirementSubmitted" | "StageCompleted" | "StageSkipped" | "StagesReopened") => {
-                self.advance(run_id).await
+                self.advance(run_id, delivered).await
             }
             ("run", "RunReviewed") if event.payload["decision"] == "REVISE" => self.revise(run_id).await,
             ("objective", "TaskResultRecorded")
@@ -172,7 +293,7 @@ impl Orchestrator {
             }
             ("objective", event_type @ ("ObjectiveCompleted" | "ObjectiveBlocked" | "TaskResultRecorded")) => {
                 let objective = self.objective(event).await?;
-                match reaction(event_type, &event.payload, objective.stage, objective_id_of(event)?) {
+                match reaction(event_type, event.payload, objective.stage, objective_id_of(event)?) {
                     Some(command) => self.run_command(run_id, command).await,
                     None => Ok(()),
                 }
@@ -181,7 +302,7 @@ impl Orchestrator {
         }
     }
 
-    async fn objective(&self, event: &EventEnvelope) -> Result<factory_domain::Objective, OrchestratorError> {
+    async fn objective(&self, event: Seen<'_>) -> Result<factory_domain::Objective, OrchestratorError> {
         self.store.load_objective(objective_id_of(event)?).await.map_err(store_err)
     }
 
@@ -222,7 +343,9 @@ impl Orchestrator {
     /// downstream run again, with the feedback in their context. Bounded by the pipeline.
     async fn revise(&self, run_id: RunId) -> Result<(), OrchestratorError> {
         let run = self.store.load_run(run_id).await.map_err(store_err)?;
-        if run.status != RunStatus::Running {
+        // Only once per review: a second delivery of it finds the stages already reopened
+        // (and perhaps done again), and must not reopen them a second time.
+        if run.status != RunStatus::Running || !run.revision_pending {
             return Ok(());
         }
         let Some(pipeline) = self.pipeline_of(run_id, &run).await? else { return Ok(()) };
@@ -230,15 +353,18 @@ impl Orchestrator {
     }
 
     /// Starts ready stages, or finishes the run.
-    async fn advance(&self, run_id: RunId) -> Result<(), OrchestratorError> {
+    async fn advance(&self, run_id: RunId, delivered: Delivered) -> Result<(), OrchestratorError> {
         let run = self.store.load_run(run_id).await.map_err(store_err)?;
         if run.status != RunStatus::Running {
             return Ok(());
         }
         let Some(pipeline) = self.pipeline_of(run_id, &run).await? else { return Ok(()) };
         // Stages in progress (started, not done) are re-published: a crash may have come
-        // between starting a stage and putting its work on the queue.
-        for (stage_name, state) in &run.stages {
+        // between starting a stage and putting its work on the queue. Only for the stream's
+        // deliveries: such a crash leaves the stream's copy of the event unacked, and it is
+        // redelivered to the next orchestrator, which does this.
+        let stages_in_progress = run.stages.iter().filter(|_| delivered == Delivered::Stream);
+        for (stage_name, state) in stages_in_progress {
             if let StageState::InProgress { objective_id, .. } = state
                 && let Some(stage) = pipeline.stage(stage_name)
             {
@@ -250,6 +376,7 @@ impl Orchestrator {
             Next::Start(stages) => {
                 for stage in stages {
                     let objective_id = ObjectiveId::new();
+                    self.store.expect_new_objective(objective_id);
                     let command = RunCommand::StartStage {
                         stage: stage.name.clone(),
                         team: stage.team.clone(),
@@ -290,8 +417,16 @@ impl Orchestrator {
     }
 }
 
+/// The lane of a run (its id as text).
+fn lane_of_run(run: &str) -> usize {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    run.hash(&mut hasher);
+    (hasher.finish() % LANES as u64) as usize
+}
+
 /// The objective an objective event belongs to (its aggregate id).
-fn objective_id_of(event: &EventEnvelope) -> Result<ObjectiveId, OrchestratorError> {
+fn objective_id_of(event: Seen<'_>) -> Result<ObjectiveId, OrchestratorError> {
     event.aggregate_id.parse().map_err(|e| OrchestratorError::Store(Box::new(e)))
 }
 

@@ -335,3 +335,30 @@ async fn a_team_over_budget_is_downgraded_then_blocked() {
     assert!(reason.contains("budget"), "{reason}");
     assert_eq!(factory.count(run, "StageStarted").await, 1, "nothing starts after the blocked stage");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_orchestrator_follows_its_own_process_commits_in_memory_and_the_stream_copies_change_nothing() {
+    // No relay: nothing reaches FACTORY_EVENTS, so only the fast path can move the run.
+    let mut factory = Factory::start().await;
+    factory.tasks.remove(0).abort();
+    let run = factory.submit("Build a URL shortener", "phase1", true).await;
+    factory.wait_status(run, RunStatus::Completed).await;
+    assert_eq!(crate::support::stream_len(&factory.stack.js, &factory.stack).await, 0);
+    // Now the stream gets every event; the orchestrator takes each copy, does nothing twice.
+    let relay = relay(&factory.stack, factory.stack.js.clone(), 500).with_wake(factory.store.committed());
+    factory.tasks.push(tokio::spawn(relay.run()));
+    let stored = crate::support::store_count(&factory.stack.pool).await as u64;
+    wait_for("the orchestrator to have taken every stream copy", Duration::from_secs(60), || async {
+        let mut stream = factory.stack.js.get_stream(&factory.stack.topology.events_stream).await.ok()?;
+        let published = stream.info().await.ok()?.state.messages;
+        let mut consumer = stream.get_consumer::<async_nats::jetstream::consumer::pull::Config>("orchestrator").await.ok()?;
+        let info = consumer.info().await.ok()?;
+        (published == stored && info.num_pending == 0 && info.num_ack_pending == 0).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for (event_type, expected) in [("StageStarted", 5), ("ObjectiveAssigned", 5), ("StageCompleted", 5), ("RunCompleted", 1)] {
+        assert_eq!(factory.count(run, event_type).await, expected, "{event_type}");
+    }
+    assert_eq!(crate::support::store_count(&factory.stack.pool).await as u64, stored, "the stream copies wrote nothing");
+}
