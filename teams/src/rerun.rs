@@ -500,14 +500,13 @@ impl Simulation {
         let granted = granted_tools(team.tools).map_err(|e| RerunError::Record(format!("{}: {e}", item.team)))?;
         let context = RunContext::fold(&self.log[..known], &item);
         let dir = self.scratch.join(objective_id.to_string());
-        let workspace = Workspace::new(&dir)?;
-        for (path, sha) in context.artifacts() {
-            if let Some(content) = self.content(sha).await?
-                && let Ok(text) = String::from_utf8(content)
-            {
-                let _ = workspace.write_file(path, &text);
+        let mut contents = std::collections::HashMap::new();
+        for sha in context.artifacts().values() {
+            if let Some(content) = self.content(sha).await? {
+                contents.insert(sha.clone(), content);
             }
         }
+        let workspace = Workspace::with_inputs(&dir, crate::worker::workspace_inputs(context.artifacts(), |sha| contents.get(sha).cloned()))?;
         let iteration = self.objectives.get(&objective_id).map(|o| o.iterations).unwrap_or(0) + 1;
         let prompt = context.prompt(team, iteration, item.max_iterations);
         let provider = Recorded {
@@ -541,8 +540,7 @@ impl Simulation {
         match outcome {
             Ok(outcome) => {
                 for path in artifact_paths(&outcome) {
-                    let Ok(full) = workspace.resolve(&path) else { continue };
-                    let Ok(content) = std::fs::read(&full) else { continue };
+                    let Some(content) = workspace.content(&path) else { continue };
                     let artifact = artifact_of(path, &content);
                     self.contents.insert(artifact.sha256.clone(), content);
                     self.objective_command(objective_id, ObjectiveCommand::ProduceArtifact(artifact)).await;

@@ -1,6 +1,8 @@
 //! The tools an operative may call while it works an objective, and the workspace they act in.
 //!
-//! Every objective runs in a [`Workspace`]: one directory on disk. The model names files by
+//! Every objective runs in a [`Workspace`]: one directory on disk, plus the earlier stages'
+//! artifacts served from memory as if they were its files ([`Workspace::with_inputs`]; a
+//! file written at an input's path shadows it). The model names files by
 //! paths relative to it, and nothing a model writes can reach outside it: absolute paths,
 //! `..`, Windows prefixes, NUL bytes and symbolic links are refused before the file system is
 //! touched (see [`Workspace::resolve`]). Sizes are bounded ([`MAX_FILE_BYTES`],
@@ -43,6 +45,11 @@ pub const MAX_TITLE_CHARS: usize = 200;
 #[derive(Debug, Clone)]
 pub struct Workspace {
     root: PathBuf,
+    /// Read-only files by normalised relative path (the earlier stages' artifacts), read and
+    /// listed like the directory's own until a file is written at the same path. Kept in
+    /// memory: writing every earlier artifact into every attempt's directory, and deleting
+    /// it after, was a quarter of a worker's CPU under load.
+    inputs: std::sync::Arc<BTreeMap<String, String>>,
 }
 
 /// Why a path given by a model is refused. Each message says what to give instead.
@@ -112,11 +119,64 @@ impl Workspace {
     /// Opens the workspace at `root`, creating the directory if needed. The root is made
     /// absolute and canonical once here, so that every resolved path starts with it.
     pub fn new(root: impl Into<PathBuf>) -> io::Result<Workspace> {
+        Self::with_inputs(root, BTreeMap::new())
+    }
+
+    /// Like [`Workspace::new`], with `inputs` (path -> text) readable and listed as files of
+    /// the workspace until written over. Paths that a model could not give (absolute, `..`,
+    /// ...) are dropped, as are inputs above [`MAX_FILE_BYTES`]; `./a//b` is kept as `a/b`.
+    pub fn with_inputs(root: impl Into<PathBuf>, inputs: BTreeMap<String, String>) -> io::Result<Workspace> {
         let root = root.into();
         fs::create_dir_all(&root)?;
+        let inputs = inputs
+            .into_iter()
+            .filter(|(_, text)| text.len() <= MAX_FILE_BYTES)
+            .filter_map(|(path, text)| match normalise(&path) {
+                Ok(parts) if !parts.is_empty() => Some((parts.join("/"), text)),
+                _ => None,
+            })
+            .collect();
         Ok(Workspace {
             root: fs::canonicalize(&root)?,
+            inputs: std::sync::Arc::new(inputs),
         })
+    }
+
+    /// The input at a normalised path, if there is one.
+    fn input(&self, rel: &str) -> Option<&String> {
+        self.inputs.get(rel)
+    }
+
+    /// The inputs below a normalised directory path (all of them for the root).
+    fn inputs_under<'a>(&'a self, rel: &'a str) -> impl Iterator<Item = &'a String> + 'a {
+        let prefix = if rel.is_empty() { String::new() } else { format!("{rel}/") };
+        self.inputs.range(prefix.clone()..).map(|(path, _)| path).take_while(move |path| path.starts_with(&prefix))
+    }
+
+    /// Refuses a path that the inputs make impossible: one below an input file (a file is
+    /// not a directory), or one that is a directory of inputs.
+    fn check_against_inputs(&self, target: &Confined) -> Result<(), ToolError> {
+        for i in 1..target.parts.len() {
+            let above = target.parts[..i].join("/");
+            if self.inputs.contains_key(&above) {
+                return Err(PathError::NotADirectory { path: target.rel.clone(), file: above }.into());
+            }
+        }
+        if self.inputs_under(&target.rel).next().is_some() {
+            return Err(ToolError::IsDirectory { path: target.rel.clone() });
+        }
+        Ok(())
+    }
+
+    /// The bytes of the file at `path`: the directory's own, else an input's. `None` when
+    /// neither exists or the path is refused.
+    pub fn content(&self, path: &str) -> Option<Vec<u8>> {
+        let target = self.confine(path).ok()?;
+        match fs::symlink_metadata(&target.abs) {
+            Ok(meta) if meta.is_file() => fs::read(&target.abs).ok(),
+            Ok(_) => None,
+            Err(_) => self.input(&target.rel).map(|text| text.clone().into_bytes()),
+        }
     }
 
     pub fn root(&self) -> &Path {
@@ -134,39 +194,10 @@ impl Workspace {
     }
 
     fn confine(&self, path: &str) -> Result<Confined, PathError> {
-        if path.is_empty() {
-            return Err(PathError::Empty);
-        }
-        if path.len() > MAX_PATH_BYTES {
-            let shown: String = path.chars().take(40).collect();
-            return Err(PathError::TooLong(format!("{shown}...")));
-        }
-        if path.contains('\0') {
-            return Err(PathError::Nul(path.to_string()));
-        }
-        // On Unix a backslash is an ordinary character, but a model writing one means a
-        // Windows path (`src\main.rs`, `\\server\share`), which would land somewhere it did
-        // not mean; refuse it rather than guess.
-        if path.contains('\\') || has_drive_prefix(path) {
-            return Err(PathError::Windows(path.to_string()));
-        }
-        let mut parts = Vec::new();
-        for component in Path::new(path).components() {
-            match component {
-                Component::Normal(name) => match name.to_str() {
-                    Some(name) => parts.push(name.to_string()),
-                    // Unreachable: `path` is a `&str`, so its components are UTF-8.
-                    None => return Err(PathError::Nul(path.to_string())),
-                },
-                Component::CurDir => {}
-                Component::ParentDir => return Err(PathError::Parent(path.to_string())),
-                Component::RootDir | Component::Prefix(_) => {
-                    return Err(PathError::Absolute(path.to_string()));
-                }
-            }
-        }
+        let parts = normalise(path)?;
         let mut abs = self.root.clone();
         for (i, part) in parts.iter().enumerate() {
+
             abs.push(part);
             match fs::symlink_metadata(&abs) {
                 Ok(meta) if meta.file_type().is_symlink() => {
@@ -258,6 +289,7 @@ impl Workspace {
     /// Creates or overwrites the text file at `path`; returns its normalised relative path.
     pub fn write_file(&self, path: &str, content: &str) -> Result<String, ToolError> {
         let target = self.confine_file(path)?;
+        self.check_against_inputs(&target)?;
         if content.len() > MAX_FILE_BYTES {
             return Err(ToolError::ContentTooLarge {
                 path: target.rel,
@@ -290,6 +322,13 @@ impl Workspace {
         let meta = match fs::symlink_metadata(&target.abs) {
             Ok(meta) => meta,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                if let Some(text) = self.input(&target.rel) {
+                    // Inputs were checked for size and text when the workspace was made.
+                    return Ok(text.clone());
+                }
+                if self.inputs_under(&target.rel).next().is_some() {
+                    return Err(ToolError::IsDirectory { path: target.rel });
+                }
                 return Err(ToolError::NotFound { path: target.rel });
             }
             Err(source) => return Err(ToolError::io("check", target.rel, source)),
@@ -333,22 +372,33 @@ impl Workspace {
             None | Some("") => self.confine(".")?,
             Some(dir) => self.confine(dir)?,
         };
-        match fs::symlink_metadata(&target.abs) {
-            Ok(meta) if meta.is_dir() => {}
+        // The inputs below it, then the directory's own files (a file written at an input's
+        // path is the same file, listed once).
+        let mut files: std::collections::BTreeSet<String> = self.inputs_under(&target.rel).cloned().collect();
+        let on_disk = match fs::symlink_metadata(&target.abs) {
+            Ok(meta) if meta.is_dir() => true,
             Ok(_) => {
                 return Err(ToolError::NotADirectory {
                     path: target.shown(),
                 });
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                return Err(ToolError::NoDirectory {
-                    path: target.shown(),
-                });
+                if !target.rel.is_empty() && self.input(&target.rel).is_some() {
+                    return Err(ToolError::NotADirectory { path: target.shown() });
+                }
+                if files.is_empty() {
+                    return Err(ToolError::NoDirectory {
+                        path: target.shown(),
+                    });
+                }
+                false
             }
             Err(source) => return Err(ToolError::io("check", target.shown(), source)),
+        };
+        if files.len() > MAX_LISTED_FILES {
+            return Err(ToolError::TooManyFiles { path: target.shown() });
         }
-        let mut files = Vec::new();
-        let mut pending = vec![(target.abs.clone(), target.rel.clone())];
+        let mut pending = if on_disk { vec![(target.abs.clone(), target.rel.clone())] } else { vec![] };
         while let Some((abs, rel)) = pending.pop() {
             let shown = if rel.is_empty() {
                 ".".to_string()
@@ -372,7 +422,7 @@ impl Workspace {
                 if kind.is_dir() {
                     pending.push((entry.path(), child));
                 } else if kind.is_file() {
-                    files.push(child);
+                    files.insert(child);
                     if files.len() > MAX_LISTED_FILES {
                         return Err(ToolError::TooManyFiles {
                             path: target.shown(),
@@ -381,15 +431,17 @@ impl Workspace {
                 }
             }
         }
-        files.sort();
-        Ok(files)
+        Ok(files.into_iter().collect())
     }
 
     /// Appends `decision` as a markdown section to [`DECISIONS_PATH`], creating it with a
     /// heading the first time.
     pub fn record_decision(&self, decision: &Decision) -> Result<(), ToolError> {
         let target = self.confine_file(DECISIONS_PATH)?;
+        self.check_against_inputs(&target)?;
         self.create_parents(&target)?;
+        // An earlier stage's decisions (an input) are carried on: copied, then appended to.
+        let mut carried = "";
         let existing = match fs::symlink_metadata(&target.abs) {
             Ok(meta) if meta.file_type().is_symlink() => {
                 return Err(PathError::Symlink {
@@ -400,11 +452,15 @@ impl Workspace {
             }
             Ok(meta) if meta.is_file() => meta.len(),
             Ok(_) => return Err(ToolError::NotAFile { path: target.rel }),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => 0,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                carried = self.input(&target.rel).map_or("", String::as_str);
+                0
+            }
             Err(source) => return Err(ToolError::io("check", target.rel, source)),
         };
-        let mut section = String::new();
-        if existing == 0 {
+        // What goes to the end of the file on disk: the carried decisions first, if any.
+        let mut section = carried.to_string();
+        if existing == 0 && carried.is_empty() {
             section.push_str("# Decisions\n\n");
         }
         section.push_str(&format!(
@@ -423,6 +479,44 @@ impl Workspace {
             .map_err(|source| ToolError::io("append to", target.rel.clone(), source))?;
         Ok(())
     }
+}
+
+/// The components of a path a model gave, checked without the file system: refused when
+/// empty, too long, with a NUL byte, a backslash or a drive prefix, absolute, or with `..`;
+/// `.` and empty components dropped (none left: the root).
+fn normalise(path: &str) -> Result<Vec<String>, PathError> {
+    if path.is_empty() {
+            return Err(PathError::Empty);
+        }
+        if path.len() > MAX_PATH_BYTES {
+            let shown: String = path.chars().take(40).collect();
+            return Err(PathError::TooLong(format!("{shown}...")));
+        }
+        if path.contains('\0') {
+            return Err(PathError::Nul(path.to_string()));
+        }
+        // On Unix a backslash is an ordinary character, but a model writing one means a
+        // Windows path (`src\main.rs`, `\\server\share`), which would land somewhere it did
+        // not mean; refuse it rather than guess.
+        if path.contains('\\') || has_drive_prefix(path) {
+            return Err(PathError::Windows(path.to_string()));
+        }
+        let mut parts = Vec::new();
+        for component in Path::new(path).components() {
+            match component {
+                Component::Normal(name) => match name.to_str() {
+                    Some(name) => parts.push(name.to_string()),
+                    // Unreachable: `path` is a `&str`, so its components are UTF-8.
+                    None => return Err(PathError::Nul(path.to_string())),
+                },
+                Component::CurDir => {}
+                Component::ParentDir => return Err(PathError::Parent(path.to_string())),
+                Component::RootDir | Component::Prefix(_) => {
+                    return Err(PathError::Absolute(path.to_string()));
+                }
+            }
+        }
+    Ok(parts)
 }
 
 /// `C:`, `c:foo`: a Windows drive, which on Unix would silently become a directory named `C:`.
@@ -976,6 +1070,62 @@ mod tests {
         fs::create_dir(&outside).unwrap();
         fs::write(outside.join("secret.txt"), "top secret").unwrap();
         (tmp, ws, outside)
+    }
+
+    /// A workspace whose earlier stages left `docs/requirements.md`, `src/lib.rs` and
+    /// decisions; and two inputs no model could name, which are dropped.
+    fn with_inputs() -> (TempDir, Workspace) {
+        let tmp = tempfile::tempdir().unwrap();
+        let inputs = BTreeMap::from([
+            ("docs/requirements.md".to_string(), "# Requirements".to_string()),
+            ("./src//lib.rs".to_string(), "pub fn f() {}".to_string()),
+            (DECISIONS_PATH.to_string(), "# Decisions\n\n## Earlier\n\n".to_string()),
+            ("../escape.md".to_string(), "no".to_string()),
+            ("/etc/passwd".to_string(), "no".to_string()),
+        ]);
+        let ws = Workspace::with_inputs(tmp.path().join("ws"), inputs).unwrap();
+        (tmp, ws)
+    }
+
+    #[test]
+    fn inputs_read_and_list_as_files_without_being_written_to_disk() {
+        let (_tmp, ws) = with_inputs();
+        assert_eq!(ws.read_file("docs/requirements.md").unwrap(), "# Requirements");
+        assert_eq!(ws.read_file("src/lib.rs").unwrap(), "pub fn f() {}");
+        assert_eq!(ws.list_files(None).unwrap(), vec![DECISIONS_PATH, "docs/requirements.md", "src/lib.rs"]);
+        assert_eq!(ws.list_files(Some("src")).unwrap(), vec!["src/lib.rs"]);
+        assert!(matches!(ws.read_file("../escape.md"), Err(ToolError::Path(PathError::Parent(_)))));
+        assert!(matches!(ws.read_file("escape.md"), Err(ToolError::NotFound { .. })));
+        assert!(matches!(ws.read_file("docs"), Err(ToolError::IsDirectory { .. })));
+        assert!(matches!(ws.list_files(Some("src/lib.rs")), Err(ToolError::NotADirectory { .. })));
+        assert!(matches!(ws.list_files(Some("nowhere")), Err(ToolError::NoDirectory { .. })));
+        // Nothing was written: the directory is empty.
+        assert_eq!(fs::read_dir(ws.root()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn a_written_file_shadows_its_input_and_is_listed_once() {
+        let (_tmp, ws) = with_inputs();
+        ws.write_file("src/lib.rs", "pub fn g() {}").unwrap();
+        ws.write_file("src/main.rs", "fn main() {}").unwrap();
+        assert_eq!(ws.read_file("src/lib.rs").unwrap(), "pub fn g() {}");
+        assert_eq!(ws.content("src/lib.rs").unwrap(), b"pub fn g() {}");
+        assert_eq!(ws.content("docs/requirements.md").unwrap(), b"# Requirements");
+        assert_eq!(ws.content("docs/none.md"), None);
+        assert_eq!(ws.list_files(Some("src")).unwrap(), vec!["src/lib.rs", "src/main.rs"]);
+        // A file cannot be a directory, nor a directory a file, inputs or not.
+        assert!(matches!(ws.write_file("src/lib.rs/x", "x"), Err(ToolError::Path(PathError::NotADirectory { .. }))));
+        assert!(matches!(ws.write_file("docs", "x"), Err(ToolError::IsDirectory { .. })));
+    }
+
+    #[test]
+    fn a_decision_carries_on_the_earlier_stages_decisions() {
+        let (_tmp, ws) = with_inputs();
+        ws.record_decision(&Decision { title: "Later".into(), decision: "Use SQLite".into(), rationale: "Small".into() })
+            .unwrap();
+        let text = ws.read_file(DECISIONS_PATH).unwrap();
+        assert!(text.starts_with("# Decisions\n\n## Earlier\n\n## Later\n\n**Decision:** Use SQLite"), "{text}");
+        assert_eq!(text.matches("# Decisions").count(), 1);
     }
 
     fn all_tools() -> Vec<String> {

@@ -239,16 +239,10 @@ impl Worker {
 
         // A workspace per attempt: two deliveries of one message never share one.
         let dir = self.options.work_dir.join(format!("{}-{}-{}", item.objective_id, key.replace(':', "-"), uuid::Uuid::now_v7()));
-        let workspace = Workspace::new(&dir)?;
+        // The earlier stages' artifacts, served from memory (not written into the directory).
         let shas: Vec<&str> = run.artifacts.values().map(String::as_str).collect();
         let contents = self.artifacts(&shas).await?;
-        for (path, sha) in &run.artifacts {
-            if let Some(content) = contents.get(sha)
-                && let Ok(text) = std::str::from_utf8(content)
-            {
-                let _ = workspace.write_file(path, text);
-            }
-        }
+        let workspace = Workspace::with_inputs(&dir, workspace_inputs(&run.artifacts, |sha| contents.get(sha).cloned()))?;
         let prompt = run.prompt(team, objective.iterations + 1, item.max_iterations);
         // Model calls are recorded as they return, by a task of their own, so that a dying
         // attempt keeps its audit; calls it has not taken when the work ends go into the
@@ -321,8 +315,7 @@ impl Worker {
             unrecorded.into_iter().map(|call| ObjectiveCommand::RecordModelCall(call.into())).collect();
         let (mut shas, mut contents, mut sizes) = (Vec::new(), Vec::new(), Vec::new());
         for path in artifact_paths(&outcome) {
-            let Ok(full) = workspace.resolve(&path) else { continue };
-            let Ok(content) = std::fs::read(&full) else { continue };
+            let Some(content) = workspace.content(&path) else { continue };
             let artifact = artifact_of(path, &content);
             shas.push(artifact.sha256.clone());
             sizes.push(content.len() as i64);
@@ -376,6 +369,15 @@ pub fn artifact_paths(outcome: &operative::Outcome) -> Vec<String> {
         }
     }
     paths
+}
+
+/// A workspace's inputs: the run's artifacts so far (path -> sha256) whose content is at
+/// hand and is text.
+pub fn workspace_inputs(artifacts: &BTreeMap<String, String>, mut content: impl FnMut(&str) -> Option<Vec<u8>>) -> BTreeMap<String, String> {
+    artifacts
+        .iter()
+        .filter_map(|(path, sha)| Some((path.clone(), String::from_utf8(content(sha)?).ok()?)))
+        .collect()
 }
 
 /// The `ArtifactProduced` of one file: content-addressed.
