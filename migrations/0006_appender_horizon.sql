@@ -20,6 +20,11 @@
 -- not wait on one another. (Not covered: a PREPARE TRANSACTION that appended events; its
 -- locks have no backend. The Factory does not use two-phase commit.)
 
+-- Applied on a live store: an appender that drew its position under the old trigger holds
+-- no appenders' lock, and the new horizon would not wait for it. So appends are held off
+-- (and the ones in flight waited for) until this migration commits; readers go on.
+LOCK TABLE events IN SHARE ROW EXCLUSIVE MODE;
+
 -- The appenders' lock: advisory, two int4 keys ('FACT', 1); pg_locks shows it as
 -- classid = 1178682196, objid = 1, objsubid = 2, in this database.
 CREATE FUNCTION events_mark_appender() RETURNS void LANGUAGE sql VOLATILE AS $$

@@ -384,7 +384,16 @@ impl Orchestrator {
                     };
                     match self.store.execute_run(run_id, command).await {
                         Ok(()) => self.dispatch(run_id, objective_id, stage).await?,
-                        Err(CommandError::Refused(RunError::StageAlreadyStarted(_) | RunError::StageFinished(_))) => {}
+                        Err(CommandError::Refused(RunError::StageAlreadyStarted(_))) => {
+                            // Another handling of this event (the in-memory one, the stream's
+                            // copy, another orchestrator) started it; it may have died before
+                            // queueing the work. Queueing it again is a no-op if it did not.
+                            let run = self.store.load_run(run_id).await.map_err(store_err)?;
+                            if let Some(StageState::InProgress { objective_id, .. }) = run.stages.get(&stage.name) {
+                                self.dispatch(run_id, *objective_id, stage).await?;
+                            }
+                        }
+                        Err(CommandError::Refused(RunError::StageFinished(_))) => {}
                         Err(CommandError::Refused(reason)) => {
                             tracing::debug!(%run_id, %reason, "stage not started");
                         }

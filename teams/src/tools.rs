@@ -124,13 +124,15 @@ impl Workspace {
 
     /// Like [`Workspace::new`], with `inputs` (path -> text) readable and listed as files of
     /// the workspace until written over. Paths that a model could not give (absolute, `..`,
-    /// ...) are dropped, as are inputs above [`MAX_FILE_BYTES`]; `./a//b` is kept as `a/b`.
+    /// ...) are dropped, as are inputs above [`MAX_FILE_BYTES`] or with a NUL byte; `./a//b`
+    /// is kept as `a/b`.
     pub fn with_inputs(root: impl Into<PathBuf>, inputs: BTreeMap<String, String>) -> io::Result<Workspace> {
         let root = root.into();
         fs::create_dir_all(&root)?;
         let inputs = inputs
             .into_iter()
-            .filter(|(_, text)| text.len() <= MAX_FILE_BYTES)
+            // As `read_file` would refuse them from disk: too large, or not text.
+            .filter(|(_, text)| text.len() <= MAX_FILE_BYTES && !text.contains('\0'))
             .filter_map(|(path, text)| match normalise(&path) {
                 Ok(parts) if !parts.is_empty() => Some((parts.join("/"), text)),
                 _ => None,
