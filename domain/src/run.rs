@@ -109,11 +109,15 @@ pub enum RunCommand {
     BlockRun {
         stage: String,
         reason: String,
+        /// The objective that answered; a stale one (of a reopened stage) is refused.
+        objective_id: ObjectiveId,
     },
     /// A stage's team needs an answer before it can go on: the run waits for it.
     AwaitClarification {
         stage: String,
         question: String,
+        /// The objective that asked; a stale one (of a reopened stage) is refused.
+        objective_id: ObjectiveId,
     },
     /// A new run that starts where another stood at a position of the store: its
     /// requirement and pipeline, and the stages completed by then (their objectives, copied
@@ -397,6 +401,18 @@ impl Run {
         Ok(())
     }
 
+    /// The stage is in progress, worked by `named` (not an earlier objective of a stage
+    /// since reopened).
+    fn require_worked_by(&self, stage: &str, named: ObjectiveId) -> Result<(), RunError> {
+        match self.stages.get(stage) {
+            Some(StageState::InProgress { objective_id, .. }) if *objective_id == named => Ok(()),
+            Some(StageState::InProgress { objective_id, .. }) => {
+                Err(RunError::NotTheStagesObjective { stage: stage.to_string(), named, current: *objective_id })
+            }
+            _ => Err(RunError::StageNotStarted(stage.to_string())),
+        }
+    }
+
     fn in_progress(&self) -> Vec<&str> {
         self.stages
             .iter()
@@ -547,18 +563,14 @@ impl Aggregate for Run {
                 }
                 RunEvent::StagesReopened(StagesReopened { stages, revision: self.revisions })
             }
-            RunCommand::BlockRun { stage, reason } => {
+            RunCommand::BlockRun { stage, reason, objective_id } => {
                 self.require_running()?;
-                if !matches!(self.stages.get(&stage), Some(StageState::InProgress { .. })) {
-                    return Err(RunError::StageNotStarted(stage));
-                }
+                self.require_worked_by(&stage, objective_id)?;
                 RunEvent::RunBlocked(RunBlocked { stage, reason })
             }
-            RunCommand::AwaitClarification { stage, question } => {
+            RunCommand::AwaitClarification { stage, question, objective_id } => {
                 self.require_running()?;
-                if !matches!(self.stages.get(&stage), Some(StageState::InProgress { .. })) {
-                    return Err(RunError::StageNotStarted(stage));
-                }
+                self.require_worked_by(&stage, objective_id)?;
                 RunEvent::RunNeedsClarification(RunNeedsClarification { stage, question })
             }
         };
@@ -1416,7 +1428,7 @@ mod stop_tests {
     fn a_blocked_stage_blocks_the_run_and_nothing_else_starts() {
         run()
             .given(given_a_started_stage())
-            .when(RunCommand::BlockRun { stage: "backend".into(), reason: "no credentials".into() })
+            .when(RunCommand::BlockRun { stage: "backend".into(), reason: "no credentials".into(), objective_id: ObjectiveId::default() })
             .then_expect_events(vec![RunEvent::RunBlocked(RunBlocked {
                 stage: "backend".into(),
                 reason: "no credentials".into(),
@@ -1433,7 +1445,7 @@ mod stop_tests {
     fn a_question_pauses_the_run() {
         run()
             .given(given_a_started_stage())
-            .when(RunCommand::AwaitClarification { stage: "backend".into(), question: "which database?".into() })
+            .when(RunCommand::AwaitClarification { stage: "backend".into(), question: "which database?".into(), objective_id: ObjectiveId::default() })
             .then_expect_events(vec![RunEvent::RunNeedsClarification(RunNeedsClarification {
                 stage: "backend".into(),
                 question: "which database?".into(),
@@ -1444,12 +1456,27 @@ mod stop_tests {
     fn only_a_stage_in_progress_can_block_or_ask() {
         run()
             .given(given_a_started_stage())
-            .when(RunCommand::BlockRun { stage: "qa".into(), reason: "x".into() })
+            .when(RunCommand::BlockRun { stage: "qa".into(), reason: "x".into(), objective_id: ObjectiveId::default() })
             .then_expect_error(RunError::StageNotStarted("qa".into()));
         run()
             .given(given_a_started_stage())
-            .when(RunCommand::AwaitClarification { stage: "qa".into(), question: "x".into() })
+            .when(RunCommand::AwaitClarification { stage: "qa".into(), question: "x".into(), objective_id: ObjectiveId::default() })
             .then_expect_error(RunError::StageNotStarted("qa".into()));
+    }
+
+    #[test]
+    fn only_the_stages_current_objective_can_block_or_ask() {
+        // A redelivered answer of an objective replaced since (the stage was reopened).
+        let stale = ObjectiveId(uuid::Uuid::from_u128(99));
+        let expected = || RunError::NotTheStagesObjective { stage: "backend".into(), named: stale, current: ObjectiveId::default() };
+        run()
+            .given(given_a_started_stage())
+            .when(RunCommand::BlockRun { stage: "backend".into(), reason: "x".into(), objective_id: stale })
+            .then_expect_error(expected());
+        run()
+            .given(given_a_started_stage())
+            .when(RunCommand::AwaitClarification { stage: "backend".into(), question: "x".into(), objective_id: stale })
+            .then_expect_error(expected());
     }
 }
 

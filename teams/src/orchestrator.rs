@@ -523,7 +523,7 @@ pub fn reaction(event_type: &str, payload: &serde_json::Value, stage: String, ob
         "ObjectiveCompleted" => Some(RunCommand::CompleteStage { stage, objective_id }),
         "ObjectiveBlocked" => {
             let reason = payload["reason"].as_str().unwrap_or("blocked").to_string();
-            Some(RunCommand::BlockRun { stage, reason })
+            Some(RunCommand::BlockRun { stage, reason, objective_id })
         }
         "TaskResultRecorded" => {
             let status: Option<TaskStatus> = serde_json::from_value(payload["result"]["status"].clone()).ok();
@@ -531,7 +531,7 @@ pub fn reaction(event_type: &str, payload: &serde_json::Value, stage: String, ob
                 return None;
             }
             let question = payload["result"]["clarification_needed"].as_str().unwrap_or("").to_string();
-            Some(RunCommand::AwaitClarification { stage, question })
+            Some(RunCommand::AwaitClarification { stage, question, objective_id })
         }
         _ => None,
     }

@@ -314,6 +314,12 @@ async fn a_projection_that_cannot_apply_an_event_stops_and_names_it() {
 
 /// Random commands against the domain: the refused ones leave nothing, so what is stored is a
 /// valid history by construction, with every kind of event in any order the domain allows.
+/// The stage's latest objective in a random history, as the orchestrator would name it (a
+/// fresh one when none was assigned: the command is then refused, as it should be).
+fn latest(objectives: &[(factory_domain::ObjectiveId, factory_domain::RunId, String)], run: factory_domain::RunId, stage: &str) -> factory_domain::ObjectiveId {
+    objectives.iter().rev().find(|(_, r, s)| *r == run && s == stage).map_or_else(factory_domain::ObjectiveId::new, |(o, _, _)| *o)
+}
+
 async fn random_history(store: &factory_commands::Store, rng: &mut rand::rngs::StdRng, steps: usize) {
     use factory_domain::objective::{ArtifactProduced, ModelCalled};
     use factory_domain::run::ReviewDecision;
@@ -363,12 +369,7 @@ async fn random_history(store: &factory_commands::Store, rng: &mut rand::rngs::S
                 }
             }
             3 => {
-                // The stage's latest objective, as the orchestrator would name it.
-                let objective_id = objectives
-                    .iter()
-                    .rev()
-                    .find(|(_, r, s)| *r == run && *s == stage.name)
-                    .map_or_else(ObjectiveId::new, |(o, _, _)| *o);
+                let objective_id = latest(&objectives, run, &stage.name);
                 let _ = run_command(RunCommand::CompleteStage { stage: stage.name.clone(), objective_id }).await;
             }
             4 => { let _ = run_command(RunCommand::SkipStage { stage: stage.name.clone(), reason: "not needed".into() }).await; },
@@ -386,8 +387,8 @@ async fn random_history(store: &factory_commands::Store, rng: &mut rand::rngs::S
                     0 => RunCommand::CompleteRun,
                     1 => RunCommand::FailRun { reason: "broken".into() },
                     2 => RunCommand::CancelRun { reason: "enough".into(), cancelled_by: "ada".into() },
-                    3 => RunCommand::BlockRun { stage: stage.name.clone(), reason: "stuck".into() },
-                    _ => RunCommand::AwaitClarification { stage: stage.name.clone(), question: "which one?".into() },
+                    3 => RunCommand::BlockRun { stage: stage.name.clone(), reason: "stuck".into(), objective_id: latest(&objectives, run, &stage.name) },
+                    _ => RunCommand::AwaitClarification { stage: stage.name.clone(), question: "which one?".into(), objective_id: latest(&objectives, run, &stage.name) },
                 };
                 let _ = run_command(command).await;
             }
