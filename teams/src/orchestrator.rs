@@ -363,12 +363,13 @@ impl Orchestrator {
         // between starting a stage and putting its work on the queue. Only for the stream's
         // deliveries: such a crash leaves the stream's copy of the event unacked, and it is
         // redelivered to the next orchestrator, which does this.
-        let stages_in_progress = run.stages.iter().filter(|_| delivered == Delivered::Stream);
-        for (stage_name, state) in stages_in_progress {
-            if let StageState::InProgress { objective_id, .. } = state
-                && let Some(stage) = pipeline.stage(stage_name)
-            {
-                self.dispatch(run_id, *objective_id, stage).await?;
+        if delivered == Delivered::Stream {
+            for (stage_name, state) in &run.stages {
+                if let StageState::InProgress { objective_id, .. } = state
+                    && let Some(stage) = pipeline.stage(stage_name)
+                {
+                    self.dispatch(run_id, *objective_id, stage).await?;
+                }
             }
         }
         match next_step(&run, &pipeline) {
