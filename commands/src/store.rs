@@ -4,7 +4,7 @@
 //! orchestrator's fast path, see [`Committed`]).
 
 use cqrs_es::{Aggregate, AggregateError, DomainEvent};
-use cqrs_es::persist::{EventStoreAggregateContext, EventUpcaster, PersistedEventStore, SerializedEvent};
+use cqrs_es::persist::{EventUpcaster, PersistedEventStore, SerializedEvent};
 use cqrs_es::event_sink::EventSink;
 use cqrs_es::EventStore;
 use factory_domain::{
@@ -13,6 +13,7 @@ use factory_domain::{
 };
 use crate::repository::EventRepository;
 use sqlx::PgPool;
+use futures::future::BoxFuture;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -84,11 +85,17 @@ impl<A: Aggregate + Clone> Writer<A> {
                 return Ok(state);
             }
         }
+        Ok(self.load(aggregate_id).await?.0)
+    }
+
+    /// The aggregate read from the store (all its events folded), then remembered.
+    async fn load(&self, aggregate_id: &str) -> Result<(A, usize), CommandError<A::Error>>
+    where
+        A::Error: 'static,
+    {
         let context = self.events.load_aggregate(aggregate_id).await.map_err(store_error)?;
-        let sequence = context.current_sequence;
-        let state = context.aggregate;
-        self.remember(aggregate_id, Some((state.clone(), sequence)));
-        Ok(state)
+        self.remember(aggregate_id, Some((context.aggregate.clone(), context.current_sequence)));
+        Ok((context.aggregate, context.current_sequence))
     }
 
     fn remember(&self, aggregate_id: &str, state: Option<(A, usize)>) {
@@ -206,7 +213,7 @@ impl Store {
         run_id: RunId,
         command: RunCommand,
     ) -> Result<(), CommandError<RunError>> {
-        self.execute(&self.runs, &run_id.to_string(), run_id, vec![command]).await
+        self.execute(|changes, command| Box::pin(changes.execute_run(run_id, command)), vec![command], Vec::new()).await
     }
 
     pub async fn execute_objective(
@@ -215,131 +222,446 @@ impl Store {
         run_id: RunId,
         command: ObjectiveCommand,
     ) -> Result<(), CommandError<ObjectiveError>> {
-        self.execute(&self.objectives, &objective_id.to_string(), run_id, vec![command]).await
+        self.execute_objective_all(objective_id, run_id, vec![command]).await
     }
 
     /// Several commands on one objective, handled in order on one load of it and written in
     /// one append (one statement, so one transaction): all their events or none. A refusal of
-    /// any refuses the lot. A worker records a finished objective's artifacts, result and end
-    /// this way: one round trip pair instead of one per command.
+    /// any refuses the lot.
     pub async fn execute_objective_all(
         &self,
         objective_id: ObjectiveId,
         run_id: RunId,
         commands: Vec<ObjectiveCommand>,
     ) -> Result<(), CommandError<ObjectiveError>> {
-        self.execute(&self.objectives, &objective_id.to_string(), run_id, commands).await
+        self.record_objective(objective_id, run_id, commands, Vec::new()).await
     }
 
-    /// Handles the commands in order on the aggregate's state and commits all their events
-    /// in one append, retrying from fresh state when another writer got there first.
-    async fn execute<A>(
+    /// As [`Store::execute_objective_all`], with artifact contents stored in the same
+    /// statement: a worker records a finished objective's contents, artifacts, result and
+    /// end in one commit.
+    pub async fn record_objective(
         &self,
-        writer: &Writer<A>,
-        aggregate_id: &str,
+        objective_id: ObjectiveId,
         run_id: RunId,
-        commands: Vec<A::Command>,
-    ) -> Result<(), CommandError<A::Error>>
-    where
-        A: Aggregate<Services = SharedServices> + Clone,
-        A::Command: Clone,
-        A::Error: 'static,
-    {
-        let metadata = HashMap::from([("run_id".to_string(), run_id.to_string())]);
+        commands: Vec<ObjectiveCommand>,
+        artifacts: Vec<ArtifactContent>,
+    ) -> Result<(), CommandError<ObjectiveError>> {
+        self.execute(
+            |changes, command| Box::pin(changes.execute_objective(objective_id, run_id, command)),
+            commands,
+            artifacts,
+        )
+        .await
+    }
+
+    /// Commands on one aggregate, all or none, retried from fresh state when another writer
+    /// got there first. A refusal on remembered state is asked again on fresh state.
+    async fn execute<'s, C: Clone, E: std::error::Error + 'static>(
+        &'s self,
+        handle: impl for<'c> Fn(&'c mut Changes<'s>, C) -> BoxFuture<'c, Result<(), CommandError<E>>>,
+        commands: Vec<C>,
+        artifacts: Vec<ArtifactContent>,
+    ) -> Result<(), CommandError<E>> {
         let mut attempt = 0;
-        // After a refusal on remembered state, the next attempt loads, whatever the cache says.
         let mut fresh = false;
         loop {
             attempt += 1;
-            let cached = if fresh { None } else { writer.cached(aggregate_id) };
-            let from_cache = cached.is_some();
-            let mut context = match cached {
-                Some((aggregate, current_sequence)) => EventStoreAggregateContext {
-                    aggregate_id: aggregate_id.to_string(),
-                    aggregate,
-                    current_sequence,
-                    current_snapshot: None,
-                },
-                None => writer.events.load_aggregate(aggregate_id).await.map_err(store_error)?,
-            };
-            let sink = EventSink::default();
+            let mut changes = if fresh { self.changes().fresh() } else { self.changes() };
             let mut refused = None;
             for command in commands.iter().cloned() {
-                if let Err(e) = context.aggregate.handle(command, &self.services, &sink).await {
-                    refused = Some(e);
-                    break;
+                match handle(&mut changes, command).await {
+                    Ok(()) => {}
+                    Err(CommandError::Refused(e)) => {
+                        refused = Some(e);
+                        break;
+                    }
+                    Err(other) => return Err(other),
                 }
             }
             if let Some(e) = refused {
-                writer.remember(aggregate_id, None);
-                if from_cache {
+                if !fresh && !changes.all_fresh() {
                     // Perhaps refused on what another process has since changed: ask again on fresh state.
                     fresh = true;
                     continue;
                 }
                 return Err(CommandError::Refused(e));
             }
-            let events = sink.collect().await;
-            let after = (context.aggregate.clone(), context.current_sequence + events.len());
-            // Told in memory after the commit; built only while someone listens.
-            let told: Vec<Committed> = if self.local.receiver_count() > 0 {
-                committed::<A>(aggregate_id, run_id, context.current_sequence, &events)
-            } else {
-                Vec::new()
-            };
-            if events.is_empty() {
-                // Accepted with nothing to record (a repeated idempotency key). Safe on
-                // remembered state: what makes a command a no-op (a key already recorded)
-                // never becomes untrue later.
-                return Ok(());
+            changes.store_artifacts(artifacts.clone());
+            match changes.commit().await {
+                Ok(()) => return Ok(()),
+                Err(CommitError::Conflict) if attempt < MAX_ATTEMPTS => {
+                    tracing::debug!(attempt, "concurrent write; retrying from fresh state");
+                    tokio::time::sleep(conflict_backoff(attempt)).await;
+                }
+                Err(error) => return Err(error.into()),
             }
-            match writer.events.commit(events, context, metadata.clone()).await {
-                Ok(_) => {
-                    writer.remember(aggregate_id, Some(after));
-                    // `notify_one` keeps a permit when the relay is busy, so no wake-up is lost.
-                    self.committed.notify_one();
-                    for event in told {
+        }
+    }
+
+    /// A unit of work: commands on any aggregates, handled in order on their current state
+    /// and committed together by [`Changes::commit`].
+    pub fn changes(&self) -> Changes<'_> {
+        Changes {
+            store: self,
+            runs: Vec::new(),
+            objectives: Vec::new(),
+            order: Vec::new(),
+            artifacts: Vec::new(),
+            use_cache: true,
+        }
+    }
+
+    /// After a [`CommitError::Conflict`] on the `attempt`th try: waits a short, growing,
+    /// jittered pause and says whether to try again (false past the limit).
+    pub async fn pause_after_conflict(&self, attempt: u32) -> bool {
+        if attempt >= MAX_ATTEMPTS {
+            return false;
+        }
+        tokio::time::sleep(conflict_backoff(attempt)).await;
+        true
+    }
+}
+
+/// An artifact's content, stored (once per digest) with the events that name it.
+#[derive(Debug, Clone)]
+pub struct ArtifactContent {
+    pub sha256: String,
+    pub content: Vec<u8>,
+}
+
+/// Why a unit of work was not committed. Nothing of it was written.
+#[derive(Debug, thiserror::Error)]
+pub enum CommitError {
+    /// Another writer appended to one of its aggregates first: handle the commands again on
+    /// fresh state (a new [`Changes`]).
+    #[error("another writer changed one of the aggregates first")]
+    Conflict,
+    #[error("the event store failed")]
+    Store(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl<E: std::error::Error + 'static> From<CommitError> for CommandError<E> {
+    fn from(error: CommitError) -> Self {
+        match error {
+            CommitError::Conflict => CommandError::Conflict,
+            CommitError::Store(e) => CommandError::Store(e),
+        }
+    }
+}
+
+/// One aggregate in a unit of work: its state (with the staged events applied), the
+/// sequence it was at, and the staged events.
+struct Entry<A: Aggregate> {
+    id: String,
+    run_id: RunId,
+    state: A,
+    base: usize,
+    staged: Vec<A::Event>,
+    /// Read from the store by this unit, not taken from what the process remembers.
+    fresh: bool,
+}
+
+/// Which aggregate an event staged in a unit of work belongs to, in the order staged.
+#[derive(Clone, Copy)]
+enum Slot {
+    Run(usize),
+    Objective(usize),
+}
+
+/// A unit of work (see [`Store::changes`]): commands on several aggregates (a run and the
+/// objectives it starts, say), each handled on its aggregate's state as the earlier ones
+/// left it, all their events appended in the order staged by one statement on
+/// [`Changes::commit`]: one transaction, one commit, all or none. Dropped uncommitted, it
+/// writes nothing.
+///
+/// State comes from what the process remembers when it can (no read): a unit staged on
+/// stale state meets a conflict at commit, and a refusal on remembered state is asked again
+/// on fresh state. Where a decision writes nothing, ask with the sequence the caller knows
+/// ([`Changes::run_at_least`]).
+pub struct Changes<'s> {
+    store: &'s Store,
+    runs: Vec<Entry<Run>>,
+    objectives: Vec<Entry<Objective>>,
+    order: Vec<Slot>,
+    artifacts: Vec<ArtifactContent>,
+    use_cache: bool,
+}
+
+impl<'s> Changes<'s> {
+    /// Every aggregate read from the store, none from what the process remembers.
+    pub fn fresh(mut self) -> Self {
+        self.use_cache = false;
+        self
+    }
+
+    fn all_fresh(&self) -> bool {
+        self.runs.iter().all(|e| e.fresh) && self.objectives.iter().all(|e| e.fresh)
+    }
+
+    /// The run as this unit has it (its staged events applied).
+    pub async fn run(&mut self, run_id: RunId) -> Result<&Run, CommandError<RunError>> {
+        let i = entry(&mut self.runs, &self.store.runs, &run_id.to_string(), run_id, self.use_cache, 0).await?;
+        Ok(&self.runs[i].state)
+    }
+
+    /// The run, at least at `sequence` (an event of it the caller has seen): remembered
+    /// state older than that is read afresh.
+    pub async fn run_at_least(&mut self, run_id: RunId, sequence: usize) -> Result<&Run, CommandError<RunError>> {
+        let i = entry(&mut self.runs, &self.store.runs, &run_id.to_string(), run_id, self.use_cache, sequence).await?;
+        Ok(&self.runs[i].state)
+    }
+
+    /// The objective, at least at `sequence` (see [`Changes::run_at_least`]).
+    pub async fn objective_at_least(
+        &mut self,
+        objective_id: ObjectiveId,
+        run_id: RunId,
+        sequence: usize,
+    ) -> Result<&Objective, CommandError<ObjectiveError>> {
+        let i = entry(&mut self.objectives, &self.store.objectives, &objective_id.to_string(), run_id, self.use_cache, sequence).await?;
+        Ok(&self.objectives[i].state)
+    }
+
+    /// Says that `objective_id` was just drawn, so no event of it exists: it is staged
+    /// without a read. (Were it wrong, the commit would meet a conflict.)
+    pub fn new_objective(&mut self, objective_id: ObjectiveId, run_id: RunId) {
+        let id = objective_id.to_string();
+        if !self.objectives.iter().any(|e| e.id == id) {
+            self.objectives.push(Entry { id, run_id, state: Objective::default(), base: 0, staged: Vec::new(), fresh: true });
+        }
+    }
+
+    pub async fn execute_run(&mut self, run_id: RunId, command: RunCommand) -> Result<(), CommandError<RunError>> {
+        let services = self.store.services.clone();
+        let i = entry(&mut self.runs, &self.store.runs, &run_id.to_string(), run_id, self.use_cache, 0).await?;
+        let staged = handle(&mut self.runs[i], &self.store.runs, command, &services).await?;
+        self.order.extend(std::iter::repeat_n(Slot::Run(i), staged));
+        Ok(())
+    }
+
+    pub async fn execute_objective(
+        &mut self,
+        objective_id: ObjectiveId,
+        run_id: RunId,
+        command: ObjectiveCommand,
+    ) -> Result<(), CommandError<ObjectiveError>> {
+        let services = self.store.services.clone();
+        let i = entry(&mut self.objectives, &self.store.objectives, &objective_id.to_string(), run_id, self.use_cache, 0).await?;
+        let staged = handle(&mut self.objectives[i], &self.store.objectives, command, &services).await?;
+        self.order.extend(std::iter::repeat_n(Slot::Objective(i), staged));
+        Ok(())
+    }
+
+    /// Artifact contents to store in the same statement (a digest already stored is left).
+    pub fn store_artifacts(&mut self, artifacts: Vec<ArtifactContent>) {
+        self.artifacts.extend(artifacts);
+    }
+
+    /// Whether anything is staged.
+    pub fn is_empty(&self) -> bool {
+        self.order.is_empty() && self.artifacts.is_empty()
+    }
+
+    /// Appends every staged event, in the order staged, and the artifact contents, in one
+    /// statement. Then the process remembers the aggregates' new state, the relay is woken
+    /// and in-process consumers are told (see [`Committed`]).
+    pub async fn commit(self) -> Result<(), CommitError> {
+        if self.is_empty() {
+            return Ok(());
+        }
+        let mut rows = Rows::default();
+        let (mut next_run, mut next_objective) = (vec![0; self.runs.len()], vec![0; self.objectives.len()]);
+        for slot in &self.order {
+            match *slot {
+                Slot::Run(i) => rows.push(&self.runs[i], &mut next_run[i])?,
+                Slot::Objective(i) => rows.push(&self.objectives[i], &mut next_objective[i])?,
+            }
+        }
+        let store = self.store;
+        match rows.append(&store.pool, &self.artifacts).await {
+            Ok(()) => {
+                settle(&store.runs, &self.runs, true);
+                settle(&store.objectives, &self.objectives, true);
+                // `notify_one` keeps a permit when the relay is busy, so no wake-up is lost.
+                store.committed.notify_one();
+                if store.local.receiver_count() > 0 {
+                    for event in rows.committed() {
                         // No receiver left is fine: the stream carries every event anyway.
-                        let _ = self.local.send(Arc::new(event));
-                    }
-                    return Ok(());
-                }
-                Err(AggregateError::AggregateConflict) if attempt < MAX_ATTEMPTS => {
-                    writer.remember(aggregate_id, None);
-                    tracing::debug!(aggregate_id, attempt, "concurrent write; retrying from fresh state");
-                    if !from_cache {
-                        tokio::time::sleep(conflict_backoff(attempt)).await;
+                        let _ = store.local.send(Arc::new(event));
                     }
                 }
-                Err(error) => {
-                    writer.remember(aggregate_id, None);
-                    return Err(store_error(error));
-                }
+                Ok(())
+            }
+            Err(error) => {
+                settle(&store.runs, &self.runs, false);
+                settle(&store.objectives, &self.objectives, false);
+                Err(error)
             }
         }
     }
 }
 
-/// The in-memory form of events about to be committed after `current_sequence`.
-fn committed<A: Aggregate>(aggregate_id: &str, run_id: RunId, current_sequence: usize, events: &[A::Event]) -> Vec<Committed> {
-    events
-        .iter()
-        .enumerate()
-        .map(|(i, event)| {
-            let event_type = event.event_type();
+/// The index of the aggregate's entry in the unit, read (from memory when allowed and at
+/// least at `at_least`, else from the store) when not there yet.
+async fn entry<A>(
+    entries: &mut Vec<Entry<A>>,
+    writer: &Writer<A>,
+    id: &str,
+    run_id: RunId,
+    use_cache: bool,
+    at_least: usize,
+) -> Result<usize, CommandError<A::Error>>
+where
+    A: Aggregate + Clone,
+    A::Error: 'static,
+{
+    if let Some(i) = entries.iter().position(|e| e.id == id) {
+        return Ok(i);
+    }
+    let remembered = if use_cache { writer.cached(id).filter(|(_, sequence)| *sequence >= at_least) } else { None };
+    let (state, base, fresh) = match remembered {
+        Some((state, sequence)) => (state, sequence, false),
+        None => {
+            let (state, sequence) = writer.load(id).await?;
+            (state, sequence, true)
+        }
+    };
+    entries.push(Entry { id: id.to_string(), run_id, state, base, staged: Vec::new(), fresh });
+    Ok(entries.len() - 1)
+}
+
+/// Handles one command on the entry's state, staging its events; returns how many. A
+/// refusal on remembered state with nothing staged yet is asked again on fresh state.
+async fn handle<A>(
+    entry: &mut Entry<A>,
+    writer: &Writer<A>,
+    command: A::Command,
+    services: &A::Services,
+) -> Result<usize, CommandError<A::Error>>
+where
+    A: Aggregate + Clone,
+    A::Command: Clone,
+    A::Error: 'static,
+{
+    loop {
+        let mut state = entry.state.clone();
+        let sink = EventSink::default();
+        match state.handle(command.clone(), services, &sink).await {
+            Ok(()) => {
+                let events = sink.collect().await;
+                let staged = events.len();
+                entry.staged.extend(events);
+                entry.state = state;
+                return Ok(staged);
+            }
+            Err(_) if !entry.fresh && entry.staged.is_empty() => {
+                let (state, sequence) = writer.load(&entry.id).await?;
+                entry.state = state;
+                entry.base = sequence;
+                entry.fresh = true;
+            }
+            Err(e) => return Err(CommandError::Refused(e)),
+        }
+    }
+}
+
+/// After a commit (or its failure): the written aggregates' new state is remembered (or
+/// forgotten, as perhaps stale).
+fn settle<A: Aggregate + Clone>(writer: &Writer<A>, entries: &[Entry<A>], committed: bool) {
+    for entry in entries.iter().filter(|e| !e.staged.is_empty()) {
+        let state = committed.then(|| (entry.state.clone(), entry.base + entry.staged.len()));
+        writer.remember(&entry.id, state);
+    }
+}
+
+/// The rows of one append, column by column.
+#[derive(Default)]
+struct Rows {
+    aggregate_types: Vec<&'static str>,
+    aggregate_ids: Vec<String>,
+    sequences: Vec<i64>,
+    event_types: Vec<String>,
+    event_versions: Vec<String>,
+    payloads: Vec<serde_json::Value>,
+    metadata: Vec<serde_json::Value>,
+    run_ids: Vec<RunId>,
+}
+
+const APPEND: &str = "INSERT INTO events \
+    (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) \
+    SELECT e.aggregate_type, e.aggregate_id, e.sequence, e.event_type, e.event_version, e.payload, e.metadata \
+      FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::jsonb[], $7::jsonb[]) \
+           WITH ORDINALITY AS e(aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata, n) \
+     ORDER BY e.n";
+
+/// The same, with artifact contents stored by the same statement.
+const APPEND_WITH_ARTIFACTS: &str = "WITH stored AS (\
+    INSERT INTO artifacts (sha256, content, bytes) \
+    SELECT * FROM unnest($8::text[], $9::bytea[], $10::bigint[]) ON CONFLICT (sha256) DO NOTHING) \
+    INSERT INTO events \
+    (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) \
+    SELECT e.aggregate_type, e.aggregate_id, e.sequence, e.event_type, e.event_version, e.payload, e.metadata \
+      FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::jsonb[], $7::jsonb[]) \
+           WITH ORDINALITY AS e(aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata, n) \
+     ORDER BY e.n";
+
+impl Rows {
+    /// The entry's next staged event, as stored: cqrs-es's tagged payload, the run in the metadata.
+    fn push<A: Aggregate>(&mut self, entry: &Entry<A>, next: &mut usize) -> Result<(), CommitError> {
+        let event = &entry.staged[*next];
+        *next += 1;
+        self.aggregate_types.push(A::TYPE);
+        self.aggregate_ids.push(entry.id.clone());
+        self.sequences.push((entry.base + *next) as i64);
+        self.event_types.push(event.event_type());
+        self.event_versions.push(event.event_version());
+        self.payloads.push(serde_json::to_value(event).map_err(|e| CommitError::Store(Box::new(e)))?);
+        self.metadata.push(serde_json::json!({ "run_id": entry.run_id.to_string() }));
+        self.run_ids.push(entry.run_id);
+        Ok(())
+    }
+
+    async fn append(&self, pool: &PgPool, artifacts: &[ArtifactContent]) -> Result<(), CommitError> {
+        let query = sqlx::query(if artifacts.is_empty() { APPEND } else { APPEND_WITH_ARTIFACTS })
+            .bind(&self.aggregate_types)
+            .bind(&self.aggregate_ids)
+            .bind(&self.sequences)
+            .bind(&self.event_types)
+            .bind(&self.event_versions)
+            .bind(&self.payloads)
+            .bind(&self.metadata);
+        let query = if artifacts.is_empty() {
+            query
+        } else {
+            query
+                .bind(artifacts.iter().map(|a| a.sha256.as_str()).collect::<Vec<_>>())
+                .bind(artifacts.iter().map(|a| a.content.as_slice()).collect::<Vec<_>>())
+                .bind(artifacts.iter().map(|a| a.content.len() as i64).collect::<Vec<_>>())
+        };
+        match query.execute(pool).await {
+            Ok(_) => Ok(()),
+            Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("23505") => Err(CommitError::Conflict),
+            Err(error) => Err(CommitError::Store(Box::new(error))),
+        }
+    }
+
+    /// The in-memory form of the appended events.
+    fn committed(&self) -> impl Iterator<Item = Committed> + '_ {
+        (0..self.sequences.len()).map(|i| {
+            let event_type = self.event_types[i].clone();
             // cqrs-es tags payloads by event type; the envelope carries the inner object.
-            let mut tagged = serde_json::to_value(event).unwrap_or_default();
-            let payload = tagged.get_mut(&event_type).map(serde_json::Value::take).unwrap_or(tagged);
+            let payload = self.payloads[i].get(&event_type).cloned().unwrap_or_else(|| self.payloads[i].clone());
             Committed {
-                aggregate_type: A::TYPE.to_string(),
-                aggregate_id: aggregate_id.to_string(),
-                sequence: (current_sequence + i + 1) as i64,
-                run_id,
+                aggregate_type: self.aggregate_types[i].to_string(),
+                aggregate_id: self.aggregate_ids[i].clone(),
+                sequence: self.sequences[i],
+                run_id: self.run_ids[i],
                 event_type,
                 payload,
             }
         })
-        .collect()
+    }
 }
 
 fn store_error<E: std::error::Error + 'static>(e: AggregateError<E>) -> CommandError<E> {

@@ -82,6 +82,11 @@ impl Topology {
         format!("{}.>", self.events_prefix)
     }
 
+    /// Every event of one type of one aggregate type, of any run.
+    pub fn event_type_filter(&self, aggregate_type: &str, event_type: &str) -> String {
+        format!("{}.*.{}.{}", self.events_prefix, subject_token(aggregate_type), subject_token(event_type))
+    }
+
     /// Work for one team.
     pub fn work_subject(&self, team: &str) -> String {
         format!("{}.{}", self.work_prefix, subject_token(team))
@@ -146,6 +151,7 @@ mod tests {
         );
         assert_eq!(t.event_subject(None, "settings", "BudgetSet"), "factory.events.system.settings.BudgetSet");
         assert_eq!(t.work_subject("qa-engineering"), "factory.work.qa-engineering");
+        assert_eq!(t.event_type_filter("run", "StageCompleted"), "factory.events.*.run.StageCompleted");
         assert_eq!(t.event_subject(Some("a.b>*"), "run", "X"), "factory.events.a_b__.run.X");
     }
 

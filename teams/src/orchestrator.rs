@@ -23,6 +23,7 @@
 
 use crate::pipeline::Pipeline;
 use async_nats::jetstream::{self, AckKind, consumer::pull};
+use factory_commands::store::CommitError;
 use factory_commands::{CommandError, Committed, Store};
 use factory_domain::run::StageState;
 use factory_domain::{
@@ -68,6 +69,23 @@ fn stream_err(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Orchest
     OrchestratorError::Stream(e.into())
 }
 
+/// The events the orchestrator reacts to (see [`Orchestrator::react`]); its consumer is
+/// given only these.
+pub const REACTS_TO: [(&str, &str); 8] = [
+    ("run", "RequirementSubmitted"),
+    ("run", "StageCompleted"),
+    ("run", "StageSkipped"),
+    ("run", "StagesReopened"),
+    ("run", "RunReviewed"),
+    ("objective", "ObjectiveCompleted"),
+    ("objective", "ObjectiveBlocked"),
+    ("objective", "TaskResultRecorded"),
+];
+
+fn reacts_to(aggregate_type: &str, event_type: &str) -> bool {
+    REACTS_TO.iter().any(|&(a, e)| a == aggregate_type && e == event_type)
+}
+
 /// Runs handled side by side by one orchestrator.
 const LANES: usize = 16;
 
@@ -96,6 +114,8 @@ pub struct Seen<'a> {
     pub run_id: Option<RunId>,
     pub aggregate_type: &'a str,
     pub aggregate_id: &'a str,
+    /// The event's sequence within its aggregate.
+    pub sequence: i64,
     pub event_type: &'a str,
     pub payload: &'a serde_json::Value,
 }
@@ -106,6 +126,7 @@ impl<'a> From<&'a EventEnvelope> for Seen<'a> {
             run_id: e.run_id.map(RunId),
             aggregate_type: &e.aggregate_type,
             aggregate_id: &e.aggregate_id,
+            sequence: e.sequence,
             event_type: &e.event_type,
             payload: &e.payload,
         }
@@ -118,6 +139,7 @@ impl<'a> From<&'a Committed> for Seen<'a> {
             run_id: Some(e.run_id),
             aggregate_type: &e.aggregate_type,
             aggregate_id: &e.aggregate_id,
+            sequence: e.sequence,
             event_type: &e.event_type,
             payload: &e.payload,
         }
@@ -151,12 +173,15 @@ impl Orchestrator {
 
     async fn consume(&self) -> Result<(), OrchestratorError> {
         let stream = self.js.get_stream(&self.topology.events_stream).await.map_err(stream_err)?;
+        // Created, or updated to this configuration (an older one took every event).
         let consumer = stream
-            .get_or_create_consumer(
-                "orchestrator",
+            .create_consumer(
                 pull::Config {
                     durable_name: Some("orchestrator".into()),
-                    filter_subject: self.topology.all_events_filter(),
+                    filter_subjects: REACTS_TO
+                        .iter()
+                        .map(|(aggregate_type, event_type)| self.topology.event_type_filter(aggregate_type, event_type))
+                        .collect(),
                     ack_policy: jetstream::consumer::AckPolicy::Explicit,
                     ack_wait: Duration::from_secs(30),
                     ..Default::default()
@@ -212,6 +237,9 @@ impl Orchestrator {
             loop {
                 match local.recv().await {
                     Ok(event) => {
+                        if !reacts_to(&event.aggregate_type, &event.event_type) {
+                            continue;
+                        }
                         let lane = lane_of_run(&event.run_id.to_string());
                         if senders[lane].send(Delivery::Local(event)).await.is_err() {
                             break;
@@ -281,29 +309,36 @@ impl Orchestrator {
     /// What one event causes.
     pub async fn react(&self, event: Seen<'_>, delivered: Delivered) -> Result<(), OrchestratorError> {
         let Some(run_id) = event.run_id else { return Ok(()) };
+        let sequence = usize::try_from(event.sequence).unwrap_or(0);
         match (event.aggregate_type, event.event_type) {
             ("run", "RequirementSubmitted" | "StageCompleted" | "StageSkipped" | "StagesReopened") => {
-                self.advance(run_id, delivered).await
+                self.step(run_id, sequence, None, delivered).await
             }
-            ("run", "RunReviewed") if event.payload["decision"] == "REVISE" => self.revise(run_id).await,
+            ("run", "RunReviewed") if event.payload["decision"] == "REVISE" => self.revise(run_id, sequence).await,
             ("objective", "TaskResultRecorded")
                 if event.payload["result"]["status"] != serde_json::json!(TaskStatus::NeedsClarification) =>
             {
                 Ok(())
             }
             ("objective", event_type @ ("ObjectiveCompleted" | "ObjectiveBlocked" | "TaskResultRecorded")) => {
-                let objective = self.objective(event).await?;
-                match reaction(event_type, event.payload, objective.stage, objective_id_of(event)?) {
+                let objective_id = objective_id_of(event)?;
+                let stage = self
+                    .store
+                    .changes()
+                    .objective_at_least(objective_id, run_id, sequence)
+                    .await
+                    .map_err(store_err)?
+                    .stage
+                    .clone();
+                match reaction(event_type, event.payload, stage, objective_id) {
+                    // The stage's completion and what it makes ready, in one commit.
+                    Some(command @ RunCommand::CompleteStage { .. }) => self.step(run_id, 0, Some(command), delivered).await,
                     Some(command) => self.run_command(run_id, command).await,
                     None => Ok(()),
                 }
             }
             _ => Ok(()),
         }
-    }
-
-    async fn objective(&self, event: Seen<'_>) -> Result<factory_domain::Objective, OrchestratorError> {
-        self.store.load_objective(objective_id_of(event)?).await.map_err(store_err)
     }
 
     /// A command whose refusal means "already done or no longer relevant" (a redelivery, or a
@@ -319,79 +354,127 @@ impl Orchestrator {
         }
     }
 
-    /// The run's own pipeline (runs submitted before runs carried their pipeline's text fall
-    /// back to the built-in of that name). One that cannot be read fails the run: retrying
-    /// would not change it.
-    async fn pipeline_of(&self, run_id: RunId, run: &factory_domain::Run) -> Result<Option<Pipeline>, OrchestratorError> {
-        let parsed = if run.pipeline_definition.is_empty() {
-            Pipeline::builtin(&run.pipeline).ok_or_else(|| crate::pipeline::PipelineError::NotFound(run.pipeline.clone()))
-        } else {
-            Pipeline::parse(&run.pipeline, &run.pipeline_definition)
-        };
-        match parsed {
-            Ok(pipeline) => Ok(Some(pipeline)),
-            Err(error) => {
-                let reason = format!("the run's pipeline cannot be used: {error}");
-                tracing::warn!(%run_id, %reason, "failing the run");
-                self.run_command(run_id, RunCommand::FailRun { reason }).await?;
-                Ok(None)
-            }
-        }
-    }
-
     /// A revision sends the run back to the pipeline's revision stage: it and everything
     /// downstream run again, with the feedback in their context. Bounded by the pipeline.
-    async fn revise(&self, run_id: RunId) -> Result<(), OrchestratorError> {
-        let run = self.store.load_run(run_id).await.map_err(store_err)?;
+    async fn revise(&self, run_id: RunId, sequence: usize) -> Result<(), OrchestratorError> {
+        let run = self.store.changes().run_at_least(run_id, sequence).await.map_err(store_err)?.clone();
         // Only once per review: a second delivery of it finds the stages already reopened
         // (and perhaps done again), and must not reopen them a second time.
         if run.status != RunStatus::Running || !run.revision_pending {
             return Ok(());
         }
-        let Some(pipeline) = self.pipeline_of(run_id, &run).await? else { return Ok(()) };
-        self.run_command(run_id, revision(&run, &pipeline)).await
+        let command = match run_pipeline(&run) {
+            Ok(pipeline) => revision(&run, &pipeline),
+            Err(reason) => RunCommand::FailRun { reason },
+        };
+        self.run_command(run_id, command).await
     }
 
-    /// Starts ready stages, or finishes the run.
-    async fn advance(&self, run_id: RunId, delivered: Delivered) -> Result<(), OrchestratorError> {
-        let run = self.store.load_run(run_id).await.map_err(store_err)?;
-        if run.status != RunStatus::Running {
-            return Ok(());
+    /// `first` (a stage's completion), if any, then what the run needs next: the stages now
+    /// ready started and their objectives assigned, or the run finished; all in one commit.
+    /// Then the new objectives' work is queued. With `first` refused there is nothing to do.
+    /// `at_least` is the run's sequence the caller has seen.
+    async fn step(&self, run_id: RunId, at_least: usize, first: Option<RunCommand>, delivered: Delivered) -> Result<(), OrchestratorError> {
+        let mut attempt = 0;
+        let dispatches = loop {
+            attempt += 1;
+            let mut changes = self.store.changes();
+            if let Some(command) = &first {
+                match changes.execute_run(run_id, command.clone()).await {
+                    Ok(()) => {}
+                    Err(CommandError::Refused(reason)) => {
+                        tracing::debug!(%run_id, %reason, "command refused; nothing to do");
+                        return Ok(());
+                    }
+                    Err(other) => return Err(store_err(other)),
+                }
+            }
+            let run = changes.run_at_least(run_id, at_least).await.map_err(store_err)?.clone();
+            let mut dispatches = Vec::new();
+            if run.status == RunStatus::Running {
+                // Stages in progress (started, not done) are queued again on the stream's
+                // deliveries of a run event: a crash may have come between the commit that
+                // started a stage and its work reaching the queue, and such a crash leaves the
+                // stream's copy of the event unacked, redelivered to the next orchestrator.
+                let requeue = delivered == Delivered::Stream && first.is_none();
+                self.plan(&mut changes, run_id, &run, requeue, &mut dispatches).await?;
+            }
+            match changes.commit().await {
+                Ok(()) => break dispatches,
+                Err(CommitError::Conflict) if self.store.pause_after_conflict(attempt).await => {
+                    tracing::debug!(%run_id, attempt, "concurrent write; deciding again on fresh state");
+                }
+                Err(error) => return Err(store_err(CommandError::<RunError>::from(error))),
+            }
+        };
+        for dispatch in &dispatches {
+            if dispatch.queued_again {
+                // Assigned in the commit that started it, save for runs written before
+                // starting and assigning were one commit: a no-op when assigned.
+                let assign = assignment(run_id, dispatch.objective_id, &dispatch.stage);
+                match self.store.execute_objective(dispatch.objective_id, run_id, assign).await {
+                    Ok(()) | Err(CommandError::Refused(ObjectiveError::AlreadyAssigned)) => {}
+                    Err(other) => return Err(store_err(other)),
+                }
+            }
         }
-        let Some(pipeline) = self.pipeline_of(run_id, &run).await? else { return Ok(()) };
-        // Stages in progress (started, not done) are re-published: a crash may have come
-        // between starting a stage and putting its work on the queue. Only for the stream's
-        // deliveries: such a crash leaves the stream's copy of the event unacked, and it is
-        // redelivered to the next orchestrator, which does this.
-        if delivered == Delivered::Stream {
+        self.queue(run_id, &dispatches).await
+    }
+
+    /// Stages the run's next step into `changes` (see [`Orchestrator::step`]), listing the
+    /// work to queue once committed.
+    async fn plan(
+        &self,
+        changes: &mut factory_commands::store::Changes<'_>,
+        run_id: RunId,
+        run: &factory_domain::Run,
+        requeue: bool,
+        dispatches: &mut Vec<Dispatch>,
+    ) -> Result<(), OrchestratorError> {
+        let pipeline = match run_pipeline(run) {
+            Ok(pipeline) => pipeline,
+            Err(reason) => {
+                tracing::warn!(%run_id, %reason, "failing the run");
+                return stage_run_command(changes, run_id, RunCommand::FailRun { reason }).await;
+            }
+        };
+        if requeue {
             for (stage_name, state) in &run.stages {
                 if let StageState::InProgress { objective_id, .. } = state
                     && let Some(stage) = pipeline.stage(stage_name)
                 {
-                    self.dispatch(run_id, *objective_id, stage).await?;
+                    dispatches.push(Dispatch { objective_id: *objective_id, stage: stage.clone(), queued_again: true });
                 }
             }
         }
-        match next_step(&run, &pipeline) {
-            Next::Finish(command) => return self.run_command(run_id, command).await,
+        match next_step(run, &pipeline) {
+            Next::Finish(command) => stage_run_command(changes, run_id, command).await,
             Next::Start(stages) => {
                 for stage in stages {
                     let objective_id = ObjectiveId::new();
-                    self.store.expect_new_objective(objective_id);
                     let command = RunCommand::StartStage {
                         stage: stage.name.clone(),
                         team: stage.team.clone(),
                         objective_id,
                     };
-                    match self.store.execute_run(run_id, command).await {
-                        Ok(()) => self.dispatch(run_id, objective_id, stage).await?,
+                    match changes.execute_run(run_id, command).await {
+                        Ok(()) => {
+                            changes.new_objective(objective_id, run_id);
+                            changes
+                                .execute_objective(objective_id, run_id, assignment(run_id, objective_id, stage))
+                                .await
+                                .map_err(store_err)?;
+                            dispatches.push(Dispatch { objective_id, stage: stage.clone(), queued_again: false });
+                        }
                         Err(CommandError::Refused(RunError::StageAlreadyStarted(_))) => {
-                            // Another handling of this event (the in-memory one, the stream's
-                            // copy, another orchestrator) started it; it may have died before
-                            // queueing the work. Queueing it again is a no-op if it did not.
-                            let run = self.store.load_run(run_id).await.map_err(store_err)?;
-                            if let Some(StageState::InProgress { objective_id, .. }) = run.stages.get(&stage.name) {
-                                self.dispatch(run_id, *objective_id, stage).await?;
+                            // Started by another handling of this event (another orchestrator,
+                            // say), which may have died before queueing the work. Queueing it
+                            // again is a no-op if it did not.
+                            if let Some(StageState::InProgress { objective_id, .. }) =
+                                changes.run(run_id).await.map_err(store_err)?.stages.get(&stage.name)
+                                && !requeue
+                            {
+                                dispatches.push(Dispatch { objective_id: *objective_id, stage: stage.clone(), queued_again: true });
                             }
                         }
                         Err(CommandError::Refused(RunError::StageFinished(_))) => {}
@@ -401,30 +484,68 @@ impl Orchestrator {
                         Err(other) => return Err(store_err(other)),
                     }
                 }
+                Ok(())
             }
         }
-        Ok(())
     }
 
-    /// Assigns the objective (a no-op when already assigned) and queues its work.
-    async fn dispatch(&self, run_id: RunId, objective_id: ObjectiveId, stage: &crate::pipeline::Stage) -> Result<(), OrchestratorError> {
-        let assign = assignment(run_id, objective_id, stage);
-        match self.store.execute_objective(objective_id, run_id, assign).await {
-            Ok(()) | Err(CommandError::Refused(ObjectiveError::AlreadyAssigned)) => {}
-            Err(other) => return Err(store_err(other)),
+    /// Puts the objectives' work on their teams' queues (`Nats-Msg-Id` = objective id, so a
+    /// repeat is dropped), every publish in flight at once.
+    async fn queue(&self, run_id: RunId, dispatches: &[Dispatch]) -> Result<(), OrchestratorError> {
+        let mut acks = Vec::with_capacity(dispatches.len());
+        for dispatch in dispatches {
+            let item = WorkItem::new(run_id, dispatch.objective_id, &dispatch.stage);
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert("Nats-Msg-Id", dispatch.objective_id.to_string().as_str());
+            let body = serde_json::to_vec(&item).map_err(stream_err)?;
+            acks.push(
+                self.js
+                    .publish_with_headers(self.topology.work_subject(&dispatch.stage.team), headers, body.into())
+                    .await
+                    .map_err(stream_err)?,
+            );
         }
-        let item = WorkItem::new(run_id, objective_id, stage);
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert("Nats-Msg-Id", objective_id.to_string().as_str());
-        let body = serde_json::to_vec(&item).map_err(stream_err)?;
-        self.js
-            .publish_with_headers(self.topology.work_subject(&stage.team), headers, body.into())
-            .await
-            .map_err(stream_err)?
-            .await
-            .map_err(stream_err)?;
+        for ack in acks {
+            ack.await.map_err(stream_err)?;
+        }
         Ok(())
     }
+}
+
+/// Work to queue after a commit: a stage's objective.
+struct Dispatch {
+    objective_id: ObjectiveId,
+    stage: crate::pipeline::Stage,
+    /// Started earlier (queued before, perhaps): its assignment is made sure of first.
+    queued_again: bool,
+}
+
+/// Stages a run command; a refusal ("already done or no longer relevant") stages nothing.
+async fn stage_run_command(
+    changes: &mut factory_commands::store::Changes<'_>,
+    run_id: RunId,
+    command: RunCommand,
+) -> Result<(), OrchestratorError> {
+    match changes.execute_run(run_id, command).await {
+        Ok(()) => Ok(()),
+        Err(CommandError::Refused(reason)) => {
+            tracing::debug!(%run_id, %reason, "command refused; nothing to do");
+            Ok(())
+        }
+        Err(other) => Err(store_err(other)),
+    }
+}
+
+/// The run's own pipeline (runs submitted before runs carried their pipeline's text fall
+/// back to the built-in of that name), or why it cannot be used: then the run fails, as
+/// retrying would not change it.
+fn run_pipeline(run: &factory_domain::Run) -> Result<Pipeline, String> {
+    let parsed = if run.pipeline_definition.is_empty() {
+        Pipeline::builtin(&run.pipeline).ok_or_else(|| crate::pipeline::PipelineError::NotFound(run.pipeline.clone()))
+    } else {
+        Pipeline::parse(&run.pipeline, &run.pipeline_definition)
+    };
+    parsed.map_err(|error| format!("the run's pipeline cannot be used: {error}"))
 }
 
 /// The lane of a run (its id as text).

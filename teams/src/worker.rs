@@ -13,6 +13,7 @@ use crate::operative;
 use crate::orchestrator::WorkItem;
 use crate::tools::{ToolRegistry, Workspace, granted_tools};
 use async_nats::jetstream::{self, AckKind, consumer::pull};
+use factory_commands::store::ArtifactContent;
 use factory_commands::{CommandError, Store};
 use factory_domain::objective::{ArtifactProduced, ObjectiveStatus};
 use factory_domain::{ObjectiveCommand, ObjectiveError, TaskStatus};
@@ -23,6 +24,11 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
+
+/// How long a model call's record may wait for the work to end, to go into its final
+/// commit (a call's record is otherwise its own commit). A crash within it loses the record
+/// of at most this much of an attempt's calls; the attempt itself is redone.
+const RECORD_GRACE: Duration = Duration::from_millis(100);
 
 /// How often a working objective checks that its run is still running.
 const CANCEL_CHECK: Duration = Duration::from_millis(500);
@@ -253,12 +259,20 @@ impl Worker {
             let (objective_id, run_id) = (item.objective_id, item.run_id);
             tokio::spawn(async move {
                 loop {
+                    if !calls.done.load(std::sync::atomic::Ordering::Acquire) && calls.is_empty() {
+                        calls.wake.notified().await;
+                        continue;
+                    }
+                    // A call just returned: give the work a moment to end, so that fast work
+                    // records its calls in its final commit instead of one commit each.
+                    if !calls.done.load(std::sync::atomic::Ordering::Acquire) {
+                        let _ = tokio::time::timeout(RECORD_GRACE, calls.finished()).await;
+                    }
                     let batch = calls.take();
                     if batch.is_empty() {
                         if calls.done.load(std::sync::atomic::Ordering::Acquire) {
                             return Ok::<(), WorkerError>(());
                         }
-                        calls.wake.notified().await;
                         continue;
                     }
                     let commands = batch.into_iter().map(|call| ObjectiveCommand::RecordModelCall(call.into())).collect();
@@ -306,36 +320,23 @@ impl Worker {
             }
         };
         drop(on_call);
-        calls.finish();
+        // Taken before the recorder is told to stop, so that it does not take them first.
         let unrecorded = calls.take();
+        calls.finish();
         recorder.await.map_err(|e| WorkerError::Store(Box::new(e)))??;
-        // The contents first (content-addressed, so a repeat is a no-op), then the artifacts,
-        // the result and the objective's end in one commit.
+        // The contents (content-addressed, so a repeat is a no-op), the artifacts, the result
+        // and the objective's end, in one commit.
         let mut commands: Vec<ObjectiveCommand> =
             unrecorded.into_iter().map(|call| ObjectiveCommand::RecordModelCall(call.into())).collect();
-        let (mut shas, mut contents, mut sizes) = (Vec::new(), Vec::new(), Vec::new());
+        let mut contents = Vec::new();
         for path in artifact_paths(&outcome) {
             let Some(content) = workspace.content(&path) else { continue };
             let artifact = artifact_of(path, &content);
-            shas.push(artifact.sha256.clone());
-            sizes.push(content.len() as i64);
-            contents.push(content);
+            contents.push(ArtifactContent { sha256: artifact.sha256.clone(), content });
             commands.push(ObjectiveCommand::ProduceArtifact(artifact));
         }
-        if !shas.is_empty() {
-            sqlx::query(
-                "INSERT INTO artifacts (sha256, content, bytes) SELECT * FROM unnest($1::text[], $2::bytea[], $3::bigint[])
-                 ON CONFLICT (sha256) DO NOTHING",
-            )
-            .bind(&shas)
-            .bind(&contents)
-            .bind(&sizes)
-            .execute(self.store.pool())
-            .await
-            .map_err(store_err)?;
-        }
         commands.extend(result_commands(key, outcome));
-        ignore_finished(self.store.execute_objective_all(item.objective_id, item.run_id, commands).await)?;
+        ignore_finished(self.store.record_objective(item.objective_id, item.run_id, commands, contents).await)?;
         let _ = std::fs::remove_dir_all(&dir);
         Ok(())
     }
@@ -417,6 +418,17 @@ impl CallLog {
     fn push(&self, call: operative::ModelCall) {
         self.pending.lock().expect("not poisoned").push(call);
         self.wake.notify_one();
+    }
+
+    fn is_empty(&self) -> bool {
+        self.pending.lock().expect("not poisoned").is_empty()
+    }
+
+    /// Resolves once [`CallLog::finish`] was called.
+    async fn finished(&self) {
+        while !self.done.load(std::sync::atomic::Ordering::Acquire) {
+            self.wake.notified().await;
+        }
     }
 
     fn take(&self) -> Vec<operative::ModelCall> {

@@ -362,3 +362,66 @@ async fn the_orchestrator_follows_its_own_process_commits_in_memory_and_the_stre
     }
     assert_eq!(crate::support::store_count(&factory.stack.pool).await as u64, stored, "the stream copies wrote nothing");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn each_step_of_a_run_is_one_commit_and_the_orchestrator_is_sent_only_what_it_reacts_to() {
+    let factory = Factory::start().await;
+    let run = factory.submit("Build a URL shortener", "phase1", true).await;
+    factory.wait_status(run, RunStatus::Completed).await;
+    let rows: Vec<(String, String, String, Option<String>)> = sqlx::query_as(
+        "SELECT aggregate_type, event_type, xid::text, coalesce(payload->event_type->>'stage', '') \
+           FROM events WHERE run_id = $1 ORDER BY position",
+    )
+    .bind(run.0)
+    .fetch_all(&factory.stack.pool)
+    .await
+    .unwrap();
+    let xid_of = |event_type: &str, stage: &str| {
+        rows.iter()
+            .find(|(_, e, _, s)| e == event_type && (stage.is_empty() || s.as_deref() == Some(stage)))
+            .map(|(_, _, xid, _)| xid.clone())
+            .unwrap_or_else(|| panic!("no {event_type} {stage}"))
+    };
+    let stages = ["business-analysis", "solution-architecture", "backend-engineering", "qa-engineering", "documentation"];
+    // A stage's start and its objective's assignment, with the completion that made it ready.
+    for (i, stage) in stages.iter().enumerate() {
+        let started = xid_of("StageStarted", stage);
+        let assigned: Vec<&String> = rows
+            .iter()
+            .filter(|(_, e, _, s)| e == "ObjectiveAssigned" && s.as_deref() == Some(*stage))
+            .map(|(_, _, xid, _)| xid)
+            .collect();
+        assert_eq!(assigned, [&started], "{stage}: started and assigned in one commit");
+        if i > 0 {
+            assert_eq!(xid_of("StageCompleted", stages[i - 1]), started, "{stage} started by the commit that completed {}", stages[i - 1]);
+        }
+    }
+    assert_eq!(xid_of("StageCompleted", "documentation"), xid_of("RunCompleted", ""), "the last completion finishes the run");
+    // An objective's artifacts, result and end: one commit.
+    let mut by_objective: std::collections::HashMap<&str, std::collections::HashSet<&str>> = Default::default();
+    for (aggregate, event, xid, _) in &rows {
+        if aggregate == "objective" && ["ArtifactProduced", "TaskResultRecorded", "ObjectiveCompleted"].contains(&event.as_str()) {
+            by_objective.entry(xid.as_str()).or_default().insert(event.as_str());
+        }
+    }
+    assert_eq!(by_objective.len(), 5, "{by_objective:?}");
+    assert!(by_objective.values().all(|events| events.len() == 3), "{by_objective:?}");
+
+    // The orchestrator's consumer is given the events it reacts to, and no others.
+    let reacted = rows
+        .iter()
+        .filter(|(a, e, _, _)| factory_teams::orchestrator::REACTS_TO.contains(&(a.as_str(), e.as_str())))
+        .count() as u64;
+    assert!(reacted < rows.len() as u64 / 2, "{reacted} of {}", rows.len());
+    wait_for("the orchestrator's consumer to have been given its events", Duration::from_secs(30), || async {
+        let stream = factory.stack.js.get_stream(&factory.stack.topology.events_stream).await.ok()?;
+        let mut consumer = stream.get_consumer::<async_nats::jetstream::consumer::pull::Config>("orchestrator").await.ok()?;
+        let info = consumer.info().await.ok()?;
+        (info.delivered.stream_sequence > 0 && info.num_pending == 0 && info.num_ack_pending == 0)
+            .then_some(info.delivered.consumer_sequence)
+    })
+    .await
+    .eq(&reacted)
+    .then_some(())
+    .expect("delivered exactly the events it reacts to");
+}

@@ -286,3 +286,117 @@ async fn a_begin_dropped_in_flight_leaves_the_pooled_connection_outside_any_tran
     assert_eq!(committed, 20, "the writes after the dropped begins were committed");
     pool.close().await;
 }
+
+fn assign(run: RunId, objective_id: ObjectiveId) -> factory_domain::ObjectiveCommand {
+    factory_domain::ObjectiveCommand::AssignObjective {
+        objective_id,
+        run_id: run,
+        stage: "ba".into(),
+        team: "business-analysis".into(),
+        instructions: "business-analysis for stage ba".into(),
+        max_iterations: 3,
+    }
+}
+
+#[tokio::test]
+async fn a_unit_of_work_commits_commands_on_several_aggregates_in_one_transaction_in_the_order_staged() {
+    let stack = TestStack::new().await;
+    let store = store(&stack).await;
+    let run = RunId::new();
+    store.execute_run(run, submit("Build a URL shortener")).await.unwrap();
+    let objective = ObjectiveId::new();
+    let mut changes = store.changes();
+    changes
+        .execute_run(run, RunCommand::StartStage { stage: "ba".into(), team: "business-analysis".into(), objective_id: objective })
+        .await
+        .unwrap();
+    changes.new_objective(objective, run);
+    changes.execute_objective(objective, run, assign(run, objective)).await.unwrap();
+    // A refused command stages nothing and leaves the rest of the unit as it was.
+    let refused = changes
+        .execute_run(run, RunCommand::StartStage { stage: "ba".into(), team: "business-analysis".into(), objective_id: ObjectiveId::new() })
+        .await
+        .unwrap_err();
+    assert!(matches!(refused, CommandError::Refused(RunError::StageAlreadyStarted(_))), "{refused}");
+    assert_eq!(changes.run(run).await.unwrap().stages.len(), 1, "the unit's state has its staged events applied");
+    assert_eq!(crate::support::store_count(&stack.pool).await, 1, "nothing is written before the commit");
+    changes.commit().await.unwrap();
+
+    let rows: Vec<(String, String, String)> = sqlx::query_as(
+        "SELECT aggregate_type, event_type, xid::text FROM events WHERE sequence > 0 ORDER BY position",
+    )
+    .fetch_all(&stack.pool)
+    .await
+    .unwrap();
+    let kinds: Vec<(&str, &str)> = rows.iter().map(|(a, e, _)| (a.as_str(), e.as_str())).collect();
+    assert_eq!(kinds, [("run", "RequirementSubmitted"), ("run", "StageStarted"), ("objective", "ObjectiveAssigned")]);
+    assert_eq!(rows[1].2, rows[2].2, "one transaction");
+    assert_ne!(rows[0].2, rows[1].2);
+    assert!(audit::verify(&stack.pool).await.unwrap().broken.is_empty());
+}
+
+#[tokio::test]
+async fn a_unit_of_work_that_meets_a_conflict_writes_none_of_its_events() {
+    let stack = TestStack::new().await;
+    let store = store(&stack).await;
+    let run = RunId::new();
+    store.execute_run(run, submit("Build a URL shortener")).await.unwrap();
+    let objective = ObjectiveId::new();
+    let mut changes = store.changes();
+    changes
+        .execute_run(run, RunCommand::StartStage { stage: "ba".into(), team: "business-analysis".into(), objective_id: objective })
+        .await
+        .unwrap();
+    changes.new_objective(objective, run);
+    changes.execute_objective(objective, run, assign(run, objective)).await.unwrap();
+    // Another process (a store with nothing remembered) writes the run first.
+    let other = store_of_another_process(&stack).await;
+    other
+        .execute_run(run, RunCommand::StartStage { stage: "sa".into(), team: "solution-architecture".into(), objective_id: ObjectiveId::new() })
+        .await
+        .unwrap();
+    let error = changes.commit().await.unwrap_err();
+    assert!(matches!(error, factory_commands::store::CommitError::Conflict), "{error}");
+    assert_eq!(sequences(&stack, &objective.to_string()).await, Vec::<i64>::new(), "the objective's event went with the run's");
+    assert_eq!(crate::support::store_count(&stack.pool).await, 2);
+    // Asked again, the unit is staged on fresh state and commits.
+    let mut changes = store.changes();
+    changes
+        .execute_run(run, RunCommand::StartStage { stage: "ba".into(), team: "business-analysis".into(), objective_id: objective })
+        .await
+        .unwrap();
+    changes.new_objective(objective, run);
+    changes.execute_objective(objective, run, assign(run, objective)).await.unwrap();
+    changes.commit().await.unwrap();
+    assert_eq!(sequences(&stack, &run.to_string()).await, [1, 2, 3]);
+    assert_eq!(sequences(&stack, &objective.to_string()).await, [1]);
+}
+
+async fn store_of_another_process(stack: &TestStack) -> Store {
+    Store::new(stack.pool.clone(), Arc::new(SystemServices))
+}
+
+#[tokio::test]
+async fn artifact_contents_are_stored_by_the_commit_that_names_them() {
+    let stack = TestStack::new().await;
+    let store = store(&stack).await;
+    let run = RunId::new();
+    store.execute_run(run, submit("Build a URL shortener")).await.unwrap();
+    let objective = ObjectiveId::new();
+    store.execute_objective(objective, run, assign(run, objective)).await.unwrap();
+    let content = b"# Requirements\n".to_vec();
+    let produced = factory_teams::worker::artifact_of("docs/requirements.md".into(), &content);
+    let sha256 = produced.sha256.clone();
+    let produced = factory_domain::ObjectiveCommand::ProduceArtifact(produced);
+    let artifact = factory_commands::store::ArtifactContent { sha256: sha256.clone(), content: content.clone() };
+    store.record_objective(objective, run, vec![produced.clone()], vec![artifact.clone()]).await.unwrap();
+    // The same content again is left as stored.
+    store.record_objective(objective, run, vec![produced], vec![artifact]).await.unwrap();
+    let stored: Vec<(Vec<u8>, i64)> = sqlx::query_as("SELECT content, bytes FROM artifacts WHERE sha256 = $1")
+        .bind(&sha256)
+        .fetch_all(&stack.pool)
+        .await
+        .unwrap();
+    assert_eq!(stored, [(content.clone(), content.len() as i64)]);
+    assert_eq!(sequences(&stack, &objective.to_string()).await, [1, 2, 3]);
+}
