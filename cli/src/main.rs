@@ -16,6 +16,9 @@ mod verbs;
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "factory", version, about = "The Factory: an event-sourced AI software factory")]
 struct Cli {

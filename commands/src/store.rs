@@ -159,6 +159,32 @@ pub struct Store {
     services: SharedServices,
     committed: Arc<Notify>,
     local: tokio::sync::broadcast::Sender<Arc<Committed>>,
+    contents: std::sync::Mutex<Contents>,
+}
+
+/// Artifact contents this process stored or read, by digest: content-addressed, so never
+/// stale. Bounded in bytes; past the bound it starts over (it only saves reads).
+#[derive(Default)]
+struct Contents {
+    by_sha: HashMap<String, Arc<Vec<u8>>>,
+    bytes: usize,
+}
+
+/// Artifact bytes a process keeps at most.
+const CACHED_CONTENT_BYTES: usize = 64 << 20;
+
+impl Contents {
+    fn keep(&mut self, sha256: &str, content: Arc<Vec<u8>>) {
+        if content.len() > CACHED_CONTENT_BYTES / 4 || self.by_sha.contains_key(sha256) {
+            return;
+        }
+        if self.bytes + content.len() > CACHED_CONTENT_BYTES {
+            self.by_sha.clear();
+            self.bytes = 0;
+        }
+        self.bytes += content.len();
+        self.by_sha.insert(sha256.to_string(), content);
+    }
 }
 
 impl Store {
@@ -170,7 +196,39 @@ impl Store {
             pool,
             committed: Arc::new(Notify::new()),
             local: tokio::sync::broadcast::channel(COMMITTED_BUFFER).0,
+            contents: std::sync::Mutex::default(),
         }
+    }
+
+    /// Stored artifact contents by sha256 (digests not stored are left out): from memory
+    /// when this process stored or read them before, the rest in one query.
+    pub async fn artifact_contents(&self, shas: &[&str]) -> Result<HashMap<String, Arc<Vec<u8>>>, sqlx::Error> {
+        let mut found = HashMap::with_capacity(shas.len());
+        let mut missing = Vec::new();
+        {
+            let contents = self.contents.lock().expect("not poisoned");
+            for sha in shas {
+                match contents.by_sha.get(*sha) {
+                    Some(content) => {
+                        found.insert(sha.to_string(), content.clone());
+                    }
+                    None => missing.push(*sha),
+                }
+            }
+        }
+        if !missing.is_empty() {
+            let rows: Vec<(String, Vec<u8>)> = sqlx::query_as("SELECT sha256, content FROM artifacts WHERE sha256 = ANY($1)")
+                .bind(&missing)
+                .fetch_all(&self.pool)
+                .await?;
+            let mut contents = self.contents.lock().expect("not poisoned");
+            for (sha, content) in rows {
+                let content = Arc::new(content);
+                contents.keep(&sha, content.clone());
+                found.insert(sha, content);
+            }
+        }
+        Ok(found)
     }
 
     /// Every event this store commits from now on, as soon as its transaction has committed
@@ -483,6 +541,12 @@ impl<'s> Changes<'s> {
             Ok(()) => {
                 settle(&store.runs, &self.runs, true);
                 settle(&store.objectives, &self.objectives, true);
+                if !self.artifacts.is_empty() {
+                    let mut contents = store.contents.lock().expect("not poisoned");
+                    for artifact in &self.artifacts {
+                        contents.keep(&artifact.sha256, Arc::new(artifact.content.clone()));
+                    }
+                }
                 // `notify_one` keeps a permit when the relay is busy, so no wake-up is lost.
                 store.committed.notify_one();
                 if store.local.receiver_count() > 0 {

@@ -192,8 +192,10 @@ impl Worker {
         let work = self.process(&item, &key);
         tokio::pin!(work);
         // Tell JetStream we are alive while the team works (model calls can be long).
-        let mut heartbeat = tokio::time::interval(self.options.ack_wait / 3);
-        heartbeat.tick().await;
+        // First tick one period from now: awaiting an interval's immediate first tick costs
+        // a turn of the timer wheel (up to a millisecond) before the work even starts.
+        let period = self.options.ack_wait / 3;
+        let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         let outcome = loop {
             tokio::select! {
                 outcome = &mut work => break outcome,
@@ -225,10 +227,10 @@ impl Worker {
     pub async fn process(&self, item: &WorkItem, key: &str) -> Result<(), WorkerError> {
         // One read of the run's events answers everything before the work: whether the run
         // ended, where the objective stands, and what the team needs to know.
-        let events = factory_commands::events::run_events(self.store.pool(), item.run_id.0, None)
+        let id = item.objective_id.to_string();
+        let events = factory_commands::events::run_events_for_team(self.store.pool(), item.run_id.0, &id, &item.team)
             .await
             .map_err(store_err)?;
-        let id = item.objective_id.to_string();
         let run: factory_domain::Run =
             factory_commands::events::fold(events.iter().filter(|e| e.aggregate_type == "run")).map_err(store_err)?;
         let objective: factory_domain::Objective =
@@ -247,8 +249,9 @@ impl Worker {
         let dir = self.options.work_dir.join(format!("{}-{}-{}", item.objective_id, key.replace(':', "-"), uuid::Uuid::now_v7()));
         // The earlier stages' artifacts, served from memory (not written into the directory).
         let shas: Vec<&str> = run.artifacts.values().map(String::as_str).collect();
-        let contents = self.artifacts(&shas).await?;
-        let workspace = Workspace::with_inputs(&dir, workspace_inputs(&run.artifacts, |sha| contents.get(sha).cloned()))?;
+        let contents = self.store.artifact_contents(&shas).await.map_err(store_err)?;
+        let workspace =
+            Workspace::with_inputs(&dir, workspace_inputs(&run.artifacts, |sha| contents.get(sha).map(|c| c.as_ref().clone())))?;
         let prompt = run.prompt(team, objective.iterations + 1, item.max_iterations);
         // Model calls are recorded as they return, by a task of their own, so that a dying
         // attempt keeps its audit; calls it has not taken when the work ends go into the
@@ -344,19 +347,6 @@ impl Worker {
     async fn run_has_ended(&self, item: &WorkItem) -> Result<bool, WorkerError> {
         let run = self.store.load_run(item.run_id).await.map_err(store_err)?;
         Ok(run.status.is_terminal())
-    }
-
-    /// Stored contents by sha256, in one query.
-    async fn artifacts(&self, shas: &[&str]) -> Result<std::collections::HashMap<String, Vec<u8>>, WorkerError> {
-        if shas.is_empty() {
-            return Ok(Default::default());
-        }
-        let rows: Vec<(String, Vec<u8>)> = sqlx::query_as("SELECT sha256, content FROM artifacts WHERE sha256 = ANY($1)")
-            .bind(shas)
-            .fetch_all(self.store.pool())
-            .await
-            .map_err(store_err)?;
-        Ok(rows.into_iter().collect())
     }
 }
 

@@ -400,3 +400,91 @@ async fn artifact_contents_are_stored_by_the_commit_that_names_them() {
     assert_eq!(stored, [(content.clone(), content.len() as i64)]);
     assert_eq!(sequences(&stack, &objective.to_string()).await, [1, 2, 3]);
 }
+
+fn model_call(response: &str) -> factory_domain::ObjectiveCommand {
+    factory_domain::ObjectiveCommand::RecordModelCall(factory_domain::objective::ModelCalled {
+        alias: "factory/fast".into(),
+        provider: "scripted".into(),
+        model: "scripted-fast".into(),
+        input_tokens: 10,
+        output_tokens: 20,
+        cost_usd: 0.25,
+        latency_ms: 1,
+        outcome: "ok".into(),
+        failed_targets: Vec::new(),
+        request_digest: "0".repeat(64),
+        response: response.into(),
+    })
+}
+
+#[tokio::test]
+async fn a_team_reads_its_run_without_the_model_answers_of_other_teams() {
+    let stack = TestStack::new().await;
+    let store = store(&stack).await;
+    let run = RunId::new();
+    store.execute_run(run, submit("Build a URL shortener")).await.unwrap();
+    let assign_to = |objective_id: ObjectiveId, team: &str| factory_domain::ObjectiveCommand::AssignObjective {
+        objective_id,
+        run_id: run,
+        stage: team.into(),
+        team: team.into(),
+        instructions: "work".into(),
+        max_iterations: 3,
+    };
+    // The team's earlier objective, another team's, and the one it works now.
+    let (earlier, other, current) = (ObjectiveId::new(), ObjectiveId::new(), ObjectiveId::new());
+    for (objective, team) in [(earlier, "qa-engineering"), (other, "backend-engineering"), (current, "qa-engineering")] {
+        store.execute_objective_all(objective, run, vec![assign_to(objective, team), model_call(team)]).await.unwrap();
+    }
+    let events = factory_commands::events::run_events_for_team(&stack.pool, run.0, &current.to_string(), "qa-engineering")
+        .await
+        .unwrap();
+    let calls: Vec<&str> = events.iter().filter(|e| e.event_type == "ModelCalled").map(|e| e.aggregate_id.as_str()).collect();
+    assert_eq!(calls, [earlier.to_string(), current.to_string()], "the team's own calls (its budget), no other team's");
+    let all = factory_commands::events::run_events(&stack.pool, run.0, None).await.unwrap();
+    assert_eq!(events.len(), all.len() - 1, "everything else of the run");
+}
+
+#[tokio::test]
+async fn artifact_contents_come_back_by_digest_from_memory_or_the_store() {
+    let stack = TestStack::new().await;
+    let writer = store(&stack).await;
+    let run = RunId::new();
+    writer.execute_run(run, submit("Build a URL shortener")).await.unwrap();
+    let objective = ObjectiveId::new();
+    writer.execute_objective(objective, run, assign(run, objective)).await.unwrap();
+    let content = b"fn main() {}\n".to_vec();
+    let produced = factory_teams::worker::artifact_of("src/main.rs".into(), &content);
+    let sha256 = produced.sha256.clone();
+    let artifact = factory_commands::store::ArtifactContent { sha256: sha256.clone(), content: content.clone() };
+    writer
+        .record_objective(objective, run, vec![factory_domain::ObjectiveCommand::ProduceArtifact(produced)], vec![artifact])
+        .await
+        .unwrap();
+    let unknown = "f".repeat(64);
+    // The process that stored it, and another that must read it.
+    for store in [writer.clone(), Arc::new(store_of_another_process(&stack).await)] {
+        let found = store.artifact_contents(&[sha256.as_str(), unknown.as_str()]).await.unwrap();
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[&sha256].as_slice(), content.as_slice());
+    }
+}
+
+#[tokio::test]
+async fn payloads_up_to_a_page_are_stored_uncompressed() {
+    let stack = TestStack::new().await;
+    let store = store(&stack).await;
+    let run = RunId::new();
+    store.execute_run(run, submit("Build a URL shortener")).await.unwrap();
+    let objective = ObjectiveId::new();
+    let answer = "A model's answer, long enough to be compressed by default. ".repeat(70);
+    store.execute_objective_all(objective, run, vec![assign(run, objective), model_call(&answer)]).await.unwrap();
+    let (compression, size): (Option<String>, i32) = sqlx::query_as(
+        "SELECT pg_column_compression(payload), pg_column_size(payload) FROM events WHERE event_type = 'ModelCalled'",
+    )
+    .fetch_one(&stack.pool)
+    .await
+    .unwrap();
+    assert!(size > 4000, "{size}");
+    assert_eq!(compression, None, "{size} bytes stored as they are");
+}
