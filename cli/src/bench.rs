@@ -873,7 +873,8 @@ where
     let components = jetstream::new(stack::connect_nats(config).await?);
     let reader = jetstream::new(stack::connect_nats(config).await?);
     topology.ensure_streams(&components).await?;
-    let work_dir = std::env::temp_dir().join(format!("factory-bench-{}-{name}-work", std::process::id()));
+    // Where `up`'s workers make their workspaces, as in production.
+    let work_dir = config.work_dir.join(format!("bench-{}-{name}", std::process::id()));
     let stack = BenchStack {
         components: components.clone(),
         reader,

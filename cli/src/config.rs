@@ -14,6 +14,9 @@ use std::time::Duration;
 pub struct Config {
     pub http_addr: SocketAddr,
     pub data_dir: PathBuf,
+    /// Where workers make each attempt's scratch workspace (removed after the attempt; what
+    /// a team produced is kept as artifacts in PostgreSQL). See [`default_work_dir`].
+    pub work_dir: PathBuf,
     pub embedded_nats_port: u16,
     pub embedded_pg_port: u16,
     pub nats_url: Option<String>,
@@ -38,6 +41,26 @@ pub struct Config {
     pub log: Option<String>,
     /// The Python venv holding nats-server and PostgreSQL.
     pub venv: PathBuf,
+}
+
+/// The memory file system scratch workspaces go to by default, where there is one.
+const SCRATCH_MEMORY: &str = "/dev/shm";
+
+/// Scratch workspaces live for one attempt and are thrown away, so by default they go to
+/// memory (`/dev/shm/factory-<digest of the user and data dir>/work`, one folder per stack)
+/// where `/dev/shm` is a writable directory: creating and deleting every attempt's files on
+/// a disk file system (ext4's inode allocation among recently deleted inodes) was a fifth of
+/// a worker's CPU under load. Elsewhere: `<data_dir>/work`.
+pub fn default_work_dir(data_dir: &Path, memory: &Path) -> PathBuf {
+    let writable = std::fs::metadata(memory).is_ok_and(|m| m.is_dir() && !m.permissions().readonly());
+    if !writable {
+        return data_dir.join("work");
+    }
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    std::env::var_os("USER").hash(&mut hasher);
+    data_dir.hash(&mut hasher);
+    memory.join(format!("factory-{:08x}", hasher.finish() as u32)).join("work")
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +88,7 @@ const KEYS: &[&str] = &[
     "home",
     "http_addr",
     "data_dir",
+    "work_dir",
     "embedded_nats_port",
     "embedded_pg_port",
     "nats_url",
@@ -169,6 +193,13 @@ impl Config {
             .map(|v| PathBuf::from(&v.text))
             .unwrap_or_else(|| PathBuf::from(".factory"));
         let data_dir = if data_dir.is_absolute() { data_dir } else { home.join(data_dir) };
+        let work_dir = match get("work_dir") {
+            Some(v) => {
+                let dir = PathBuf::from(&v.text);
+                if dir.is_absolute() { dir } else { home.join(dir) }
+            }
+            None => default_work_dir(&data_dir, Path::new(SCRATCH_MEMORY)),
+        };
         let mut config = Config {
             http_addr: parse(get("http_addr"), "http_addr", "127.0.0.1:8080".parse().unwrap())?,
             embedded_nats_port: parse(get("embedded_nats_port"), "embedded_nats_port", 14222)?,
@@ -216,6 +247,7 @@ impl Config {
                 .map(|v| PathBuf::from(&v.text))
                 .unwrap_or_else(|| home.join(".factory").join("venv")),
             data_dir,
+            work_dir,
         };
         if let Some(demo) = config.demo {
             config.models.demo = Some(demo);
@@ -354,6 +386,18 @@ mod tests {
         assert_eq!(c.embedded_pg_port, 15432);
         assert!(c.data_dir.ends_with(".factory"));
         assert!(c.nats_url.is_none() && c.database_url.is_none());
+    }
+
+    #[test]
+    fn scratch_workspaces_go_to_memory_where_there_is_one_else_under_the_data_dir() {
+        let tmp = tempfile::tempdir().unwrap();
+        let data_dir = tmp.path().join(".factory");
+        let in_memory = default_work_dir(&data_dir, tmp.path());
+        assert!(in_memory.starts_with(tmp.path()) && in_memory.ends_with("work"), "{}", in_memory.display());
+        assert_ne!(in_memory, default_work_dir(&tmp.path().join("other"), tmp.path()), "one folder per stack");
+        assert_eq!(default_work_dir(&data_dir, &tmp.path().join("missing")), data_dir.join("work"));
+        let c = Config::from_sources(&env(&[("FACTORY_WORK_DIR", "/var/tmp/factory-work")])).unwrap();
+        assert_eq!(c.work_dir, PathBuf::from("/var/tmp/factory-work"));
     }
 
     #[test]

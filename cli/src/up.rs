@@ -157,7 +157,7 @@ fn worker(
     } else {
         teams
     };
-    let options = factory_teams::worker::WorkerOptions::new(teams, config.data_file("work"));
+    let options = factory_teams::worker::WorkerOptions::new(teams, config.work_dir.clone());
     factory_teams::worker::Worker::new(store, js, topology, router, options)
 }
 

@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
 /// How soon to look again while busy or waiting for running transactions.
-const MIN_SHORT_PAUSE: Duration = Duration::from_millis(1);
+const MIN_SHORT_PAUSE: Duration = Duration::from_millis(5);
 const MAX_SHORT_PAUSE: Duration = Duration::from_millis(20);
 /// Empty polls (about 100 ms of backing-off pauses) before asking writers to NOTIFY again.
 const QUIET_POLLS_BEFORE_IDLE: u32 = 8;

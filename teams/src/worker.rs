@@ -304,7 +304,7 @@ impl Worker {
             outcome = work => outcome,
             _ = cancelled => {
                 tracing::info!(objective = %item.objective_id, "run stopped; work dropped");
-                let _ = std::fs::remove_dir_all(&dir);
+                remove_workspace(dir);
                 // The calls made so far are recorded before the message is settled.
                 calls.finish();
                 let _ = recorder.await;
@@ -314,7 +314,7 @@ impl Worker {
         let outcome = match outcome {
             Ok(outcome) => outcome,
             Err(error) => {
-                let _ = std::fs::remove_dir_all(&dir);
+                remove_workspace(dir);
                 // Recorded before the message is settled: on the last delivery the objective
                 // is blocked next, and calls recorded after that would be refused (lost).
                 calls.finish();
@@ -340,7 +340,7 @@ impl Worker {
         }
         commands.extend(result_commands(key, outcome));
         ignore_finished(self.store.record_objective(item.objective_id, item.run_id, commands, contents).await)?;
-        let _ = std::fs::remove_dir_all(&dir);
+        remove_workspace(dir);
         Ok(())
     }
 
@@ -348,6 +348,19 @@ impl Worker {
         let run = self.store.load_run(item.run_id).await.map_err(store_err)?;
         Ok(run.status.is_terminal())
     }
+}
+
+/// Removes an attempt's workspace off the async threads, not waited for: deleting files
+/// blocks, and the task woken by the commit just made (the orchestrator's, told in memory)
+/// would wait for it on this thread.
+fn remove_workspace(dir: PathBuf) {
+    tokio::task::spawn_blocking(move || {
+        if let Err(error) = std::fs::remove_dir_all(&dir)
+            && error.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(dir = %dir.display(), %error, "an attempt's workspace could not be removed");
+        }
+    });
 }
 
 /// The files that become the objective's artifacts: those its tools wrote, then those its
