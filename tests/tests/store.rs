@@ -298,13 +298,8 @@ fn assign(run: RunId, objective_id: ObjectiveId) -> factory_domain::ObjectiveCom
     }
 }
 
-#[tokio::test]
-async fn a_unit_of_work_commits_commands_on_several_aggregates_in_one_transaction_in_the_order_staged() {
-    let stack = TestStack::new().await;
-    let store = store(&stack).await;
-    let run = RunId::new();
-    store.execute_run(run, submit("Build a URL shortener")).await.unwrap();
-    let objective = ObjectiveId::new();
+/// A unit of work that starts stage `ba` of the run and assigns its objective, uncommitted.
+async fn start_and_assign(store: &Store, run: RunId, objective: ObjectiveId) -> factory_commands::store::Changes<'_> {
     let mut changes = store.changes();
     changes
         .execute_run(run, RunCommand::StartStage { stage: "ba".into(), team: "business-analysis".into(), objective_id: objective })
@@ -312,6 +307,17 @@ async fn a_unit_of_work_commits_commands_on_several_aggregates_in_one_transactio
         .unwrap();
     changes.new_objective(objective, run);
     changes.execute_objective(objective, run, assign(run, objective)).await.unwrap();
+    changes
+}
+
+#[tokio::test]
+async fn a_unit_of_work_commits_commands_on_several_aggregates_in_one_transaction_in_the_order_staged() {
+    let stack = TestStack::new().await;
+    let store = store(&stack).await;
+    let run = RunId::new();
+    store.execute_run(run, submit("Build a URL shortener")).await.unwrap();
+    let objective = ObjectiveId::new();
+    let mut changes = start_and_assign(&store, run, objective).await;
     // A refused command stages nothing and leaves the rest of the unit as it was.
     let refused = changes
         .execute_run(run, RunCommand::StartStage { stage: "ba".into(), team: "business-analysis".into(), objective_id: ObjectiveId::new() })
@@ -342,13 +348,7 @@ async fn a_unit_of_work_that_meets_a_conflict_writes_none_of_its_events() {
     let run = RunId::new();
     store.execute_run(run, submit("Build a URL shortener")).await.unwrap();
     let objective = ObjectiveId::new();
-    let mut changes = store.changes();
-    changes
-        .execute_run(run, RunCommand::StartStage { stage: "ba".into(), team: "business-analysis".into(), objective_id: objective })
-        .await
-        .unwrap();
-    changes.new_objective(objective, run);
-    changes.execute_objective(objective, run, assign(run, objective)).await.unwrap();
+    let mut changes = start_and_assign(&store, run, objective).await;
     // Another process (a store with nothing remembered) writes the run first.
     let other = store_of_another_process(&stack).await;
     other
@@ -360,13 +360,7 @@ async fn a_unit_of_work_that_meets_a_conflict_writes_none_of_its_events() {
     assert_eq!(sequences(&stack, &objective.to_string()).await, Vec::<i64>::new(), "the objective's event went with the run's");
     assert_eq!(crate::support::store_count(&stack.pool).await, 2);
     // Asked again, the unit is staged on fresh state and commits.
-    let mut changes = store.changes();
-    changes
-        .execute_run(run, RunCommand::StartStage { stage: "ba".into(), team: "business-analysis".into(), objective_id: objective })
-        .await
-        .unwrap();
-    changes.new_objective(objective, run);
-    changes.execute_objective(objective, run, assign(run, objective)).await.unwrap();
+    let mut changes = start_and_assign(&store, run, objective).await;
     changes.commit().await.unwrap();
     assert_eq!(sequences(&stack, &run.to_string()).await, [1, 2, 3]);
     assert_eq!(sequences(&stack, &objective.to_string()).await, [1]);
