@@ -250,8 +250,10 @@ impl ScratchDatabase {
             .context("the admin database URL is not valid")?
             .database(name)
             .application_name("factory-bench");
+        // As `factory_commands::connect` makes production's pools.
         let pool = PgPoolOptions::new()
             .max_connections(POOL_SIZE)
+            .test_before_acquire(false)
             .acquire_timeout(Duration::from_secs(10))
             .connect_with(options)
             .await

@@ -266,7 +266,9 @@ fn quote(raw: &str) -> String {
 /// span fields (a question when NEEDS_CLARIFICATION, blockers when BLOCKED, safe paths) are
 /// the gate's, checked by [`parse_task_result`].
 pub fn task_result_schema() -> serde_json::Value {
-    schemars::schema_for!(TaskResult).to_value()
+    // Derived once: every model call carries it.
+    static SCHEMA: std::sync::OnceLock<serde_json::Value> = std::sync::OnceLock::new();
+    SCHEMA.get_or_init(|| schemars::schema_for!(TaskResult).to_value()).clone()
 }
 
 #[cfg(test)]

@@ -539,14 +539,33 @@ async fn stage_run_command(
 /// The run's own pipeline (runs submitted before runs carried their pipeline's text fall
 /// back to the built-in of that name), or why it cannot be used: then the run fails, as
 /// retrying would not change it.
-fn run_pipeline(run: &factory_domain::Run) -> Result<Pipeline, String> {
+///
+/// Parsed once per name and text and kept (every step of a run needs it; runs mostly share
+/// a few pipelines): at most [`PARSED_PIPELINES`], then the memory starts over.
+fn run_pipeline(run: &factory_domain::Run) -> Result<Arc<Pipeline>, String> {
+    type Parsed = std::collections::HashMap<(String, String), Arc<Pipeline>>;
+    static PARSED: std::sync::Mutex<Option<Parsed>> = std::sync::Mutex::new(None);
+    let key = (run.pipeline.clone(), run.pipeline_definition.clone());
+    if let Some(pipeline) = PARSED.lock().expect("not poisoned").as_ref().and_then(|parsed| parsed.get(&key)) {
+        return Ok(pipeline.clone());
+    }
     let parsed = if run.pipeline_definition.is_empty() {
         Pipeline::builtin(&run.pipeline).ok_or_else(|| crate::pipeline::PipelineError::NotFound(run.pipeline.clone()))
     } else {
         Pipeline::parse(&run.pipeline, &run.pipeline_definition)
     };
-    parsed.map_err(|error| format!("the run's pipeline cannot be used: {error}"))
+    let pipeline = Arc::new(parsed.map_err(|error| format!("the run's pipeline cannot be used: {error}"))?);
+    let mut memory = PARSED.lock().expect("not poisoned");
+    let parsed = memory.get_or_insert_with(Default::default);
+    if parsed.len() >= PARSED_PIPELINES {
+        parsed.clear();
+    }
+    parsed.insert(key, pipeline.clone());
+    Ok(pipeline)
 }
+
+/// Parsed pipelines kept in memory at most.
+const PARSED_PIPELINES: usize = 256;
 
 /// The lane of a run (its id as text).
 fn lane_of_run(run: &str) -> usize {

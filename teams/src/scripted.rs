@@ -78,7 +78,8 @@ pub fn project_slug(requirement: &str) -> String {
 fn respond(request: &ModelRequest, markers: &Markers) -> ModelResponse {
     let prompt = first_user_message(&request.messages);
     let script = team_script(&request.team);
-    let project = Project::new(&request.team, prompt);
+    let project = Project::of(&request.team, prompt);
+    let project = project.as_ref();
     let turn = Turn::read(&request.messages);
     let verdict = verdict(script, markers, &project, prompt);
 
@@ -544,7 +545,29 @@ struct Project {
     values: BTreeMap<&'static str, String>,
 }
 
+/// Projects worked out at most, remembered; then the memory starts over.
+const REMEMBERED_PROJECTS: usize = 1024;
+
 impl Project {
+    /// The project of a team's objective prompt, worked out once: every turn of an
+    /// objective's conversation asks for it again.
+    fn of(team: &str, prompt: &str) -> std::sync::Arc<Project> {
+        type Remembered = std::collections::HashMap<(String, String), std::sync::Arc<Project>>;
+        static REMEMBERED: std::sync::Mutex<Option<Remembered>> = std::sync::Mutex::new(None);
+        let key = (team.to_string(), prompt.to_string());
+        if let Some(project) = REMEMBERED.lock().expect("not poisoned").as_ref().and_then(|r| r.get(&key)) {
+            return project.clone();
+        }
+        let project = std::sync::Arc::new(Project::new(team, prompt));
+        let mut memory = REMEMBERED.lock().expect("not poisoned");
+        let remembered = memory.get_or_insert_with(Default::default);
+        if remembered.len() >= REMEMBERED_PROJECTS {
+            remembered.clear();
+        }
+        remembered.insert(key, project.clone());
+        project
+    }
+
     fn new(team: &str, prompt: &str) -> Project {
         let requirement = strip_markers(requirement_section(prompt));
         let requirement = if requirement.is_empty() {

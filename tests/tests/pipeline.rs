@@ -413,15 +413,15 @@ async fn each_step_of_a_run_is_one_commit_and_the_orchestrator_is_sent_only_what
         .filter(|(a, e, _, _)| factory_teams::orchestrator::REACTS_TO.contains(&(a.as_str(), e.as_str())))
         .count() as u64;
     assert!(reacted < rows.len() as u64 / 2, "{reacted} of {}", rows.len());
-    wait_for("the orchestrator's consumer to have been given its events", Duration::from_secs(30), || async {
-        let stream = factory.stack.js.get_stream(&factory.stack.topology.events_stream).await.ok()?;
+    let stored = rows.len() as u64;
+    let given = wait_for("the orchestrator's consumer to have been given every event of the run", Duration::from_secs(30), || async {
+        let mut stream = factory.stack.js.get_stream(&factory.stack.topology.events_stream).await.ok()?;
+        let published = stream.info().await.ok()?.state.messages;
         let mut consumer = stream.get_consumer::<async_nats::jetstream::consumer::pull::Config>("orchestrator").await.ok()?;
         let info = consumer.info().await.ok()?;
-        (info.delivered.stream_sequence > 0 && info.num_pending == 0 && info.num_ack_pending == 0)
-            .then_some(info.delivered.consumer_sequence)
+        (published == stored && info.num_pending == 0 && info.num_ack_pending == 0)
+            .then_some(info.delivered.consumer_sequence - info.num_redelivered as u64)
     })
-    .await
-    .eq(&reacted)
-    .then_some(())
-    .expect("delivered exactly the events it reacts to");
+    .await;
+    assert_eq!(given, reacted, "delivered exactly the events it reacts to");
 }
