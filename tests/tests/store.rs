@@ -370,14 +370,20 @@ async fn store_of_another_process(stack: &TestStack) -> Store {
     Store::new(stack.pool.clone(), Arc::new(SystemServices))
 }
 
-#[tokio::test]
-async fn artifact_contents_are_stored_by_the_commit_that_names_them() {
-    let stack = TestStack::new().await;
-    let store = store(&stack).await;
+/// A submitted run and an assigned objective of it.
+async fn assigned_objective(store: &Store) -> (RunId, ObjectiveId) {
     let run = RunId::new();
     store.execute_run(run, submit("Build a URL shortener")).await.unwrap();
     let objective = ObjectiveId::new();
     store.execute_objective(objective, run, assign(run, objective)).await.unwrap();
+    (run, objective)
+}
+
+#[tokio::test]
+async fn artifact_contents_are_stored_by_the_commit_that_names_them() {
+    let stack = TestStack::new().await;
+    let store = store(&stack).await;
+    let (run, objective) = assigned_objective(&store).await;
     let content = b"# Requirements\n".to_vec();
     let produced = factory_teams::worker::artifact_of("docs/requirements.md".into(), &content);
     let sha256 = produced.sha256.clone();
@@ -443,10 +449,7 @@ async fn a_team_reads_its_run_without_the_model_answers_of_other_teams() {
 async fn artifact_contents_come_back_by_digest_from_memory_or_the_store() {
     let stack = TestStack::new().await;
     let writer = store(&stack).await;
-    let run = RunId::new();
-    writer.execute_run(run, submit("Build a URL shortener")).await.unwrap();
-    let objective = ObjectiveId::new();
-    writer.execute_objective(objective, run, assign(run, objective)).await.unwrap();
+    let (run, objective) = assigned_objective(&writer).await;
     let content = b"fn main() {}\n".to_vec();
     let produced = factory_teams::worker::artifact_of("src/main.rs".into(), &content);
     let sha256 = produced.sha256.clone();
