@@ -75,12 +75,15 @@ pub fn fold<'a, A: cqrs_es::Aggregate>(events: impl IntoIterator<Item = &'a Even
     Ok(aggregate)
 }
 
+/// Lower-case hex, two digits per byte.
 pub fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write;
-    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut text = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        text.push(DIGITS[usize::from(b >> 4)] as char);
+        text.push(DIGITS[usize::from(b & 0xf)] as char);
+    }
+    text
 }
 
 /// Every event of one run, in position order. Empty when the run does not exist.

@@ -550,7 +550,7 @@ impl<'s> Changes<'s> {
                 // `notify_one` keeps a permit when the relay is busy, so no wake-up is lost.
                 store.committed.notify_one();
                 if store.local.receiver_count() > 0 {
-                    for event in rows.committed() {
+                    for event in rows.into_committed() {
                         // No receiver left is fine: the stream carries every event anyway.
                         let _ = store.local.send(Arc::new(event));
                     }
@@ -710,21 +710,19 @@ impl Rows {
         }
     }
 
-    /// The in-memory form of the appended events.
-    fn committed(&self) -> impl Iterator<Item = Committed> + '_ {
-        (0..self.sequences.len()).map(|i| {
-            let event_type = self.event_types[i].clone();
-            // cqrs-es tags payloads by event type; the envelope carries the inner object.
-            let payload = self.payloads[i].get(&event_type).cloned().unwrap_or_else(|| self.payloads[i].clone());
-            Committed {
-                aggregate_type: self.aggregate_types[i].to_string(),
-                aggregate_id: self.aggregate_ids[i].clone(),
-                sequence: self.sequences[i],
-                run_id: self.run_ids[i],
-                event_type,
-                payload,
-            }
-        })
+    /// The in-memory form of the appended events (their payloads moved, not copied).
+    fn into_committed(self) -> impl Iterator<Item = Committed> {
+        let columns = self.aggregate_types.into_iter().zip(self.aggregate_ids).zip(self.sequences).zip(self.run_ids);
+        columns.zip(self.event_types.into_iter().zip(self.payloads)).map(
+            |((((aggregate_type, aggregate_id), sequence), run_id), (event_type, mut payload))| {
+                // cqrs-es tags payloads by event type; the envelope carries the inner object.
+                let payload = match payload.get_mut(&event_type) {
+                    Some(inner) => inner.take(),
+                    None => payload,
+                };
+                Committed { aggregate_type: aggregate_type.to_string(), aggregate_id, sequence, run_id, event_type, payload }
+            },
+        )
     }
 }
 

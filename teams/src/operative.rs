@@ -161,7 +161,10 @@ fn blocked(reasoning: String, blocker: String) -> TaskResult {
 
 /// sha256 of a request as sent (the budget left out): what a re-run matches answers by.
 pub fn request_digest(request: &ModelRequest) -> String {
-    hex(&Sha256::digest(serde_json::to_vec(request).unwrap_or_default()))
+    // The request's JSON, hashed as it is written (the same bytes as `to_vec`).
+    let mut hasher = Sha256::new();
+    let _ = serde_json::to_writer(&mut hasher, request);
+    hex(&hasher.finalize())
 }
 
 fn record(request: &ModelRequest, response: &ModelResponse, started: Instant) -> ModelCall {
@@ -193,5 +196,5 @@ fn record(request: &ModelRequest, response: &ModelResponse, started: Instant) ->
 }
 
 pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    factory_commands::events::hex(bytes)
 }
