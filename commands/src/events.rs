@@ -6,7 +6,7 @@
 //! events exactly as stored ([`stored_range`]): the stream carries what the store holds.
 
 use chrono::{DateTime, Utc};
-use factory_nats::EventEnvelope;
+use factory_nats::{EventEnvelope, RawEnvelope};
 use sqlx::postgres::PgRow;
 use sqlx::{PgExecutor, Row};
 use uuid::Uuid;
@@ -145,6 +145,47 @@ pub async fn range<'e>(
         upcast(envelope).map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
     }
     Ok(events)
+}
+
+/// As [`stored_range`], with payload and metadata as the store's JSON text (untagged in
+/// SQL as [`untag`] does), for the relay to publish without parsing them.
+pub async fn stored_range_raw<'e>(
+    db: impl PgExecutor<'e>,
+    after: i64,
+    up_to: i64,
+    limit: i64,
+) -> Result<Vec<RawEnvelope>, sqlx::Error> {
+    const SQL: &str = "SELECT position, aggregate_type, aggregate_id, sequence, event_type, event_version, \
+            run_id, recorded_at, hash, metadata::text AS metadata, \
+            (CASE WHEN jsonb_typeof(payload) = 'object' AND payload ? event_type \
+                       AND (SELECT count(*) FROM jsonb_object_keys(payload)) = 1 \
+                  THEN payload -> event_type ELSE payload END)::text AS payload \
+       FROM events WHERE position > $1 AND position <= $2 ORDER BY position LIMIT $3";
+    let raw = |text: String| serde_json::value::RawValue::from_string(text).map_err(|e| sqlx::Error::Decode(Box::new(e)));
+    sqlx::query(SQL)
+        .bind(after)
+        .bind(up_to)
+        .bind(limit)
+        .fetch_all(db)
+        .await?
+        .iter()
+        .map(|row| {
+            let hash: Vec<u8> = row.try_get("hash")?;
+            Ok(RawEnvelope {
+                position: row.try_get("position")?,
+                aggregate_type: row.try_get("aggregate_type")?,
+                aggregate_id: row.try_get("aggregate_id")?,
+                sequence: row.try_get("sequence")?,
+                event_type: row.try_get("event_type")?,
+                event_version: row.try_get("event_version")?,
+                run_id: row.try_get::<Option<Uuid>, _>("run_id")?,
+                recorded_at: row.try_get::<DateTime<Utc>, _>("recorded_at")?,
+                payload: raw(row.try_get("payload")?)?,
+                metadata: raw(row.try_get("metadata")?)?,
+                hash: hex(&hash),
+            })
+        })
+        .collect()
 }
 
 /// Events with `after < position <= up_to`, in order, at most `limit`, exactly as stored

@@ -291,7 +291,7 @@ impl Relay {
     /// Publishes one batch after `cursor` up to `safe`; true when more are waiting.
     async fn publish_up_to(&self, cursor: &mut Cursor, safe: i64) -> Result<bool, RelayError> {
         let limit = self.options.batch_size as i64;
-        let batch = events::stored_range(&self.pool, cursor.position, safe, limit).await?;
+        let batch = events::stored_range_raw(&self.pool, cursor.position, safe, limit).await?;
         let full = batch.len() as i64 == limit;
         let mut acks = Vec::with_capacity(batch.len());
         for envelope in &batch {

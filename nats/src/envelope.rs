@@ -6,8 +6,12 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 /// The JSON body of every published event (contract §4).
+///
+/// Read with `payload` and `metadata` as `serde_json::Value`s. The relay writes them as the
+/// store's JSON text (`EventEnvelope<Box<RawValue>>`, see [`RawEnvelope`]): the same body,
+/// without parsing the payload only to write it again.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct EventEnvelope {
+pub struct EventEnvelope<P = serde_json::Value> {
     pub position: i64,
     pub aggregate_type: String,
     pub aggregate_id: String,
@@ -17,13 +21,16 @@ pub struct EventEnvelope {
     pub run_id: Option<Uuid>,
     pub recorded_at: DateTime<Utc>,
     /// The event's own fields (the store keeps them tagged by event type; this is the inner object).
-    pub payload: serde_json::Value,
-    pub metadata: serde_json::Value,
+    pub payload: P,
+    pub metadata: P,
     /// The hash-chain link, hex.
     pub hash: String,
 }
 
-impl EventEnvelope {
+/// An envelope whose payload and metadata are JSON text, as the relay publishes it.
+pub type RawEnvelope = EventEnvelope<Box<serde_json::value::RawValue>>;
+
+impl<P> EventEnvelope<P> {
     /// `Nats-Msg-Id` and CloudEvents `ce-id`: unique per event, stable across republishing.
     pub fn message_id(&self) -> String {
         format!("{}:{}:{}", self.aggregate_type, self.aggregate_id, self.sequence)
@@ -44,7 +51,7 @@ pub struct PublishedEvent {
 }
 
 /// CloudEvents 1.0 binary-mode attributes plus `Nats-Msg-Id`.
-pub fn cloud_event_headers(envelope: &EventEnvelope) -> HeaderMap {
+pub fn cloud_event_headers<P>(envelope: &EventEnvelope<P>) -> HeaderMap {
     let id = envelope.message_id();
     let mut headers = HeaderMap::new();
     headers.insert("Nats-Msg-Id", id.as_str());

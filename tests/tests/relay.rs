@@ -279,3 +279,35 @@ async fn a_long_transaction_that_appends_nothing_does_not_hold_the_relay_back() 
     there.rollback().await.unwrap();
     task.abort();
 }
+
+#[tokio::test]
+async fn the_stream_carries_each_event_as_the_store_holds_it() {
+    let stack = TestStack::new().await;
+    let store = Store::new(stack.pool.clone(), Arc::new(SystemServices));
+    let relay = relay(&stack, stack.js.clone(), 100).with_wake(store.committed());
+    let task = tokio::spawn(relay.run());
+    let run = RunId::new();
+    // Text that JSON escapes, numbers of every kind, a payload past a page (stored compressed).
+    let requirement = format!("Build a \"URL\" shortener\\n\twith ünïcödé, 🚀 and {}", "long text ".repeat(1200));
+    store
+        .execute_run(run, RunCommand::SubmitRequirement { title: Some("Shortener".into()), requirement, pipeline: "phase1".into(), pipeline_definition: String::new(), auto_approve: true, submitted_by: "tester".into() })
+        .await
+        .unwrap();
+    let objective = factory_domain::ObjectiveId::new();
+    store
+        .execute_objective_all(objective, run, vec![
+            factory_domain::ObjectiveCommand::AssignObjective { objective_id: objective, run_id: run, stage: "qa".into(), team: "qa-engineering".into(), instructions: "test".into(), max_iterations: 3 },
+            factory_domain::ObjectiveCommand::RecordModelCall(factory_domain::objective::ModelCalled {
+                alias: "factory/fast".into(), provider: "scripted".into(), model: "m".into(), input_tokens: u64::MAX, output_tokens: 0,
+                cost_usd: 0.000_123_456_789, latency_ms: 7, outcome: "ok".into(), failed_targets: vec!["a:b".into()],
+                request_digest: "0".repeat(64), response: "{\"content\": \"a\\u0000b\"}".into(),
+            }),
+        ])
+        .await
+        .unwrap();
+    wait_published(&stack, &stack.js, 3).await;
+    let published: Vec<_> = read_stream(&stack.js, &stack).await.into_iter().map(|(_, _, envelope)| envelope).collect();
+    let stored = factory_commands::events::stored_range(&stack.pool, 0, i64::MAX, 100).await.unwrap();
+    assert_eq!(published, stored, "what the stream carries, parsed, is what the store holds");
+    task.abort();
+}
