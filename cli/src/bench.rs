@@ -876,7 +876,7 @@ where
     let reader = jetstream::new(stack::connect_nats(config).await?);
     topology.ensure_streams(&components).await?;
     // Where `up`'s workers make their workspaces, as in production.
-    let work_dir = config.work_dir.join(format!("bench-{}-{name}", std::process::id()));
+    let work_dir = config.scratch_dir().join(format!("bench-{}-{name}", std::process::id()));
     let stack = BenchStack {
         components: components.clone(),
         reader,

@@ -157,7 +157,7 @@ fn worker(
     } else {
         teams
     };
-    let options = factory_teams::worker::WorkerOptions::new(teams, config.work_dir.clone());
+    let options = factory_teams::worker::WorkerOptions::new(teams, config.scratch_dir());
     factory_teams::worker::Worker::new(store, js, topology, router, options)
 }
 

@@ -157,8 +157,8 @@ pub async fn stored_range_raw<'e>(
 ) -> Result<Vec<RawEnvelope>, sqlx::Error> {
     const SQL: &str = "SELECT position, aggregate_type, aggregate_id, sequence, event_type, event_version, \
             run_id, recorded_at, hash, metadata::text AS metadata, \
-            (CASE WHEN jsonb_typeof(payload) = 'object' AND payload ? event_type \
-                       AND (SELECT count(*) FROM jsonb_object_keys(payload)) = 1 \
+            (CASE WHEN jsonb_typeof(payload) <> 'object' THEN payload \
+                  WHEN payload ? event_type AND (SELECT count(*) FROM jsonb_object_keys(payload)) = 1 \
                   THEN payload -> event_type ELSE payload END)::text AS payload \
        FROM events WHERE position > $1 AND position <= $2 ORDER BY position LIMIT $3";
     let raw = |text: String| serde_json::value::RawValue::from_string(text).map_err(|e| sqlx::Error::Decode(Box::new(e)));

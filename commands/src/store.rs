@@ -514,6 +514,10 @@ impl<'s> Changes<'s> {
     /// Artifact contents to store in the same statement (a digest already stored is left).
     pub fn store_artifacts(&mut self, artifacts: Vec<ArtifactContent>) {
         self.artifacts.extend(artifacts);
+        // In one order, once each: two units storing the same contents in opposite orders
+        // would otherwise deadlock on the digests' unique index.
+        self.artifacts.sort_by(|a, b| a.sha256.cmp(&b.sha256));
+        self.artifacts.dedup_by(|a, b| a.sha256 == b.sha256);
     }
 
     /// Whether anything is staged.

@@ -382,6 +382,12 @@ impl Orchestrator {
             if let Some(command) = &first {
                 match changes.execute_run(run_id, command.clone()).await {
                     Ok(()) => {}
+                    // From the stream, a completion already recorded may be the redelivery of
+                    // one whose step committed but whose work never reached the queue (the
+                    // publish failed): go on, and queue the stages in progress again.
+                    Err(CommandError::Refused(reason)) if delivered == Delivered::Stream => {
+                        tracing::debug!(%run_id, %reason, "command refused; queueing the stages in progress again");
+                    }
                     Err(CommandError::Refused(reason)) => {
                         tracing::debug!(%run_id, %reason, "command refused; nothing to do");
                         return Ok(());
@@ -392,11 +398,12 @@ impl Orchestrator {
             let run = changes.run_at_least(run_id, at_least).await.map_err(store_err)?.clone();
             let mut dispatches = Vec::new();
             if run.status == RunStatus::Running {
-                // Stages in progress (started, not done) are queued again on the stream's
-                // deliveries of a run event: a crash may have come between the commit that
-                // started a stage and its work reaching the queue, and such a crash leaves the
-                // stream's copy of the event unacked, redelivered to the next orchestrator.
-                let requeue = delivered == Delivered::Stream && first.is_none();
+                // Stages in progress (started, not done) are queued again (a no-op when they
+                // were): on the stream's deliveries, since a crash, or a failed publish, may
+                // have come between the commit that started a stage and its work reaching the
+                // queue, and then the event is redelivered; and after a conflict, since the
+                // writer that won may have started stages and died before queueing them.
+                let requeue = delivered == Delivered::Stream || attempt > 1;
                 self.plan(&mut changes, run_id, &run, requeue, &mut dispatches).await?;
             }
             match changes.commit().await {
@@ -410,7 +417,11 @@ impl Orchestrator {
         for dispatch in &dispatches {
             if dispatch.queued_again {
                 // Assigned in the commit that started it, save for runs written before
-                // starting and assigning were one commit: a no-op when assigned.
+                // starting and assigning were one commit (then a no-op when assigned).
+                let objective = self.store.changes().objective_at_least(dispatch.objective_id, run_id, 1).await.map_err(store_err)?.status;
+                if objective != factory_domain::objective::ObjectiveStatus::New {
+                    continue;
+                }
                 let assign = assignment(run_id, dispatch.objective_id, &dispatch.stage);
                 match self.store.execute_objective(dispatch.objective_id, run_id, assign).await {
                     Ok(()) | Err(CommandError::Refused(ObjectiveError::AlreadyAssigned)) => {}

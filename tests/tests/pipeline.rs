@@ -425,3 +425,77 @@ async fn each_step_of_a_run_is_one_commit_and_the_orchestrator_is_sent_only_what
     .await;
     assert_eq!(given, reacted, "delivered exactly the events it reacts to");
 }
+
+/// The messages on the team's work queue, by `Nats-Msg-Id` (the objective).
+async fn queued_objectives(stack: &TestStack, team: &str) -> Vec<String> {
+    let Ok(mut stream) = stack.js.get_stream(&stack.topology.work_stream).await else { return Vec::new() };
+    let last = stream.info().await.map(|i| i.state.last_sequence).unwrap_or(0);
+    let mut ids = Vec::new();
+    for sequence in 1..=last {
+        if let Ok(message) = stream.get_raw_message(sequence).await
+            && message.subject.as_str() == stack.topology.work_subject(team)
+            && let Some(id) = message.headers.get("Nats-Msg-Id")
+        {
+            ids.push(id.to_string());
+        }
+    }
+    ids
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redelivered_completion_queues_the_work_its_step_started_but_never_queued() {
+    // Nothing runs: the test plays the orchestrator's first attempt by hand.
+    let stack = TestStack::new().await;
+    stack.topology.ensure_streams(&stack.js).await.unwrap();
+    let store = Arc::new(Store::new(stack.pool.clone(), Arc::new(SystemServices)));
+    let plan = Pipeline::load("phase1").unwrap();
+    let run = RunId::new();
+    store
+        .execute_run(run, RunCommand::SubmitRequirement { title: None, requirement: "Build it".into(), pipeline: plan.name().into(), pipeline_definition: plan.source().into(), auto_approve: true, submitted_by: "tester".into() })
+        .await
+        .unwrap();
+    let [first, second] = [&plan.stages()[0], &plan.stages()[1]];
+    let (done, next) = (factory_domain::ObjectiveId::new(), factory_domain::ObjectiveId::new());
+    let mut changes = store.changes();
+    changes.execute_run(run, RunCommand::StartStage { stage: first.name.clone(), team: first.team.clone(), objective_id: done }).await.unwrap();
+    changes.new_objective(done, run);
+    changes.execute_objective(done, run, factory_teams::orchestrator::assignment(run, done, first)).await.unwrap();
+    changes.commit().await.unwrap();
+    let result = factory_domain::TaskResult {
+        status: factory_domain::TaskStatus::Complete,
+        reasoning: "done".into(),
+        blockers: vec![],
+        assumptions_made: vec![],
+        verified_facts: vec![],
+        clarification_needed: None,
+        artifacts: vec![],
+    };
+    store
+        .execute_objective_all(done, run, vec![
+            factory_domain::ObjectiveCommand::RecordTaskResult { idempotency_key: "work:1".into(), result },
+            factory_domain::ObjectiveCommand::CompleteObjective,
+        ])
+        .await
+        .unwrap();
+    // The step for that completion commits, and its publish fails: the next stage is started
+    // and assigned, its work never queued.
+    let mut changes = store.changes();
+    changes.execute_run(run, RunCommand::CompleteStage { stage: first.name.clone(), objective_id: done }).await.unwrap();
+    changes.execute_run(run, RunCommand::StartStage { stage: second.name.clone(), team: second.team.clone(), objective_id: next }).await.unwrap();
+    changes.new_objective(next, run);
+    changes.execute_objective(next, run, factory_teams::orchestrator::assignment(run, next, second)).await.unwrap();
+    changes.commit().await.unwrap();
+    assert!(queued_objectives(&stack, &second.team).await.is_empty());
+
+    // The completion comes back from the stream (it was not acked): its CompleteStage is
+    // refused as done, and the stage in progress is queued.
+    let events = factory_commands::events::run_events(&stack.pool, run.0, None).await.unwrap();
+    let completed = events.iter().find(|e| e.event_type == "ObjectiveCompleted").unwrap();
+    let orchestrator = Orchestrator::new(store.clone(), stack.js.clone(), stack.topology.clone());
+    orchestrator.handle(completed).await.unwrap();
+    assert_eq!(queued_objectives(&stack, &second.team).await, [next.to_string()]);
+    let stored = crate::support::store_count(&stack.pool).await;
+    orchestrator.handle(completed).await.unwrap();
+    assert_eq!(queued_objectives(&stack, &second.team).await, [next.to_string()], "queued once: the repeat is dropped");
+    assert_eq!(crate::support::store_count(&stack.pool).await, stored, "and nothing is written");
+}
