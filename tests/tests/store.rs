@@ -348,7 +348,7 @@ async fn a_unit_of_work_that_meets_a_conflict_writes_none_of_its_events() {
     let run = RunId::new();
     store.execute_run(run, submit("Build a URL shortener")).await.unwrap();
     let objective = ObjectiveId::new();
-    let mut changes = start_and_assign(&store, run, objective).await;
+    let changes = start_and_assign(&store, run, objective).await;
     // Another process (a store with nothing remembered) writes the run first.
     let other = store_of_another_process(&stack).await;
     other
@@ -360,7 +360,7 @@ async fn a_unit_of_work_that_meets_a_conflict_writes_none_of_its_events() {
     assert_eq!(sequences(&stack, &objective.to_string()).await, Vec::<i64>::new(), "the objective's event went with the run's");
     assert_eq!(crate::support::store_count(&stack.pool).await, 2);
     // Asked again, the unit is staged on fresh state and commits.
-    let mut changes = start_and_assign(&store, run, objective).await;
+    let changes = start_and_assign(&store, run, objective).await;
     changes.commit().await.unwrap();
     assert_eq!(sequences(&stack, &run.to_string()).await, [1, 2, 3]);
     assert_eq!(sequences(&stack, &objective.to_string()).await, [1]);
