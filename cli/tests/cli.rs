@@ -37,6 +37,9 @@ impl Cli {
         command
             .args(args)
             .env("FACTORY_HOME", self.home.path())
+            // Scratch inside the test's home, removed with it (the default is in memory,
+            // outside it).
+            .env("FACTORY_WORK_DIR", self.home.path().join("work"))
             .env("FACTORY_LOG", "warn")
             .envs(self.env.iter().cloned())
             .kill_on_drop(true);
