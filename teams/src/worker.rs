@@ -228,6 +228,12 @@ impl Worker {
         // One read of the run's events answers everything before the work: whether the run
         // ended, where the objective stands, and what the team needs to know.
         let id = item.objective_id.to_string();
+        // Every event positioned before the assignment must be visible first: positions are
+        // drawn before a transaction commits, so a parallel stage's result can hold a lower
+        // position than the assignment and commit after it. Read too soon, the team's
+        // context would depend on which commit landed first, and a re-run could not
+        // rebuild it. So wait until the appenders running now have ended.
+        factory_commands::events::settled_position(self.store.pool()).await.map_err(store_err)?;
         let events = factory_commands::events::run_events_for_team(self.store.pool(), item.run_id.0, &id, &item.team)
             .await
             .map_err(store_err)?;
