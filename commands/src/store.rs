@@ -257,15 +257,6 @@ impl Store {
         self.committed.clone()
     }
 
-    /// Says that `objective_id` was just drawn, so no event of it exists: its first command
-    /// skips the load. (Were it wrong, that command would meet a conflict and load.)
-    pub fn expect_new_objective(&self, objective_id: ObjectiveId) {
-        let id = objective_id.to_string();
-        if self.objectives.cached(&id).is_none() {
-            self.objectives.remember(&id, Some((Objective::default(), 0)));
-        }
-    }
-
     pub async fn execute_run(
         &self,
         run_id: RunId,
@@ -348,9 +339,8 @@ impl Store {
             changes.store_artifacts(artifacts.clone());
             match changes.commit().await {
                 Ok(()) => return Ok(()),
-                Err(CommitError::Conflict) if attempt < MAX_ATTEMPTS => {
+                Err(CommitError::Conflict) if self.pause_after_conflict(attempt).await => {
                     tracing::debug!(attempt, "concurrent write; retrying from fresh state");
-                    tokio::time::sleep(conflict_backoff(attempt)).await;
                 }
                 Err(error) => return Err(error.into()),
             }
@@ -459,8 +449,7 @@ impl<'s> Changes<'s> {
 
     /// The run as this unit has it (its staged events applied).
     pub async fn run(&mut self, run_id: RunId) -> Result<&Run, CommandError<RunError>> {
-        let i = entry(&mut self.runs, &self.store.runs, &run_id.to_string(), run_id, self.use_cache, 0).await?;
-        Ok(&self.runs[i].state)
+        self.run_at_least(run_id, 0).await
     }
 
     /// The run, at least at `sequence` (an event of it the caller has seen): remembered

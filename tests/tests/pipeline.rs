@@ -461,15 +461,7 @@ async fn a_redelivered_completion_queues_the_work_its_step_started_but_never_que
     changes.new_objective(done, run);
     changes.execute_objective(done, run, factory_teams::orchestrator::assignment(run, done, first)).await.unwrap();
     changes.commit().await.unwrap();
-    let result = factory_domain::TaskResult {
-        status: factory_domain::TaskStatus::Complete,
-        reasoning: "done".into(),
-        blockers: vec![],
-        assumptions_made: vec![],
-        verified_facts: vec![],
-        clarification_needed: None,
-        artifacts: vec![],
-    };
+    let result = crate::support::completed_result();
     store
         .execute_objective_all(done, run, vec![
             factory_domain::ObjectiveCommand::RecordTaskResult { idempotency_key: "work:1".into(), result },

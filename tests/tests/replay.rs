@@ -5,7 +5,7 @@
 use crate::pipeline::Factory;
 use factory_domain::objective::ModelCalled;
 use factory_domain::run::ReviewDecision;
-use factory_domain::{ObjectiveCommand, ObjectiveId, RunCommand, RunId, RunStatus, SystemServices, TaskResult, TaskStatus};
+use factory_domain::{ObjectiveCommand, ObjectiveId, RunCommand, RunId, RunStatus, SystemServices};
 use factory_teams::rerun::{RerunReport, rerun};
 use std::sync::Arc;
 
@@ -102,15 +102,7 @@ async fn a_record_whose_result_does_not_follow_from_its_answer_diverges_there() 
         response: serde_json::json!({"content": answer.to_string(), "tool_calls": []}).to_string(),
     };
     factory.store.execute_objective(objective, run, ObjectiveCommand::RecordModelCall(call)).await.unwrap();
-    let complete = TaskResult {
-        status: TaskStatus::Complete,
-        reasoning: "done".into(),
-        blockers: vec![],
-        assumptions_made: vec![],
-        verified_facts: vec![],
-        clarification_needed: None,
-        artifacts: vec![],
-    };
+    let complete = crate::support::completed_result();
     let record = ObjectiveCommand::RecordTaskResult { idempotency_key: "by-hand".into(), result: complete };
     factory.store.execute_objective(objective, run, record).await.unwrap();
 

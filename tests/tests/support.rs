@@ -84,3 +84,16 @@ pub async fn assert_stream_equals_store(js: &async_nats::jetstream::Context, sta
     assert_eq!(positions.len(), stored.len(), "stream and store hold different numbers of events");
     assert!(positions == stored, "stream order differs from store position order");
 }
+
+/// A bare COMPLETE answer, as a team gives it when it has nothing else to say.
+pub fn completed_result() -> factory_domain::TaskResult {
+    factory_domain::TaskResult {
+        status: factory_domain::TaskStatus::Complete,
+        reasoning: "done".into(),
+        blockers: vec![],
+        assumptions_made: vec![],
+        verified_facts: vec![],
+        clarification_needed: None,
+        artifacts: vec![],
+    }
+}
