@@ -228,6 +228,13 @@ impl Config {
         let data_dir = if data_dir.is_absolute() { data_dir } else { home.join(data_dir) };
         let work_dir_default = get("work_dir").is_none();
         let work_dir = match get("work_dir") {
+            Some(v) if v.text.trim().is_empty() => {
+                return Err(ConfigError::BadValue {
+                    key: "work_dir".into(),
+                    origin: v.origin.clone(),
+                    problem: "is empty; give a directory, or unset it for the default".into(),
+                });
+            }
             Some(v) => {
                 let dir = PathBuf::from(&v.text);
                 if dir.is_absolute() { dir } else { home.join(dir) }
@@ -459,6 +466,8 @@ mod tests {
         let c = Config::from_sources(&env(&[("FACTORY_WORK_DIR", "/var/tmp/factory-work")])).unwrap();
         assert_eq!(c.work_dir, PathBuf::from("/var/tmp/factory-work"));
         assert_eq!(c.scratch_dir(), c.work_dir, "a configured work dir is used as it is");
+        let e = Config::from_sources(&env(&[("FACTORY_WORK_DIR", " ")])).unwrap_err();
+        assert!(e.to_string().contains("work_dir") && e.to_string().contains("FACTORY_WORK_DIR"), "{e}");
         // The default folder is made private to this user.
         let c = Config::from_sources(&env(&[("XDG_RUNTIME_DIR", tmp.path().to_str().unwrap())])).unwrap();
         assert!(c.work_dir.starts_with(tmp.path()), "the user's runtime dir comes first: {}", c.work_dir.display());
