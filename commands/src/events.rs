@@ -105,34 +105,6 @@ pub async fn run_events<'e>(
         .collect()
 }
 
-/// What a team working `objective_id` needs to know of its run: every event of the run in
-/// position order, but of the model calls only those of `team`'s objectives (their cost
-/// counts against its budget). Other teams' calls hold whole model answers, most of a
-/// run's bytes, and nothing the team is told.
-pub async fn run_events_for_team<'e>(
-    db: impl PgExecutor<'e>,
-    run_id: Uuid,
-    objective_id: &str,
-    team: &str,
-) -> Result<Vec<EventEnvelope>, sqlx::Error> {
-    let sql = format!(
-        "SELECT {ENVELOPE_COLUMNS} FROM events WHERE run_id = $1 \
-           AND (event_type <> 'ModelCalled' OR aggregate_id = $2 OR aggregate_id IN ( \
-                SELECT aggregate_id FROM events WHERE run_id = $1 AND event_type = 'ObjectiveAssigned' \
-                   AND payload -> 'ObjectiveAssigned' ->> 'team' = $3)) \
-         ORDER BY position"
-    );
-    sqlx::query(&sql)
-        .bind(run_id)
-        .bind(objective_id)
-        .bind(team)
-        .fetch_all(db)
-        .await?
-        .iter()
-        .map(upcast_row)
-        .collect()
-}
-
 /// Events with `after < position <= up_to`, in order, at most `limit`, at their current versions.
 pub async fn range<'e>(
     db: impl PgExecutor<'e>,

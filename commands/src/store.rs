@@ -94,23 +94,29 @@ impl<A: Aggregate + Clone> Writer<A> {
         A::Error: 'static,
     {
         let context = self.events.load_aggregate(aggregate_id).await.map_err(store_error)?;
-        self.remember(aggregate_id, Some((context.aggregate.clone(), context.current_sequence)));
+        self.remember(aggregate_id, (context.aggregate.clone(), context.current_sequence));
         Ok((context.aggregate, context.current_sequence))
     }
 
-    fn remember(&self, aggregate_id: &str, state: Option<(A, usize)>) {
+    /// Forgets the remembered state unless it is newer than `sequence`.
+    fn forget_unless_newer(&self, aggregate_id: &str, sequence: usize) {
         let mut cache = self.cache.lock().expect("not poisoned");
-        match state {
-            Some(state) => {
-                if cache.len() >= CACHED_AGGREGATES && !cache.contains_key(aggregate_id) {
-                    cache.clear();
-                }
-                cache.insert(aggregate_id.to_string(), state);
-            }
-            None => {
-                cache.remove(aggregate_id);
-            }
+        if cache.get(aggregate_id).is_some_and(|(_, remembered)| *remembered <= sequence) {
+            cache.remove(aggregate_id);
         }
+    }
+
+    /// Remembers a state, unless a newer one is remembered already (a slower load or commit
+    /// finishing after a later one).
+    fn remember(&self, aggregate_id: &str, state: (A, usize)) {
+        let mut cache = self.cache.lock().expect("not poisoned");
+        if cache.get(aggregate_id).is_some_and(|(_, remembered)| *remembered > state.1) {
+            return;
+        }
+        if cache.len() >= CACHED_AGGREGATES && !cache.contains_key(aggregate_id) {
+            cache.clear();
+        }
+        cache.insert(aggregate_id.to_string(), state);
     }
 }
 
@@ -245,6 +251,23 @@ impl Store {
     /// An objective as its events say it is now.
     pub async fn load_objective(&self, objective_id: ObjectiveId) -> Result<Objective, CommandError<ObjectiveError>> {
         self.objectives.current(&self.pool, &objective_id.to_string()).await
+    }
+
+    /// A run as this process last committed or read it, if it remembers it (no read: it may
+    /// be behind the store).
+    pub fn remembered_run(&self, run_id: RunId) -> Option<Run> {
+        self.runs.cached(&run_id.to_string()).map(|(state, _)| state)
+    }
+
+    /// Asks `f` about the run as this process remembers it (see [`Store::remembered_run`]),
+    /// without copying it; `None` when it does not remember the run.
+    pub fn with_remembered_run<T>(&self, run_id: RunId, f: impl FnOnce(&Run) -> T) -> Option<T> {
+        self.runs.cache.lock().expect("not poisoned").get(&run_id.to_string()).map(|(state, _)| f(state))
+    }
+
+    /// An objective as this process last committed or read it (see [`Store::remembered_run`]).
+    pub fn remembered_objective(&self, objective_id: ObjectiveId) -> Option<Objective> {
+        self.objectives.cached(&objective_id.to_string()).map(|(state, _)| state)
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -623,12 +646,17 @@ where
     }
 }
 
-/// After a commit (or its failure): the written aggregates' new state is remembered (or
-/// forgotten, as perhaps stale).
+/// After a commit (or its failure): the written aggregates' new state is remembered; after
+/// a failure, the state the unit started from is forgotten, as perhaps stale, unless the
+/// process has meanwhile remembered a newer one (the commit that won, made here), which the
+/// next attempt then starts from without a read.
 fn settle<A: Aggregate + Clone>(writer: &Writer<A>, entries: &[Entry<A>], committed: bool) {
     for entry in entries.iter().filter(|e| !e.staged.is_empty()) {
-        let state = committed.then(|| (entry.state.clone(), entry.base + entry.staged.len()));
-        writer.remember(&entry.id, state);
+        if committed {
+            writer.remember(&entry.id, (entry.state.clone(), entry.base + entry.staged.len()));
+        } else {
+            writer.forget_unless_newer(&entry.id, entry.base);
+        }
     }
 }
 

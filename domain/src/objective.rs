@@ -165,6 +165,15 @@ pub struct Objective {
     pub last_result: Option<TaskStatus>,
     /// Keys of recorded results; a repeat is accepted and records nothing.
     pub result_keys: BTreeSet<String>,
+    /// The artifacts produced, in order: (path, sha256).
+    #[serde(default)]
+    pub artifacts: Vec<(String, String)>,
+    /// The COMPLETE result's reasoning and the artifacts it names, once there is one.
+    #[serde(default)]
+    pub completed_with: Option<(String, Vec<String>)>,
+    /// What its model calls cost, in USD.
+    #[serde(default)]
+    pub spent_usd: f64,
 }
 
 impl Objective {
@@ -278,8 +287,12 @@ impl Aggregate for Objective {
                 self.team = e.team;
                 self.max_iterations = e.max_iterations;
             }
-            ObjectiveEvent::ModelCalled(_) | ObjectiveEvent::ArtifactProduced(_) => {}
+            ObjectiveEvent::ModelCalled(e) => self.spent_usd += e.cost_usd,
+            ObjectiveEvent::ArtifactProduced(e) => self.artifacts.push((e.path, e.sha256)),
             ObjectiveEvent::TaskResultRecorded(e) => {
+                if e.result.status == TaskStatus::Complete {
+                    self.completed_with = Some((e.result.reasoning.clone(), e.result.artifacts.clone()));
+                }
                 self.iterations = e.iteration;
                 self.last_result = Some(e.result.status);
                 self.result_keys.insert(e.idempotency_key);

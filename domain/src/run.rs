@@ -372,6 +372,48 @@ pub struct Run {
     /// Sent back by a REVISE review, its stages not yet reopened.
     #[serde(default)]
     pub revision_pending: bool,
+    /// The requirement as submitted.
+    #[serde(default)]
+    pub requirement: String,
+    /// Every stage completion so far, in the order they happened (completions of stages
+    /// reopened since included): what the run has learnt, for the teams that come after.
+    #[serde(default)]
+    pub completions: Vec<Completion>,
+    /// The feedback of each REVISE review, in order.
+    #[serde(default)]
+    pub reviews: Vec<String>,
+    /// Every objective started, and what the run knew when it started.
+    #[serde(default)]
+    pub started: BTreeMap<ObjectiveId, Started>,
+}
+
+/// One stage completion: the stage and the objective that completed it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Completion {
+    pub stage: String,
+    pub objective_id: ObjectiveId,
+}
+
+/// An objective as its stage started it, and what the run knew then: how many of the run's
+/// [`Run::completions`] and [`Run::reviews`] there were. A team's context is cut there, so
+/// that it does not depend on how fast the stages in parallel with it are.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Started {
+    pub stage: String,
+    pub team: String,
+    pub completions: usize,
+    pub reviews: usize,
+}
+
+impl Run {
+    /// What the run knew when `objective_id` started: the completions before it (oldest
+    /// first) and the latest review feedback; `None` for an objective it never started.
+    pub fn known_at_start(&self, objective_id: ObjectiveId) -> Option<(&[Completion], Option<&str>)> {
+        let started = self.started.get(&objective_id)?;
+        let completions = &self.completions[..started.completions.min(self.completions.len())];
+        let feedback = self.reviews[..started.reviews.min(self.reviews.len())].last().map(String::as_str);
+        Some((completions, feedback))
+    }
 }
 
 impl Run {
@@ -587,8 +629,18 @@ impl Aggregate for Run {
                 self.pipeline = e.pipeline;
                 self.pipeline_definition = e.pipeline_definition;
                 self.auto_approve = e.auto_approve;
+                self.requirement = e.requirement;
             }
             RunEvent::StageStarted(e) => {
+                self.started.insert(
+                    e.objective_id,
+                    Started {
+                        stage: e.stage.clone(),
+                        team: e.team.clone(),
+                        completions: self.completions.len(),
+                        reviews: self.reviews.len(),
+                    },
+                );
                 self.stages.insert(
                     e.stage,
                     StageState::InProgress { team: e.team, objective_id: e.objective_id },
@@ -604,13 +656,15 @@ impl Aggregate for Run {
                     };
                     *state = StageState::Completed { team, objective_id: e.objective_id };
                 }
+                self.completions.push(Completion { stage: e.stage, objective_id: e.objective_id });
             }
             RunEvent::StageSkipped(e) => {
                 self.stages.insert(e.stage, StageState::Skipped);
             }
             RunEvent::RunAwaitingReview(_) => self.status = RunStatus::AwaitingReview,
             RunEvent::RunReviewed(e) => {
-                if let ReviewDecision::Revise { .. } = e.decision {
+                if let ReviewDecision::Revise { feedback } = e.decision {
+                    self.reviews.push(feedback);
                     self.revisions += 1;
                     self.status = RunStatus::Running;
                     self.revision_pending = true;

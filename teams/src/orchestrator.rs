@@ -331,6 +331,13 @@ impl Orchestrator {
                     .stage
                     .clone();
                 match reaction(event_type, event.payload, stage, objective_id) {
+                    // The worker's commit that ended the objective took this step too (see
+                    // `stage_end`): nothing left to do for the copy told in memory.
+                    Some(RunCommand::CompleteStage { stage, .. })
+                        if delivered == Delivered::InMemory && self.stage_completed_by(run_id, &stage, objective_id) =>
+                    {
+                        Ok(())
+                    }
                     // The stage's completion and what it makes ready, in one commit.
                     Some(command @ RunCommand::CompleteStage { .. }) => self.step(run_id, 0, Some(command), delivered).await,
                     Some(command) => self.run_command(run_id, command).await,
@@ -339,6 +346,15 @@ impl Orchestrator {
             }
             _ => Ok(()),
         }
+    }
+
+    /// Whether the run, as this process remembers it, has `stage` completed by `objective_id`.
+    fn stage_completed_by(&self, run_id: RunId, stage: &str, objective_id: ObjectiveId) -> bool {
+        self.store
+            .with_remembered_run(run_id, |run| {
+                matches!(run.stages.get(stage), Some(StageState::Completed { objective_id: done, .. }) if *done == objective_id)
+            })
+            .unwrap_or(false)
     }
 
     /// A command whose refusal means "already done or no longer relevant" (a redelivery, or a
@@ -404,7 +420,7 @@ impl Orchestrator {
                 // queue, and then the event is redelivered; and after a conflict, since the
                 // writer that won may have started stages and died before queueing them.
                 let requeue = delivered == Delivered::Stream || attempt > 1;
-                self.plan(&mut changes, run_id, &run, requeue, &mut dispatches).await?;
+                plan(&mut changes, run_id, &run, requeue, &mut dispatches).await?;
             }
             match changes.commit().await {
                 Ok(()) => break dispatches,
@@ -429,106 +445,152 @@ impl Orchestrator {
                 }
             }
         }
-        self.queue(run_id, &dispatches).await
+        queue(&self.js, &self.topology, run_id, &dispatches).await
     }
 
-    /// Stages the run's next step into `changes` (see [`Orchestrator::step`]), listing the
-    /// work to queue once committed.
-    async fn plan(
-        &self,
-        changes: &mut factory_commands::store::Changes<'_>,
-        run_id: RunId,
-        run: &factory_domain::Run,
-        requeue: bool,
-        dispatches: &mut Vec<Dispatch>,
-    ) -> Result<(), OrchestratorError> {
-        let pipeline = match run_pipeline(run) {
-            Ok(pipeline) => pipeline,
-            Err(reason) => {
-                tracing::warn!(%run_id, %reason, "failing the run");
-                return stage_run_command(changes, run_id, RunCommand::FailRun { reason }).await;
-            }
-        };
-        if requeue {
-            for (stage_name, state) in &run.stages {
-                if let StageState::InProgress { objective_id, .. } = state
-                    && let Some(stage) = pipeline.stage(stage_name)
-                {
-                    dispatches.push(Dispatch { objective_id: *objective_id, stage: stage.clone(), queued_again: true });
-                }
-            }
-        }
-        match next_step(run, &pipeline) {
-            Next::Finish(command) => stage_run_command(changes, run_id, command).await,
-            Next::Start(stages) => {
-                for stage in stages {
-                    let objective_id = ObjectiveId::new();
-                    let command = RunCommand::StartStage {
-                        stage: stage.name.clone(),
-                        team: stage.team.clone(),
-                        objective_id,
-                    };
-                    match changes.execute_run(run_id, command).await {
-                        Ok(()) => {
-                            changes.new_objective(objective_id, run_id);
-                            changes
-                                .execute_objective(objective_id, run_id, assignment(run_id, objective_id, stage))
-                                .await
-                                .map_err(store_err)?;
-                            dispatches.push(Dispatch { objective_id, stage: stage.clone(), queued_again: false });
-                        }
-                        Err(CommandError::Refused(RunError::StageAlreadyStarted(_))) => {
-                            // Started by another handling of this event (another orchestrator,
-                            // say), which may have died before queueing the work. Queueing it
-                            // again is a no-op if it did not.
-                            if let Some(StageState::InProgress { objective_id, .. }) =
-                                changes.run(run_id).await.map_err(store_err)?.stages.get(&stage.name)
-                                && !requeue
-                            {
-                                dispatches.push(Dispatch { objective_id: *objective_id, stage: stage.clone(), queued_again: true });
-                            }
-                        }
-                        Err(CommandError::Refused(RunError::StageFinished(_))) => {}
-                        Err(CommandError::Refused(reason)) => {
-                            tracing::debug!(%run_id, %reason, "stage not started");
-                        }
-                        Err(other) => return Err(store_err(other)),
-                    }
-                }
-                Ok(())
-            }
-        }
-    }
-
-    /// Puts the objectives' work on their teams' queues (`Nats-Msg-Id` = objective id, so a
-    /// repeat is dropped), every publish in flight at once.
-    async fn queue(&self, run_id: RunId, dispatches: &[Dispatch]) -> Result<(), OrchestratorError> {
-        let mut acks = Vec::with_capacity(dispatches.len());
-        for dispatch in dispatches {
-            let item = WorkItem::new(run_id, dispatch.objective_id, &dispatch.stage);
-            let mut headers = async_nats::HeaderMap::new();
-            headers.insert("Nats-Msg-Id", dispatch.objective_id.to_string().as_str());
-            let body = serde_json::to_vec(&item).map_err(stream_err)?;
-            acks.push(
-                self.js
-                    .publish_with_headers(self.topology.work_subject(&dispatch.stage.team), headers, body.into())
-                    .await
-                    .map_err(stream_err)?,
-            );
-        }
-        for ack in acks {
-            ack.await.map_err(stream_err)?;
-        }
-        Ok(())
-    }
 }
 
 /// Work to queue after a commit: a stage's objective.
-struct Dispatch {
-    objective_id: ObjectiveId,
-    stage: crate::pipeline::Stage,
+pub(crate) struct Dispatch {
+    pub(crate) objective_id: ObjectiveId,
+    pub(crate) stage: crate::pipeline::Stage,
     /// Started earlier (queued before, perhaps): its assignment is made sure of first.
-    queued_again: bool,
+    pub(crate) queued_again: bool,
+}
+
+/// Stages the run's next step into `changes` (see [`Orchestrator::step`] and [`stage_end`]), listing the
+/// work to queue once committed.
+pub(crate) async fn plan(
+    changes: &mut factory_commands::store::Changes<'_>,
+    run_id: RunId,
+    run: &factory_domain::Run,
+    requeue: bool,
+    dispatches: &mut Vec<Dispatch>,
+) -> Result<(), OrchestratorError> {
+    let pipeline = match run_pipeline(run) {
+        Ok(pipeline) => pipeline,
+        Err(reason) => {
+            tracing::warn!(%run_id, %reason, "failing the run");
+            return stage_run_command(changes, run_id, RunCommand::FailRun { reason }).await;
+        }
+    };
+    if requeue {
+        dispatches.extend(in_progress(run, &pipeline));
+    }
+    match next_step(run, &pipeline) {
+        Next::Finish(command) => stage_run_command(changes, run_id, command).await,
+        Next::Start(stages) => {
+            for stage in stages {
+                let objective_id = ObjectiveId::new();
+                let command = RunCommand::StartStage {
+                    stage: stage.name.clone(),
+                    team: stage.team.clone(),
+                    objective_id,
+                };
+                match changes.execute_run(run_id, command).await {
+                    Ok(()) => {
+                        changes.new_objective(objective_id, run_id);
+                        changes
+                            .execute_objective(objective_id, run_id, assignment(run_id, objective_id, stage))
+                            .await
+                            .map_err(store_err)?;
+                        dispatches.push(Dispatch { objective_id, stage: stage.clone(), queued_again: false });
+                    }
+                    Err(CommandError::Refused(RunError::StageAlreadyStarted(_))) => {
+                        // Started by another handling of this event (another orchestrator,
+                        // say), which may have died before queueing the work. Queueing it
+                        // again is a no-op if it did not.
+                        if let Some(StageState::InProgress { objective_id, .. }) =
+                            changes.run(run_id).await.map_err(store_err)?.stages.get(&stage.name)
+                            && !requeue
+                        {
+                            dispatches.push(Dispatch { objective_id: *objective_id, stage: stage.clone(), queued_again: true });
+                        }
+                    }
+                    Err(CommandError::Refused(RunError::StageFinished(_))) => {}
+                    Err(CommandError::Refused(reason)) => {
+                        tracing::debug!(%run_id, %reason, "stage not started");
+                    }
+                    Err(other) => return Err(store_err(other)),
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+
+/// Puts the objectives' work on their teams' queues (`Nats-Msg-Id` = objective id, so a
+/// repeat is dropped), every publish in flight at once.
+pub(crate) async fn queue(js: &jetstream::Context, topology: &Topology, run_id: RunId, dispatches: &[Dispatch]) -> Result<(), OrchestratorError> {
+    let mut acks = Vec::with_capacity(dispatches.len());
+    for dispatch in dispatches {
+        let item = WorkItem::new(run_id, dispatch.objective_id, &dispatch.stage);
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", dispatch.objective_id.to_string().as_str());
+        let body = serde_json::to_vec(&item).map_err(stream_err)?;
+        acks.push(
+            js
+                .publish_with_headers(topology.work_subject(&dispatch.stage.team), headers, body.into())
+                .await
+                .map_err(stream_err)?,
+        );
+    }
+    for ack in acks {
+        ack.await.map_err(stream_err)?;
+    }
+    Ok(())
+}
+
+/// The stages in progress, to queue again (see [`Orchestrator::step`]).
+pub(crate) fn in_progress(run: &factory_domain::Run, pipeline: &Pipeline) -> Vec<Dispatch> {
+    run.stages
+        .iter()
+        .filter_map(|(stage_name, state)| match state {
+            StageState::InProgress { objective_id, .. } => pipeline
+                .stage(stage_name)
+                .map(|stage| Dispatch { objective_id: *objective_id, stage: stage.clone(), queued_again: true }),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The stages in progress of a running run, to queue again after a crash may have come
+/// between the commit that started them and their work reaching the queue.
+pub(crate) fn in_progress_of(run: &factory_domain::Run) -> Vec<Dispatch> {
+    match run_pipeline(run) {
+        Ok(pipeline) if run.status == RunStatus::Running => in_progress(run, &pipeline),
+        _ => Vec::new(),
+    }
+}
+
+/// What an objective's end means for its run (`command`, from [`follow_up`]), staged into
+/// the unit of work that records the end: the orchestrator's own step, taken by the worker
+/// in its final commit instead of one commit later. A completion also starts the stages it
+/// makes ready (listed in `dispatches`, to queue once committed) or finishes the run. A
+/// refusal (the run moved on: cancelled, say) stages nothing for the run.
+pub(crate) async fn stage_end(
+    changes: &mut factory_commands::store::Changes<'_>,
+    run_id: RunId,
+    command: RunCommand,
+    dispatches: &mut Vec<Dispatch>,
+) -> Result<(), OrchestratorError> {
+    let completion = matches!(command, RunCommand::CompleteStage { .. });
+    match changes.execute_run(run_id, command).await {
+        Ok(()) => {}
+        Err(CommandError::Refused(reason)) => {
+            tracing::debug!(%run_id, %reason, "the run takes no step for this end");
+            return Ok(());
+        }
+        Err(other) => return Err(store_err(other)),
+    }
+    if completion {
+        let run = changes.run(run_id).await.map_err(store_err)?.clone();
+        if run.status == RunStatus::Running {
+            plan(changes, run_id, &run, false, dispatches).await?;
+        }
+    }
+    Ok(())
 }
 
 /// Stages a run command; a refusal ("already done or no longer relevant") stages nothing.
@@ -666,6 +728,25 @@ pub fn assignment(run_id: RunId, objective_id: ObjectiveId, stage: &crate::pipel
         instructions: format!("{} for stage {}", stage.team, stage.name),
         max_iterations: stage.max_iterations,
     }
+}
+
+/// What the run does about an objective's end, from the commands that record it (the same
+/// as [`reaction`] to the events they write).
+pub fn follow_up(commands: &[ObjectiveCommand], stage: &str, objective_id: ObjectiveId) -> Option<RunCommand> {
+    commands.iter().rev().find_map(|command| match command {
+        ObjectiveCommand::CompleteObjective => Some(RunCommand::CompleteStage { stage: stage.to_string(), objective_id }),
+        ObjectiveCommand::BlockObjective { reason } => {
+            Some(RunCommand::BlockRun { stage: stage.to_string(), reason: reason.clone(), objective_id })
+        }
+        ObjectiveCommand::RecordTaskResult { result, .. } if result.status == TaskStatus::NeedsClarification => {
+            Some(RunCommand::AwaitClarification {
+                stage: stage.to_string(),
+                question: result.clarification_needed.clone().unwrap_or_default(),
+                objective_id,
+            })
+        }
+        _ => None,
+    })
 }
 
 /// What the run does about an objective's event (its stage completes, the run blocks or

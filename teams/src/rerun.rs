@@ -328,8 +328,6 @@ struct InFlight {
     objective_id: ObjectiveId,
     stage: Stage,
     recorded: RecordedObjective,
-    /// How many of the re-run's events existed when it was assigned.
-    known: usize,
 }
 
 struct Simulation {
@@ -486,19 +484,18 @@ impl Simulation {
         let objective_id = ObjectiveId::new();
         self.run_command(RunCommand::StartStage { stage: stage.name.clone(), team: stage.team.clone(), objective_id }).await;
         self.objective_command(objective_id, orchestrator::assignment(self.run_id, objective_id, stage)).await;
-        // What the run knew at the assignment: the worker's context is cut there too.
-        let known = self.log.len();
-        self.in_flight.push(InFlight { objective_id, stage: stage.clone(), recorded, known });
+        self.in_flight.push(InFlight { objective_id, stage: stage.clone(), recorded });
         true
     }
 
     async fn work(&mut self, in_flight: InFlight) -> Result<(), RerunError> {
-        let InFlight { objective_id, stage, recorded, known } = in_flight;
+        let InFlight { objective_id, stage, recorded } = in_flight;
         let stage = &stage;
         let item = WorkItem::new(self.run_id, objective_id, stage);
         let team = team_docs(&item.team).ok_or_else(|| RerunError::Record(format!("unknown team `{}`", item.team)))?;
         let granted = granted_tools(team.tools).map_err(|e| RerunError::Record(format!("{}: {e}", item.team)))?;
-        let context = RunContext::fold(&self.log[..known], &item);
+        // Cut where the run stood when the stage started, as the worker's is.
+        let context = RunContext::of(&self.run, objective_id, &self.objectives);
         let dir = self.scratch.join(objective_id.to_string());
         let mut contents = std::collections::HashMap::new();
         for sha in context.artifacts().values() {

@@ -13,14 +13,14 @@ use crate::operative;
 use crate::orchestrator::WorkItem;
 use crate::tools::{ToolRegistry, Workspace, granted_tools};
 use async_nats::jetstream::{self, AckKind, consumer::pull};
-use factory_commands::store::ArtifactContent;
+use factory_commands::store::{ArtifactContent, CommitError};
 use factory_commands::{CommandError, Store};
 use factory_domain::objective::{ArtifactProduced, ObjectiveStatus};
-use factory_domain::{ObjectiveCommand, ObjectiveError, TaskStatus};
-use factory_nats::{EventEnvelope, Topology};
+use factory_domain::{Objective, ObjectiveCommand, ObjectiveError, ObjectiveId, Run, TaskStatus};
+use factory_nats::Topology;
 use futures::StreamExt;
 use sha2::{Digest, Sha256};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -189,7 +189,7 @@ impl Worker {
             }
         };
         let key = format!("work:{sequence}");
-        let work = self.process(&item, &key);
+        let work = self.process(&item, &key, delivered > 1);
         tokio::pin!(work);
         // Tell JetStream we are alive while the team works (model calls can be long).
         // First tick one period from now: awaiting an interval's immediate first tick costs
@@ -224,32 +224,28 @@ impl Worker {
     }
 
     /// Works one objective to its end, or does nothing when it already ended.
-    pub async fn process(&self, item: &WorkItem, key: &str) -> Result<(), WorkerError> {
-        // One read of the run's events answers everything before the work: whether the run
-        // ended, where the objective stands, and what the team needs to know.
-        let id = item.objective_id.to_string();
-        // Every event positioned before the assignment must be visible first: positions are
-        // drawn before a transaction commits, so a parallel stage's result can hold a lower
-        // position than the assignment and commit after it. Read too soon, the team's
-        // context would depend on which commit landed first, and a re-run could not
-        // rebuild it. So wait until the appenders running now have ended.
-        factory_commands::events::settled_position(self.store.pool()).await.map_err(store_err)?;
-        let events = factory_commands::events::run_events_for_team(self.store.pool(), item.run_id.0, &id, &item.team)
-            .await
-            .map_err(store_err)?;
-        let run: factory_domain::Run =
-            factory_commands::events::fold(events.iter().filter(|e| e.aggregate_type == "run")).map_err(store_err)?;
-        let objective: factory_domain::Objective =
-            factory_commands::events::fold(events.iter().filter(|e| e.aggregate_type == "objective" && e.aggregate_id == id))
-                .map_err(store_err)?;
+    ///
+    /// A first delivery starts from what this process remembers of the run and the
+    /// objective when it can (its own commit just assigned the objective, mostly): no read.
+    /// A redelivery (`redelivered`) reads them afresh.
+    pub async fn process(&self, item: &WorkItem, key: &str, redelivered: bool) -> Result<(), WorkerError> {
+        let (run, objective) = self.states(item, redelivered).await?;
         if objective.status != ObjectiveStatus::Assigned || run.status.is_terminal() || objective.result_keys.contains(key) {
             // Finished by another delivery (or this very message's result was recorded, its
-            // ack lost), or its run was cancelled or failed meanwhile.
+            // ack lost), or its run was cancelled or failed meanwhile. A redelivery may be
+            // the retry of work whose commit started the next stages and whose process died
+            // before queueing them: they are queued again (a repeat is dropped by its id).
+            if redelivered {
+                let dispatches = crate::orchestrator::in_progress_of(&run);
+                crate::orchestrator::queue(&self.js, &self.topology, item.run_id, &dispatches).await.map_err(store_err)?;
+            }
             return Ok(());
         }
+        let objectives = self.context_objectives(&run, objective, item, redelivered).await?;
+        let objective = &objectives[&item.objective_id];
         let team = team_docs(&item.team).ok_or_else(|| WorkerError::UnknownTeam(item.team.clone()))?;
         let granted = granted_tools(team.tools).map_err(|e| WorkerError::UnknownTeam(format!("{}: {e}", item.team)))?;
-        let run = RunContext::at_assignment(&events, item);
+        let run = RunContext::of(&run, item.objective_id, &objectives);
 
         // A workspace per attempt: two deliveries of one message never share one.
         let dir = self.options.work_dir.join(format!("{}-{}-{}", item.objective_id, key.replace(':', "-"), uuid::Uuid::now_v7()));
@@ -345,9 +341,92 @@ impl Worker {
             commands.push(ObjectiveCommand::ProduceArtifact(artifact));
         }
         commands.extend(result_commands(key, outcome));
-        ignore_finished(self.store.record_objective(item.objective_id, item.run_id, commands, contents).await)?;
+        let finished = self.finish(item, commands, contents).await;
         remove_workspace(dir);
-        Ok(())
+        finished
+    }
+
+    /// The run and the objective: as remembered (see [`Worker::process`]) when the
+    /// remembered run knows the objective, else read.
+    async fn states(&self, item: &WorkItem, fresh: bool) -> Result<(Run, Objective), WorkerError> {
+        let remembered = if fresh { None } else { self.store.remembered_run(item.run_id) };
+        let run = match remembered {
+            Some(run) if run.started.contains_key(&item.objective_id) => run,
+            _ => self.store.load_run(item.run_id).await.map_err(store_err)?,
+        };
+        let remembered = if fresh { None } else { self.store.remembered_objective(item.objective_id) };
+        let objective = match remembered {
+            Some(objective) if objective.status != ObjectiveStatus::New => objective,
+            _ => self.store.load_objective(item.objective_id).await.map_err(store_err)?,
+        };
+        Ok((run, objective))
+    }
+
+    /// The objectives a team's context needs ([`RunContext::needs`]), this one included:
+    /// the finished ones from memory when remembered finished (their state is final), the
+    /// rest read unless remembered.
+    async fn context_objectives(
+        &self,
+        run: &Run,
+        objective: Objective,
+        item: &WorkItem,
+        fresh: bool,
+    ) -> Result<HashMap<ObjectiveId, Objective>, WorkerError> {
+        let (finished, team) = RunContext::needs(run, item.objective_id);
+        let mut objectives = HashMap::with_capacity(finished.len() + team.len() + 1);
+        objectives.insert(item.objective_id, objective);
+        let needed = finished.into_iter().map(|id| (id, true)).chain(team.into_iter().map(|id| (id, false)));
+        for (id, must_be_final) in needed {
+            if objectives.contains_key(&id) {
+                continue;
+            }
+            let remembered = if fresh { None } else { self.store.remembered_objective(id) };
+            let objective = match remembered {
+                Some(o) if !must_be_final || matches!(o.status, ObjectiveStatus::Completed | ObjectiveStatus::Blocked) => o,
+                _ => self.store.load_objective(id).await.map_err(store_err)?,
+            };
+            objectives.insert(id, objective);
+        }
+        Ok(objectives)
+    }
+
+    /// Records the objective's end (its last calls, the artifacts and their contents, the
+    /// result) and, in the same commit, what the end means for the run: the stage completed
+    /// and the stages it makes ready started, or the run blocked or waiting for a
+    /// clarification (the orchestrator's own step, see [`crate::orchestrator::stage_end`]).
+    /// Then the started stages' work is queued. When another delivery finished the
+    /// objective first, nothing is recorded.
+    async fn finish(&self, item: &WorkItem, commands: Vec<ObjectiveCommand>, contents: Vec<ArtifactContent>) -> Result<(), WorkerError> {
+        let follow_up = crate::orchestrator::follow_up(&commands, &item.stage, item.objective_id);
+        let mut attempt = 0;
+        let dispatches = loop {
+            attempt += 1;
+            let mut changes = self.store.changes();
+            changes.store_artifacts(contents.clone());
+            for command in commands.iter().cloned() {
+                match changes.execute_objective(item.objective_id, item.run_id, command).await {
+                    Ok(()) => {}
+                    Err(CommandError::Refused(ObjectiveError::Finished(_))) => return Ok(()),
+                    Err(other) => return Err(store_err(other)),
+                }
+            }
+            let mut dispatches = Vec::new();
+            if let Some(command) = &follow_up {
+                crate::orchestrator::stage_end(&mut changes, item.run_id, command.clone(), &mut dispatches)
+                    .await
+                    .map_err(store_err)?;
+            }
+            match changes.commit().await {
+                Ok(()) => break dispatches,
+                // Another writer of the run (a parallel stage's end, say) came first: decided
+                // again on fresh state.
+                Err(CommitError::Conflict) if self.store.pause_after_conflict(attempt).await => {}
+                Err(error) => return Err(store_err(CommandError::<ObjectiveError>::from(error))),
+            }
+        };
+        // Committed. The message is settled once the work it started is queued; should the
+        // queueing fail, the redelivery queues it again (see `process`).
+        crate::orchestrator::queue(&self.js, &self.topology, item.run_id, &dispatches).await.map_err(store_err)
     }
 
     async fn run_has_ended(&self, item: &WorkItem) -> Result<bool, WorkerError> {
@@ -484,32 +563,64 @@ fn media_type(path: &str) -> &'static str {
     }
 }
 
-/// What a team needs to know of its run, read from the run's events.
+/// What a team needs to know of its run: the requirement, the results and artifacts of the
+/// stages completed when its objective started (oldest first), the latest review feedback,
+/// and what the team has spent so far.
+///
+/// Cut at the objective's start, by the run's own sequence of events, not at "now": what a
+/// team sees does not depend on how fast the stages in parallel with it are, and a
+/// deterministic re-run rebuilds the same context from the same aggregates.
 pub struct RunContext {
     title: String,
     requirement: String,
     inputs: String,
     feedback: String,
-    /// Every artifact so far: path -> content digest (the latest wins).
+    /// Every artifact of the completed stages: path -> content digest (the latest wins).
     artifacts: BTreeMap<String, String>,
     /// What this objective's team has spent on models in the run so far (its budget).
     pub team_spent_usd: f64,
 }
 
 impl RunContext {
-    /// What the run knew when the objective was assigned: its events up to the assignment.
-    /// Cut there, not at "now", so that what a team sees does not depend on how fast its
-    /// parallel siblings are (a deterministic re-run rebuilds the same context).
-    pub fn at_assignment(events: &[EventEnvelope], item: &WorkItem) -> Self {
-        let id = item.objective_id.to_string();
-        let end = events
-            .iter()
-            .position(|e| e.aggregate_type == "objective" && e.aggregate_id == id && e.sequence == 1)
-            .map_or(events.len(), |i| i + 1);
-        let mut context = Self::fold(&events[..end], item);
-        // The budget counts everything the team has spent, this objective's earlier attempts
-        // and parallel work included, not only what was known at the assignment.
-        context.team_spent_usd = Self::fold(events, item).team_spent_usd;
+    /// The objectives whose state [`RunContext::of`] reads for `objective_id`: first those
+    /// whose completions the run knew when it started (finished, so their state is final),
+    /// then the team's own (for its budget; this one's earlier attempts included).
+    pub fn needs(run: &Run, objective_id: ObjectiveId) -> (Vec<ObjectiveId>, Vec<ObjectiveId>) {
+        let Some((completions, _)) = run.known_at_start(objective_id) else { return Default::default() };
+        let team = &run.started[&objective_id].team;
+        let finished = completions.iter().map(|c| c.objective_id).collect();
+        let teams = run.started.iter().filter(|(_, s)| &s.team == team).map(|(id, _)| *id).collect();
+        (finished, teams)
+    }
+
+    /// The context of `objective_id` from its run and the objectives [`RunContext::needs`]
+    /// names (one missing from `objectives` adds nothing).
+    pub fn of(run: &Run, objective_id: ObjectiveId, objectives: &HashMap<ObjectiveId, Objective>) -> Self {
+        let mut context = RunContext {
+            title: run.title.clone(),
+            requirement: run.requirement.clone(),
+            inputs: String::new(),
+            feedback: String::new(),
+            artifacts: BTreeMap::new(),
+            team_spent_usd: 0.0,
+        };
+        let Some((completions, feedback)) = run.known_at_start(objective_id) else { return context };
+        context.feedback = feedback.unwrap_or_default().to_string();
+        for completion in completions {
+            let Some(objective) = objectives.get(&completion.objective_id) else { continue };
+            for (path, sha) in &objective.artifacts {
+                context.artifacts.insert(path.clone(), sha.clone());
+            }
+            if let Some((reasoning, artifacts)) = &objective.completed_with {
+                context.inputs.push_str(&format!(
+                    "### {}\n{reasoning}\nArtifacts (in your workspace): {}\n\n",
+                    completion.stage,
+                    artifacts.join(", ")
+                ));
+            }
+        }
+        let (_, team) = Self::needs(run, objective_id);
+        context.team_spent_usd = team.iter().filter_map(|id| objectives.get(id)).map(|o| o.spent_usd).sum();
         context
     }
 
@@ -525,67 +636,134 @@ impl RunContext {
         })
     }
 
-    /// Every artifact of the run so far: path -> content digest (the latest wins).
+    /// Every artifact of the completed stages: path -> content digest (the latest wins).
     pub fn artifacts(&self) -> &BTreeMap<String, String> {
         &self.artifacts
     }
+}
 
-    /// Folds the run's events (in position order) into what `item`'s team needs to know.
-    pub fn fold(events: &[EventEnvelope], item: &WorkItem) -> Self {
-        let mut context = RunContext {
-            title: String::new(),
-            requirement: String::new(),
-            inputs: String::new(),
-            feedback: String::new(),
-            artifacts: BTreeMap::new(),
-            team_spent_usd: 0.0,
-        };
-        let mut team_objectives: std::collections::HashSet<String> = std::collections::HashSet::new();
-        let mut stage_of: BTreeMap<String, String> = BTreeMap::new();
-        for e in events {
-            match (e.aggregate_type.as_str(), e.event_type.as_str()) {
-                ("run", "RequirementSubmitted") => {
-                    context.title = e.payload["title"].as_str().unwrap_or_default().to_string();
-                    context.requirement = e.payload["requirement"].as_str().unwrap_or_default().to_string();
-                }
-                ("run", "RunReviewed") => {
-                    if let Some(feedback) = e.payload["feedback"].as_str() {
-                        context.feedback = feedback.to_string();
-                    }
-                }
-                ("objective", "ObjectiveAssigned") => {
-                    let stage = e.payload["stage"].as_str().unwrap_or_default().to_string();
-                    stage_of.insert(e.aggregate_id.clone(), stage);
-                    if e.payload["team"].as_str() == Some(item.team.as_str()) {
-                        team_objectives.insert(e.aggregate_id.clone());
-                    }
-                }
-                ("objective", "ModelCalled") if team_objectives.contains(&e.aggregate_id) => {
-                    context.team_spent_usd += e.payload["cost_usd"].as_f64().unwrap_or(0.0);
-                }
-                ("objective", "ArtifactProduced") => {
-                    if let (Some(path), Some(sha)) = (e.payload["path"].as_str(), e.payload["sha256"].as_str()) {
-                        context.artifacts.insert(path.to_string(), sha.to_string());
-                    }
-                }
-                ("objective", "TaskResultRecorded") if e.aggregate_id != item.objective_id.to_string() => {
-                    let stage = stage_of.get(&e.aggregate_id).cloned().unwrap_or_default();
-                    let result = &e.payload["result"];
-                    if result["status"] == "COMPLETE" {
-                        let artifacts: Vec<&str> = result["artifacts"]
-                            .as_array()
-                            .map(|a| a.iter().filter_map(|v| v.as_str()).collect())
-                            .unwrap_or_default();
-                        context.inputs.push_str(&format!(
-                            "### {stage}\n{}\nArtifacts (in your workspace): {}\n\n",
-                            result["reasoning"].as_str().unwrap_or_default(),
-                            artifacts.join(", ")
-                        ));
-                    }
-                }
-                _ => {}
-            }
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cqrs_es::Aggregate;
+    use factory_domain::objective::{ModelCalled, ObjectiveAssigned, ObjectiveCompleted, TaskResultRecorded};
+    use factory_domain::run::{RequirementSubmitted, ReviewDecision, RunReviewed, StageCompleted, StageStarted};
+    use factory_domain::{ObjectiveEvent, RunEvent, RunId, TaskResult};
+
+    fn started(stage: &str, team: &str, objective_id: ObjectiveId) -> RunEvent {
+        RunEvent::StageStarted(StageStarted { stage: stage.into(), team: team.into(), objective_id })
+    }
+
+    fn completed(stage: &str, objective_id: ObjectiveId) -> RunEvent {
+        RunEvent::StageCompleted(StageCompleted { stage: stage.into(), objective_id })
+    }
+
+    /// An objective of `team` that cost `cost_usd`, produced `artifact` and, when `reasoning`
+    /// is given, completed with it.
+    fn objective(team: &str, cost_usd: f64, artifact: (&str, &str), reasoning: Option<&str>) -> Objective {
+        let mut objective = Objective::default();
+        let mut events = vec![
+            ObjectiveEvent::ObjectiveAssigned(ObjectiveAssigned {
+                objective_id: ObjectiveId::new(),
+                run_id: RunId::new(),
+                stage: team.into(),
+                team: team.into(),
+                instructions: "work".into(),
+                max_iterations: 3,
+            }),
+            ObjectiveEvent::ModelCalled(ModelCalled {
+                alias: "factory/fast".into(),
+                provider: "scripted".into(),
+                model: "scripted-fast".into(),
+                input_tokens: 1,
+                output_tokens: 1,
+                cost_usd,
+                latency_ms: 0,
+                outcome: "ok".into(),
+                failed_targets: Vec::new(),
+                request_digest: String::new(),
+                response: String::new(),
+            }),
+            ObjectiveEvent::ArtifactProduced(ArtifactProduced {
+                path: artifact.0.into(),
+                sha256: artifact.1.into(),
+                bytes: 1,
+                media_type: "text/markdown".into(),
+            }),
+        ];
+        if let Some(reasoning) = reasoning {
+            let result = TaskResult {
+                status: TaskStatus::Complete,
+                reasoning: reasoning.into(),
+                blockers: vec![],
+                assumptions_made: vec![],
+                verified_facts: vec![],
+                clarification_needed: None,
+                artifacts: vec![artifact.0.into()],
+            };
+            events.push(ObjectiveEvent::TaskResultRecorded(TaskResultRecorded { idempotency_key: "k".into(), iteration: 1, result }));
+            events.push(ObjectiveEvent::ObjectiveCompleted(ObjectiveCompleted { iterations: 1 }));
         }
-        context
+        events.into_iter().for_each(|e| objective.apply(e));
+        objective
+    }
+
+    #[test]
+    fn a_team_is_told_what_the_run_knew_when_its_stage_started_and_nothing_that_ended_later() {
+        let (ba, design, ba_again, review_fix) = (ObjectiveId::new(), ObjectiveId::new(), ObjectiveId::new(), ObjectiveId::new());
+        let mut run = Run::default();
+        let submitted = RunEvent::RequirementSubmitted(RequirementSubmitted {
+            title: "Shortener".into(),
+            requirement: "Build a URL shortener".into(),
+            pipeline: "p".into(),
+            pipeline_definition: String::new(),
+            auto_approve: true,
+            submitted_by: "tester".into(),
+            submitted_at: chrono::Utc::now(),
+        });
+        let review = RunEvent::RunReviewed(RunReviewed {
+            decision: ReviewDecision::Revise { feedback: "Add expiry".into() },
+            reviewer: "tester".into(),
+        });
+        // ba and design in parallel; ba completes, then `fix` starts (team of ba), then
+        // design completes; a review comes after.
+        for event in [
+            submitted,
+            started("ba", "ba-team", ba),
+            started("design", "design-team", design),
+            completed("ba", ba),
+            started("fix", "ba-team", ba_again),
+            completed("design", design),
+            review,
+            started("review-fix", "ba-team", review_fix),
+        ] {
+            run.apply(event);
+        }
+        let objectives: HashMap<ObjectiveId, Objective> = [
+            (ba, objective("ba-team", 0.25, ("req.md", "aa"), Some("requirements found"))),
+            (design, objective("design-team", 1.0, ("arch.md", "bb"), Some("designed"))),
+            (ba_again, objective("ba-team", 0.5, ("req.md", "cc"), None)),
+            (review_fix, objective("ba-team", 0.0, ("x.md", "dd"), None)),
+        ]
+        .into();
+
+        let (finished, team) = RunContext::needs(&run, ba_again);
+        assert_eq!(finished, [ba], "only the completion known when it started");
+        assert_eq!(team.len(), 3, "the team's objectives: {team:?}");
+        let context = RunContext::of(&run, ba_again, &objectives);
+        assert_eq!(context.requirement, "Build a URL shortener");
+        assert!(context.inputs.contains("### ba\nrequirements found\nArtifacts (in your workspace): req.md"), "{}", context.inputs);
+        assert!(!context.inputs.contains("designed"), "design ended after the stage started: {}", context.inputs);
+        assert_eq!(context.artifacts(), &BTreeMap::from([("req.md".to_string(), "aa".to_string())]));
+        assert_eq!(context.feedback, "", "the review came later");
+        assert_eq!(context.team_spent_usd, 0.75, "everything the team spent, this objective's earlier attempts included");
+
+        let later = RunContext::of(&run, review_fix, &objectives);
+        assert!(later.inputs.find("### ba").unwrap() < later.inputs.find("### design").unwrap(), "in the order they completed");
+        assert_eq!(later.artifacts().len(), 2);
+        assert_eq!(later.feedback, "Add expiry");
+
+        let unknown = RunContext::of(&run, ObjectiveId::new(), &objectives);
+        assert!(unknown.inputs.is_empty() && unknown.artifacts().is_empty());
     }
 }

@@ -406,6 +406,12 @@ async fn each_step_of_a_run_is_one_commit_and_the_orchestrator_is_sent_only_what
     }
     assert_eq!(by_objective.len(), 5, "{by_objective:?}");
     assert!(by_objective.values().all(|events| events.len() == 3), "{by_objective:?}");
+    // ... and that commit is the worker's, taking the orchestrator's step with it: the
+    // stage's completion (and the next stage's start, checked above) come with the end.
+    for xid in by_objective.keys() {
+        let with_it: Vec<&str> = rows.iter().filter(|(_, _, x, _)| x == xid).map(|(_, e, _, _)| e.as_str()).collect();
+        assert!(with_it.contains(&"StageCompleted"), "the objective's end and its stage's completion in one commit: {with_it:?}");
+    }
 
     // The orchestrator's consumer is given the events it reacts to, and no others.
     let reacted = rows
@@ -490,4 +496,59 @@ async fn a_redelivered_completion_queues_the_work_its_step_started_but_never_que
     orchestrator.handle(completed).await.unwrap();
     assert_eq!(queued_objectives(&stack, &second.team).await, [next.to_string()], "queued once: the repeat is dropped");
     assert_eq!(crate::support::store_count(&stack.pool).await, stored, "and nothing is written");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redelivered_work_message_of_a_finished_objective_queues_the_stages_its_commit_started() {
+    // Nothing runs: the test plays a worker whose final commit went through and whose
+    // process died before it queued the next stage's work.
+    let stack = TestStack::new().await;
+    stack.topology.ensure_streams(&stack.js).await.unwrap();
+    let store = Arc::new(Store::new(stack.pool.clone(), Arc::new(SystemServices)));
+    let plan = Pipeline::load("phase1").unwrap();
+    let run = RunId::new();
+    store
+        .execute_run(run, RunCommand::SubmitRequirement { title: None, requirement: "Build it".into(), pipeline: plan.name().into(), pipeline_definition: plan.source().into(), auto_approve: true, submitted_by: "tester".into() })
+        .await
+        .unwrap();
+    let [first, second] = [&plan.stages()[0], &plan.stages()[1]];
+    let (done, next) = (factory_domain::ObjectiveId::new(), factory_domain::ObjectiveId::new());
+    let mut changes = store.changes();
+    changes.execute_run(run, RunCommand::StartStage { stage: first.name.clone(), team: first.team.clone(), objective_id: done }).await.unwrap();
+    changes.new_objective(done, run);
+    changes.execute_objective(done, run, factory_teams::orchestrator::assignment(run, done, first)).await.unwrap();
+    changes.commit().await.unwrap();
+    // The worker's final commit: the result, the end, the stage's completion, the next start.
+    let mut changes = store.changes();
+    for command in [
+        factory_domain::ObjectiveCommand::RecordTaskResult { idempotency_key: "work:1".into(), result: crate::support::completed_result() },
+        factory_domain::ObjectiveCommand::CompleteObjective,
+    ] {
+        changes.execute_objective(done, run, command).await.unwrap();
+    }
+    changes.execute_run(run, RunCommand::CompleteStage { stage: first.name.clone(), objective_id: done }).await.unwrap();
+    changes.execute_run(run, RunCommand::StartStage { stage: second.name.clone(), team: second.team.clone(), objective_id: next }).await.unwrap();
+    changes.new_objective(next, run);
+    changes.execute_objective(next, run, factory_teams::orchestrator::assignment(run, next, second)).await.unwrap();
+    changes.commit().await.unwrap();
+    assert!(queued_objectives(&stack, &second.team).await.is_empty());
+
+    // Its work message comes back (never acked), to a worker of another process.
+    let work_dir = tempfile::tempdir().unwrap();
+    let other = Store::new(stack.pool.clone(), Arc::new(SystemServices));
+    let worker = Worker::new(
+        Arc::new(other),
+        stack.js.clone(),
+        stack.topology.clone(),
+        Arc::new(ScriptedProvider::new()),
+        WorkerOptions::new(vec![first.team.clone()], work_dir.path().to_path_buf()),
+    );
+    let item = factory_teams::orchestrator::WorkItem::new(run, done, first);
+    let stored = crate::support::store_count(&stack.pool).await;
+    worker.process(&item, "work:1", true).await.unwrap();
+    assert_eq!(queued_objectives(&stack, &second.team).await, [next.to_string()], "the next stage's work is queued");
+    assert_eq!(crate::support::store_count(&stack.pool).await, stored, "and nothing is recorded twice");
+    // A first delivery of a finished objective (a repeat within the duplicate window) queues nothing.
+    worker.process(&item, "work:1", false).await.unwrap();
+    assert_eq!(queued_objectives(&stack, &second.team).await, [next.to_string()]);
 }

@@ -418,34 +418,6 @@ fn model_call(response: &str) -> factory_domain::ObjectiveCommand {
 }
 
 #[tokio::test]
-async fn a_team_reads_its_run_without_the_model_answers_of_other_teams() {
-    let stack = TestStack::new().await;
-    let store = store(&stack).await;
-    let run = RunId::new();
-    store.execute_run(run, submit("Build a URL shortener")).await.unwrap();
-    let assign_to = |objective_id: ObjectiveId, team: &str| factory_domain::ObjectiveCommand::AssignObjective {
-        objective_id,
-        run_id: run,
-        stage: team.into(),
-        team: team.into(),
-        instructions: "work".into(),
-        max_iterations: 3,
-    };
-    // The team's earlier objective, another team's, and the one it works now.
-    let (earlier, other, current) = (ObjectiveId::new(), ObjectiveId::new(), ObjectiveId::new());
-    for (objective, team) in [(earlier, "qa-engineering"), (other, "backend-engineering"), (current, "qa-engineering")] {
-        store.execute_objective_all(objective, run, vec![assign_to(objective, team), model_call(team)]).await.unwrap();
-    }
-    let events = factory_commands::events::run_events_for_team(&stack.pool, run.0, &current.to_string(), "qa-engineering")
-        .await
-        .unwrap();
-    let calls: Vec<&str> = events.iter().filter(|e| e.event_type == "ModelCalled").map(|e| e.aggregate_id.as_str()).collect();
-    assert_eq!(calls, [earlier.to_string(), current.to_string()], "the team's own calls (its budget), no other team's");
-    let all = factory_commands::events::run_events(&stack.pool, run.0, None).await.unwrap();
-    assert_eq!(events.len(), all.len() - 1, "everything else of the run");
-}
-
-#[tokio::test]
 async fn artifact_contents_come_back_by_digest_from_memory_or_the_store() {
     let stack = TestStack::new().await;
     let writer = store(&stack).await;
