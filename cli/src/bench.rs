@@ -481,6 +481,9 @@ async fn delete_streams(js: &jetstream::Context, topology: &Topology) -> Result<
             cleanup = Err(anyhow!(error).context(format!("deleting the stream {stream}")));
         }
     }
+    if let Err(error) = js.delete_key_value(&topology.workers_bucket).await {
+        cleanup = Err(anyhow!(error).context(format!("deleting the bucket {}", topology.workers_bucket)));
+    }
     if cleanup.is_ok() {
         tracing::info!(stream = %topology.events_stream, "bench streams deleted");
     }
@@ -929,22 +932,24 @@ async fn pipeline_figures(
             .with_wake(store.committed())
             .run(),
     );
-    components.spawn(Orchestrator::new(store.clone(), js.clone(), topology.clone()).run());
     let provider: Arc<dyn ModelProvider> = Arc::new(TimedProvider {
         inner: ScriptedProvider::new(),
         calls: calls.clone(),
     });
     let teams = TEAM_IDS.iter().map(|t| t.to_string()).collect();
-    components.spawn(
-        Worker::new(
-            store.clone(),
-            js.clone(),
-            topology.clone(),
-            provider,
-            WorkerOptions::new(teams, work_dir),
-        )
-        .run(),
+    let worker = Worker::new(
+        store.clone(),
+        js.clone(),
+        topology.clone(),
+        provider,
+        WorkerOptions::new(teams, work_dir),
     );
+    components.spawn(
+        Orchestrator::new(store.clone(), js.clone(), topology.clone())
+            .with_local_work(worker.local_work())
+            .run(),
+    );
+    components.spawn(worker.run());
 
     let phase1 = Pipeline::load("phase1")?;
     let full = Pipeline::load("full")?;
@@ -1564,18 +1569,20 @@ async fn rebuild_figures(
     let templates = {
         let mut observer = Observer::start(&reader, &topology).await?;
         let mut pipeline = JoinSet::new();
-        pipeline.spawn(Orchestrator::new(store.clone(), js.clone(), topology.clone()).run());
         let teams = TEAM_IDS.iter().map(|t| t.to_string()).collect();
-        pipeline.spawn(
-            Worker::new(
-                store.clone(),
-                js.clone(),
-                topology.clone(),
-                Arc::new(ScriptedProvider::new()),
-                WorkerOptions::new(teams, work_dir),
-            )
-            .run(),
+        let worker = Worker::new(
+            store.clone(),
+            js.clone(),
+            topology.clone(),
+            Arc::new(ScriptedProvider::new()),
+            WorkerOptions::new(teams, work_dir),
         );
+        pipeline.spawn(
+            Orchestrator::new(store.clone(), js.clone(), topology.clone())
+                .with_local_work(worker.local_work())
+                .run(),
+        );
+        pipeline.spawn(worker.run());
         let mut templates = Vec::new();
         for name in ["phase1", "full"] {
             let pipeline = Pipeline::load(name)?;
@@ -2388,6 +2395,7 @@ impl Replay {
                             team: assigned.team,
                             instructions: assigned.instructions,
                             max_iterations: assigned.max_iterations,
+                            claimed_by: None,
                         }
                     }
                     "ModelCalled" => {

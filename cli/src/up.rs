@@ -65,13 +65,17 @@ async fn serve(config: &Config, embedded: &stack::Embedded) -> Result<ExitCode> 
         relay: relay.progress(),
     });
     let relay = tokio::spawn(relay.run());
-    let orchestrator = tokio::spawn(
-        factory_teams::orchestrator::Orchestrator::new(store.clone(), js.clone(), topology.clone()).run(),
-    );
     let router = model_router(config, &pool)?;
     let banner = models_banner(&router);
+    let worker = worker(config, store.clone(), js.clone(), topology.clone(), vec![], router);
+    // The objectives it starts for this process's worker are handed over in memory.
+    let orchestrator = tokio::spawn(
+        factory_teams::orchestrator::Orchestrator::new(store.clone(), js.clone(), topology.clone())
+            .with_local_work(worker.local_work())
+            .run(),
+    );
     let projections = crate::projections::spawn_runners(&pool, &js, &topology, &factory_projections::Projection::ALL);
-    let worker = tokio::spawn(worker(config, store.clone(), js, topology, vec![], router).run());
+    let worker = tokio::spawn(worker.run());
 
     let app = factory_gateway::router(factory_gateway::Health::new(pool.clone(), nats, metrics));
     let listener = tokio::net::TcpListener::bind(config.http_addr)

@@ -22,6 +22,8 @@ pub enum ObjectiveCommand {
         team: String,
         instructions: String,
         max_iterations: u32,
+        /// The worker process that takes the objective from memory (see [`ObjectiveAssigned::claimed_by`]).
+        claimed_by: Option<String>,
     },
     RecordModelCall(ModelCalled),
     RecordTaskResult {
@@ -43,6 +45,12 @@ pub struct ObjectiveAssigned {
     pub team: String,
     pub instructions: String,
     pub max_iterations: u32,
+    /// The worker process (its instance id) that takes the objective from memory, handed
+    /// over in the process that assigned it; a worker of another process that is given
+    /// the objective's work message leaves it to that one while it lives. `None`: whoever
+    /// the work queue gives it to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claimed_by: Option<String>,
 }
 
 /// One call to a model, with what a deterministic re-run needs.
@@ -174,6 +182,9 @@ pub struct Objective {
     /// What its model calls cost, in USD.
     #[serde(default)]
     pub spent_usd: f64,
+    /// The worker process that took it from memory (see [`ObjectiveAssigned::claimed_by`]).
+    #[serde(default)]
+    pub claimed_by: Option<String>,
 }
 
 impl Objective {
@@ -201,7 +212,7 @@ impl Aggregate for Objective {
         sink: &EventSink<Self>,
     ) -> Result<(), ObjectiveError> {
         let event = match command {
-            ObjectiveCommand::AssignObjective { objective_id, run_id, stage, team, instructions, max_iterations } => {
+            ObjectiveCommand::AssignObjective { objective_id, run_id, stage, team, instructions, max_iterations, claimed_by } => {
                 if self.status != ObjectiveStatus::New {
                     return Err(ObjectiveError::AlreadyAssigned);
                 }
@@ -221,6 +232,7 @@ impl Aggregate for Objective {
                     team,
                     instructions,
                     max_iterations,
+                    claimed_by,
                 })
             }
             ObjectiveCommand::RecordModelCall(call) => {
@@ -286,6 +298,7 @@ impl Aggregate for Objective {
                 self.stage = e.stage;
                 self.team = e.team;
                 self.max_iterations = e.max_iterations;
+                self.claimed_by = e.claimed_by;
             }
             ObjectiveEvent::ModelCalled(e) => self.spent_usd += e.cost_usd,
             ObjectiveEvent::ArtifactProduced(e) => self.artifacts.push((e.path, e.sha256)),
@@ -331,6 +344,7 @@ mod tests {
             team: team.into(),
             instructions: "Write the requirements list".into(),
             max_iterations,
+            claimed_by: None,
         }
     }
 
@@ -343,6 +357,7 @@ mod tests {
             team: "business-analysis".into(),
             instructions: "Write the requirements list".into(),
             max_iterations,
+            claimed_by: None,
         })
     }
 

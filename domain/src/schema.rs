@@ -163,6 +163,7 @@ mod tests {
                 team: "business-analysis".into(),
                 instructions: "Write the requirements list".into(),
                 max_iterations: 3,
+                claimed_by: None,
             }),
             ObjectiveEvent::ModelCalled(ModelCalled {
                 alias: "factory/fast".into(),

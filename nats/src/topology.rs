@@ -19,6 +19,9 @@ pub struct Topology {
     pub work_prefix: String,
     /// How long JetStream remembers a `Nats-Msg-Id` to drop a repeat.
     pub duplicate_window: Duration,
+    /// The key-value bucket where each worker process says it is alive
+    /// (`FACTORY_WORKERS`; see [`WORKER_PRESENCE_TTL`]).
+    pub workers_bucket: String,
 }
 
 impl Default for Topology {
@@ -29,9 +32,14 @@ impl Default for Topology {
             work_stream: "FACTORY_WORK".into(),
             work_prefix: "factory.work".into(),
             duplicate_window: Duration::from_secs(120),
+            workers_bucket: "FACTORY_WORKERS".into(),
         }
     }
 }
+
+/// How long a worker process's presence in the workers bucket outlives its last renewal: a
+/// worker that renews no more (it died) is taken for gone after this.
+pub const WORKER_PRESENCE_TTL: Duration = Duration::from_secs(15);
 
 /// How long `FACTORY_WORK` remembers a work message's id (the objective id).
 pub const WORK_DUPLICATE_WINDOW: Duration = Duration::from_secs(3600);
@@ -56,6 +64,7 @@ impl Topology {
             events_prefix: format!("{namespace}.{}", base.events_prefix),
             work_stream: format!("{}_{}", namespace.to_uppercase(), base.work_stream),
             work_prefix: format!("{namespace}.{}", base.work_prefix),
+            workers_bucket: format!("{}_{}", namespace.to_uppercase(), base.workers_bucket),
             ..base
         }
     }
@@ -115,6 +124,18 @@ impl Topology {
             description: Some("Objectives waiting for a team's worker".into()),
             ..Default::default()
         };
+        let workers = async_nats::jetstream::kv::Config {
+            bucket: self.workers_bucket.clone(),
+            description: "Worker processes alive, each renewing its key".into(),
+            history: 1,
+            max_age: WORKER_PRESENCE_TTL,
+            storage: stream::StorageType::Memory,
+            ..Default::default()
+        };
+        js.create_or_update_key_value(workers).await.map_err(|source| TopologyError::Stream {
+            stream: format!("KV_{}", self.workers_bucket),
+            source: Box::new(source),
+        })?;
         for config in [events, work] {
             let name = config.name.clone();
             let result = match js.get_stream(&name).await {

@@ -117,6 +117,7 @@ pub async fn fork(store: &Store, source: RunId, at: i64, submitted_by: String) -
             team: team.clone(),
             instructions: assigned.instructions,
             max_iterations: assigned.max_iterations,
+            claimed_by: None,
         }];
         commands.extend(copy.artifacts.into_iter().map(ObjectiveCommand::ProduceArtifact));
         commands.push(ObjectiveCommand::RecordTaskResult { idempotency_key: format!("fork:{objective_id}"), result: result.result });

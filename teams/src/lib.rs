@@ -11,6 +11,7 @@
 pub mod catalog;
 pub mod fork;
 pub mod gate;
+pub mod handoff;
 pub mod model;
 pub mod operative;
 pub mod orchestrator;

@@ -21,6 +21,7 @@
 //! aggregates' current state, so handling an event twice, or in memory before the stream's
 //! copy of an earlier one arrives, changes nothing.
 
+use crate::handoff::{Claim, LocalWork};
 use crate::pipeline::Pipeline;
 use async_nats::jetstream::{self, AckKind, consumer::pull};
 use factory_commands::store::CommitError;
@@ -153,12 +154,21 @@ pub struct Orchestrator {
     /// The fast path's subscription, taken when made: what the store commits from then on
     /// is seen in memory, even before the first consume.
     local: std::sync::Mutex<Option<tokio::sync::broadcast::Receiver<Arc<Committed>>>>,
+    /// This process's worker, to hand the objectives it starts to (see [`crate::handoff`]).
+    handoff: Option<Arc<LocalWork>>,
 }
 
 impl Orchestrator {
     pub fn new(store: Arc<Store>, js: jetstream::Context, topology: Topology) -> Self {
         let local = std::sync::Mutex::new(Some(store.subscribe_committed()));
-        Self { store, js, topology, local }
+        Self { store, js, topology, local, handoff: None }
+    }
+
+    /// Hands the objectives it starts for teams this process's worker serves to that worker
+    /// in memory (see [`crate::handoff`]).
+    pub fn with_local_work(mut self, local: Arc<LocalWork>) -> Self {
+        self.handoff = Some(local);
+        self
     }
 
     /// Runs until dropped; errors are logged and retried.
@@ -279,6 +289,20 @@ impl Orchestrator {
     /// One event from the stream: handled (unless it already was, in memory), then acked;
     /// or handed back for redelivery.
     async fn settle(&self, message: jetstream::Message, handled_in_memory: &mut HashSet<(String, i64)>) -> Result<(), OrchestratorError> {
+        // A copy of an event handled in memory is known by its `Nats-Msg-Id`
+        // (`<aggregate_type>:<aggregate_id>:<sequence>`), without parsing the event.
+        let identity = message
+            .headers
+            .as_ref()
+            .and_then(|headers| headers.get("Nats-Msg-Id"))
+            .and_then(|id| {
+                let (rest, sequence) = id.as_str().rsplit_once(':')?;
+                Some((rest.split_once(':')?.1.to_string(), sequence.parse::<i64>().ok()?))
+            });
+        if identity.is_some_and(|identity| handled_in_memory.remove(&identity)) {
+            message.ack().await.map_err(stream_err)?;
+            return Ok(());
+        }
         let envelope: EventEnvelope = match serde_json::from_slice(&message.payload) {
             Ok(envelope) => envelope,
             Err(error) => {
@@ -420,7 +444,7 @@ impl Orchestrator {
                 // queue, and then the event is redelivered; and after a conflict, since the
                 // writer that won may have started stages and died before queueing them.
                 let requeue = delivered == Delivered::Stream || attempt > 1;
-                plan(&mut changes, run_id, &run, requeue, &mut dispatches).await?;
+                plan(&mut changes, run_id, &run, requeue, &mut dispatches, self.handoff.as_deref()).await?;
             }
             match changes.commit().await {
                 Ok(()) => break dispatches,
@@ -438,14 +462,14 @@ impl Orchestrator {
                 if objective != factory_domain::objective::ObjectiveStatus::New {
                     continue;
                 }
-                let assign = assignment(run_id, dispatch.objective_id, &dispatch.stage);
+                let assign = assignment(run_id, dispatch.objective_id, &dispatch.stage, None);
                 match self.store.execute_objective(dispatch.objective_id, run_id, assign).await {
                     Ok(()) | Err(CommandError::Refused(ObjectiveError::AlreadyAssigned)) => {}
                     Err(other) => return Err(store_err(other)),
                 }
             }
         }
-        queue(&self.js, &self.topology, run_id, &dispatches).await
+        queue(&self.js, &self.topology, run_id, dispatches, self.handoff.as_deref()).await
     }
 
 }
@@ -456,6 +480,8 @@ pub(crate) struct Dispatch {
     pub(crate) stage: crate::pipeline::Stage,
     /// Started earlier (queued before, perhaps): its assignment is made sure of first.
     pub(crate) queued_again: bool,
+    /// Claimed for this process's worker: handed to it in memory once committed.
+    pub(crate) claim: Option<Claim>,
 }
 
 /// Stages the run's next step into `changes` (see [`Orchestrator::step`] and [`stage_end`]), listing the
@@ -466,6 +492,7 @@ pub(crate) async fn plan(
     run: &factory_domain::Run,
     requeue: bool,
     dispatches: &mut Vec<Dispatch>,
+    handoff: Option<&LocalWork>,
 ) -> Result<(), OrchestratorError> {
     let pipeline = match run_pipeline(run) {
         Ok(pipeline) => pipeline,
@@ -490,11 +517,13 @@ pub(crate) async fn plan(
                 match changes.execute_run(run_id, command).await {
                     Ok(()) => {
                         changes.new_objective(objective_id, run_id);
+                        let claim = handoff.and_then(|local| local.try_claim(&stage.team));
+                        let claimed_by = claim.as_ref().and(handoff).map(|local| local.instance().to_string());
                         changes
-                            .execute_objective(objective_id, run_id, assignment(run_id, objective_id, stage))
+                            .execute_objective(objective_id, run_id, assignment(run_id, objective_id, stage, claimed_by))
                             .await
                             .map_err(store_err)?;
-                        dispatches.push(Dispatch { objective_id, stage: stage.clone(), queued_again: false });
+                        dispatches.push(Dispatch { objective_id, stage: stage.clone(), queued_again: false, claim });
                     }
                     Err(CommandError::Refused(RunError::StageAlreadyStarted(_))) => {
                         // Started by another handling of this event (another orchestrator,
@@ -504,7 +533,7 @@ pub(crate) async fn plan(
                             changes.run(run_id).await.map_err(store_err)?.stages.get(&stage.name)
                             && !requeue
                         {
-                            dispatches.push(Dispatch { objective_id: *objective_id, stage: stage.clone(), queued_again: true });
+                            dispatches.push(Dispatch { objective_id: *objective_id, stage: stage.clone(), queued_again: true, claim: None });
                         }
                     }
                     Err(CommandError::Refused(RunError::StageFinished(_))) => {}
@@ -521,20 +550,27 @@ pub(crate) async fn plan(
 
 
 /// Puts the objectives' work on their teams' queues (`Nats-Msg-Id` = objective id, so a
-/// repeat is dropped), every publish in flight at once.
-pub(crate) async fn queue(js: &jetstream::Context, topology: &Topology, run_id: RunId, dispatches: &[Dispatch]) -> Result<(), OrchestratorError> {
+/// repeat is dropped), every publish in flight at once; those claimed for this process's
+/// worker are handed to it in memory first (see [`crate::handoff`]).
+pub(crate) async fn queue(
+    js: &jetstream::Context,
+    topology: &Topology,
+    run_id: RunId,
+    dispatches: Vec<Dispatch>,
+    handoff: Option<&LocalWork>,
+) -> Result<(), OrchestratorError> {
     let mut acks = Vec::with_capacity(dispatches.len());
     for dispatch in dispatches {
         let item = WorkItem::new(run_id, dispatch.objective_id, &dispatch.stage);
         let mut headers = async_nats::HeaderMap::new();
         headers.insert("Nats-Msg-Id", dispatch.objective_id.to_string().as_str());
         let body = serde_json::to_vec(&item).map_err(stream_err)?;
-        acks.push(
-            js
-                .publish_with_headers(topology.work_subject(&dispatch.stage.team), headers, body.into())
-                .await
-                .map_err(stream_err)?,
-        );
+        let subject = topology.work_subject(&dispatch.stage.team);
+        // Handed over before the message can reach this process's own consumer.
+        if let (Some(claim), Some(local)) = (dispatch.claim, handoff) {
+            local.hand_off(claim, item);
+        }
+        acks.push(js.publish_with_headers(subject, headers, body.into()).await.map_err(stream_err)?);
     }
     for ack in acks {
         ack.await.map_err(stream_err)?;
@@ -549,7 +585,7 @@ pub(crate) fn in_progress(run: &factory_domain::Run, pipeline: &Pipeline) -> Vec
         .filter_map(|(stage_name, state)| match state {
             StageState::InProgress { objective_id, .. } => pipeline
                 .stage(stage_name)
-                .map(|stage| Dispatch { objective_id: *objective_id, stage: stage.clone(), queued_again: true }),
+                .map(|stage| Dispatch { objective_id: *objective_id, stage: stage.clone(), queued_again: true, claim: None }),
             _ => None,
         })
         .collect()
@@ -574,6 +610,7 @@ pub(crate) async fn stage_end(
     run_id: RunId,
     command: RunCommand,
     dispatches: &mut Vec<Dispatch>,
+    handoff: Option<&LocalWork>,
 ) -> Result<(), OrchestratorError> {
     let completion = matches!(command, RunCommand::CompleteStage { .. });
     match changes.execute_run(run_id, command).await {
@@ -587,7 +624,7 @@ pub(crate) async fn stage_end(
     if completion {
         let run = changes.run(run_id).await.map_err(store_err)?.clone();
         if run.status == RunStatus::Running {
-            plan(changes, run_id, &run, false, dispatches).await?;
+            plan(changes, run_id, &run, false, dispatches, handoff).await?;
         }
     }
     Ok(())
@@ -719,7 +756,12 @@ pub fn revision(run: &factory_domain::Run, pipeline: &Pipeline) -> RunCommand {
 }
 
 /// The objective for a started stage.
-pub fn assignment(run_id: RunId, objective_id: ObjectiveId, stage: &crate::pipeline::Stage) -> ObjectiveCommand {
+pub fn assignment(
+    run_id: RunId,
+    objective_id: ObjectiveId,
+    stage: &crate::pipeline::Stage,
+    claimed_by: Option<String>,
+) -> ObjectiveCommand {
     ObjectiveCommand::AssignObjective {
         objective_id,
         run_id,
@@ -727,6 +769,7 @@ pub fn assignment(run_id: RunId, objective_id: ObjectiveId, stage: &crate::pipel
         team: stage.team.clone(),
         instructions: format!("{} for stage {}", stage.team, stage.name),
         max_iterations: stage.max_iterations,
+        claimed_by,
     }
 }
 

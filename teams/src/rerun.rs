@@ -483,7 +483,7 @@ impl Simulation {
         };
         let objective_id = ObjectiveId::new();
         self.run_command(RunCommand::StartStage { stage: stage.name.clone(), team: stage.team.clone(), objective_id }).await;
-        self.objective_command(objective_id, orchestrator::assignment(self.run_id, objective_id, stage)).await;
+        self.objective_command(objective_id, orchestrator::assignment(self.run_id, objective_id, stage, None)).await;
         self.in_flight.push(InFlight { objective_id, stage: stage.clone(), recorded });
         true
     }

@@ -8,6 +8,7 @@
 //! message's stream sequence.
 
 use crate::catalog::{ObjectiveContext, team as team_docs};
+use crate::handoff::{Handed, LocalWork};
 use crate::model::ModelProvider;
 use crate::operative;
 use crate::orchestrator::WorkItem;
@@ -32,6 +33,14 @@ const RECORD_GRACE: Duration = Duration::from_millis(100);
 
 /// How often a working objective checks that its run is still running.
 const CANCEL_CHECK: Duration = Duration::from_millis(500);
+
+/// How often a worker renews its presence in the workers bucket (it expires after
+/// `WORKER_PRESENCE_TTL`).
+const PRESENCE_RENEWAL: Duration = Duration::from_secs(5);
+
+/// How often a worker holding the message of an objective another process claimed looks
+/// whether it has ended, or its claimant has gone.
+const CLAIM_CHECK: Duration = Duration::from_millis(500);
 
 #[derive(Debug, Clone)]
 pub struct WorkerOptions {
@@ -82,6 +91,9 @@ pub struct Worker {
     provider: Arc<dyn ModelProvider>,
     tools: Arc<ToolRegistry>,
     options: WorkerOptions,
+    /// Objectives handed over in memory (see [`crate::handoff`]).
+    local: Arc<LocalWork>,
+    handed: Arc<std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<Handed>>>>,
 }
 
 impl Worker {
@@ -92,12 +104,20 @@ impl Worker {
         provider: Arc<dyn ModelProvider>,
         options: WorkerOptions,
     ) -> Self {
-        Self { store, js, topology, provider, tools: Arc::new(ToolRegistry::standard()), options }
+        let (local, handed) = LocalWork::new(&options.teams, options.concurrency);
+        let handed = Arc::new(std::sync::Mutex::new(Some(handed)));
+        Self { store, js, topology, provider, tools: Arc::new(ToolRegistry::standard()), options, local, handed }
+    }
+
+    /// This worker as the code that starts objectives sees it, to hand them over in memory
+    /// ([`crate::orchestrator::Orchestrator::with_local_work`]).
+    pub fn local_work(&self) -> Arc<LocalWork> {
+        self.local.clone()
     }
 
     /// Serves every team of the options until dropped.
     pub async fn run(self) {
-        let tasks: Vec<_> = self
+        let mut tasks: Vec<_> = self
             .options
             .teams
             .clone()
@@ -114,6 +134,10 @@ impl Worker {
                 })
             })
             .collect();
+        tasks.push(tokio::spawn(self.clone().announce()));
+        if let Some(handed) = self.handed.lock().expect("not poisoned").take() {
+            tasks.push(tokio::spawn(self.clone().work_handed(handed)));
+        }
         // Dropping this future aborts the team tasks with it.
         struct AbortOnDrop(Vec<tokio::task::JoinHandle<()>>);
         impl Drop for AbortOnDrop {
@@ -124,6 +148,84 @@ impl Worker {
         let tasks = AbortOnDrop(tasks);
         futures::future::pending::<()>().await;
         drop(tasks);
+    }
+
+    /// Keeps this process's presence in the workers bucket while it runs; objectives are
+    /// claimed for it only while the last renewal succeeded.
+    async fn announce(self) {
+        // Stopped (the worker dropped, the process shutting down): the presence is taken
+        // back at once, so that other processes take over its claims without waiting for it
+        // to expire.
+        struct Withdraw(Worker);
+        impl Drop for Withdraw {
+            fn drop(&mut self) {
+                self.0.local.set_announced(false);
+                if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                    let (js, bucket, instance) =
+                        (self.0.js.clone(), self.0.topology.workers_bucket.clone(), self.0.local.instance().to_string());
+                    runtime.spawn(async move {
+                        if let Ok(bucket) = js.get_key_value(&bucket).await {
+                            let _ = bucket.delete(&instance).await;
+                        }
+                    });
+                }
+            }
+        }
+        let _withdraw = Withdraw(self.clone());
+        let mut renewal = tokio::time::interval(PRESENCE_RENEWAL);
+        loop {
+            renewal.tick().await;
+            let announced = match self.js.get_key_value(&self.topology.workers_bucket).await {
+                Ok(bucket) => bucket.put(self.local.instance(), "alive".into()).await.is_ok(),
+                Err(_) => false,
+            };
+            if !announced {
+                tracing::warn!("the worker's presence could not be renewed; work goes through the queue meanwhile");
+            }
+            self.local.set_announced(announced);
+        }
+    }
+
+    /// Works the objectives handed over in memory, each as its own task (dropped with this).
+    async fn work_handed(self, mut handed: tokio::sync::mpsc::UnboundedReceiver<Handed>) {
+        let mut attempts = tokio::task::JoinSet::new();
+        loop {
+            tokio::select! {
+                next = handed.recv() => match next {
+                    Some(next) => {
+                        let worker = self.clone();
+                        attempts.spawn(async move { worker.work_locally(next).await });
+                    }
+                    None => break,
+                },
+                Some(_) = attempts.join_next(), if !attempts.is_empty() => {}
+            }
+        }
+        while attempts.join_next().await.is_some() {}
+    }
+
+    /// The attempts at an objective handed over in memory: retried as redeliveries would be,
+    /// and after `max_deliver` failed ones the objective is blocked.
+    async fn work_locally(&self, handed: Handed) {
+        let item = &handed.item;
+        let key = format!("claim:{}", self.local.instance());
+        let attempts = self.options.max_deliver.max(1);
+        for attempt in 1..=attempts {
+            match self.process(item, &key, attempt > 1).await {
+                Ok(()) => break,
+                Err(error) if attempt == attempts => {
+                    tracing::error!(objective = %item.objective_id, error = %error, "giving up on the objective");
+                    let reason = format!("the worker failed {attempt} times: {error}");
+                    let block = ObjectiveCommand::BlockObjective { reason };
+                    let _ = self.store.execute_objective(item.objective_id, item.run_id, block).await;
+                }
+                Err(error) => {
+                    tracing::warn!(objective = %item.objective_id, error = %error, attempt, "objective failed; trying again");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+        self.local.ended(item.objective_id, &handed.done);
     }
 
     async fn consume(&self, team: &str) -> Result<(), WorkerError> {
@@ -189,7 +291,21 @@ impl Worker {
             }
         };
         let key = format!("work:{sequence}");
-        let work = self.process(&item, &key, delivered > 1);
+        let in_flight = self.local.in_flight(item.objective_id);
+        let work = async {
+            match in_flight {
+                // Handed to this process in memory and being worked: held until that ends.
+                Some(mut ended) => {
+                    while !*ended.borrow_and_update() {
+                        if ended.changed().await.is_err() {
+                            break;
+                        }
+                    }
+                    Ok(())
+                }
+                None => self.process(&item, &key, delivered > 1).await,
+            }
+        };
         tokio::pin!(work);
         // Tell JetStream we are alive while the team works (model calls can be long).
         // First tick one period from now: awaiting an interval's immediate first tick costs
@@ -229,7 +345,18 @@ impl Worker {
     /// objective when it can (its own commit just assigned the objective, mostly): no read.
     /// A redelivery (`redelivered`) reads them afresh.
     pub async fn process(&self, item: &WorkItem, key: &str, redelivered: bool) -> Result<(), WorkerError> {
-        let (run, objective) = self.states(item, redelivered).await?;
+        let (mut run, mut objective) = self.states(item, redelivered).await?;
+        if let Some(claimant) = objective.claimed_by.clone()
+            && claimant != self.local.instance()
+            && objective.status == ObjectiveStatus::Assigned
+        {
+            // Another process's worker took it in memory: left to it while that process lives.
+            if self.wait_for_claimant(item, &claimant).await? {
+                return Ok(());
+            }
+            tracing::info!(objective = %item.objective_id, %claimant, "the claimant is gone; working the objective here");
+            (run, objective) = self.states(item, true).await?;
+        }
         if objective.status != ObjectiveStatus::Assigned || run.status.is_terminal() || objective.result_keys.contains(key) {
             // Finished by another delivery (or this very message's result was recorded, its
             // ack lost), or its run was cancelled or failed meanwhile. A redelivery may be
@@ -237,7 +364,7 @@ impl Worker {
             // before queueing them: they are queued again (a repeat is dropped by its id).
             if redelivered {
                 let dispatches = crate::orchestrator::in_progress_of(&run);
-                crate::orchestrator::queue(&self.js, &self.topology, item.run_id, &dispatches).await.map_err(store_err)?;
+                crate::orchestrator::queue(&self.js, &self.topology, item.run_id, dispatches, None).await.map_err(store_err)?;
             }
             return Ok(());
         }
@@ -346,6 +473,22 @@ impl Worker {
         finished
     }
 
+    /// Waits while `claimant`'s process lives and the objective is open: true once it has
+    /// ended, false when the claimant has gone (its presence expired) with it still open.
+    async fn wait_for_claimant(&self, item: &WorkItem, claimant: &str) -> Result<bool, WorkerError> {
+        loop {
+            if self.store.load_objective(item.objective_id).await.map_err(store_err)?.status != ObjectiveStatus::Assigned {
+                return Ok(true);
+            }
+            let bucket = self.js.get_key_value(&self.topology.workers_bucket).await.map_err(stream_err)?;
+            let present = bucket.entry(claimant).await.map_err(stream_err)?;
+            if !present.is_some_and(|entry| entry.operation == jetstream::kv::Operation::Put) {
+                return Ok(false);
+            }
+            tokio::time::sleep(CLAIM_CHECK).await;
+        }
+    }
+
     /// The run and the objective: as remembered (see [`Worker::process`]) when the
     /// remembered run knows the objective, else read.
     async fn states(&self, item: &WorkItem, fresh: bool) -> Result<(Run, Objective), WorkerError> {
@@ -412,7 +555,7 @@ impl Worker {
             }
             let mut dispatches = Vec::new();
             if let Some(command) = &follow_up {
-                crate::orchestrator::stage_end(&mut changes, item.run_id, command.clone(), &mut dispatches)
+                crate::orchestrator::stage_end(&mut changes, item.run_id, command.clone(), &mut dispatches, Some(&self.local))
                     .await
                     .map_err(store_err)?;
             }
@@ -426,7 +569,7 @@ impl Worker {
         };
         // Committed. The message is settled once the work it started is queued; should the
         // queueing fail, the redelivery queues it again (see `process`).
-        crate::orchestrator::queue(&self.js, &self.topology, item.run_id, &dispatches).await.map_err(store_err)
+        crate::orchestrator::queue(&self.js, &self.topology, item.run_id, dispatches, Some(&self.local)).await.map_err(store_err)
     }
 
     async fn run_has_ended(&self, item: &WorkItem) -> Result<bool, WorkerError> {
@@ -670,6 +813,7 @@ mod tests {
                 team: team.into(),
                 instructions: "work".into(),
                 max_iterations: 3,
+                claimed_by: None,
             }),
             ObjectiveEvent::ModelCalled(ModelCalled {
                 alias: "factory/fast".into(),

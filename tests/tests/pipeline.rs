@@ -42,9 +42,12 @@ impl Factory {
         let mut factory = Self { store, work_dir: tempfile::tempdir().unwrap(), tasks: vec![], stack, router };
         let relay = relay(&factory.stack, factory.stack.js.clone(), 500).with_wake(factory.store.committed());
         factory.tasks.push(tokio::spawn(relay.run()));
-        let orchestrator = Orchestrator::new(factory.store.clone(), factory.stack.js.clone(), factory.stack.topology.clone());
+        // As `up` wires them: the objectives the orchestrator starts are handed to the worker.
+        let worker = factory.worker(Duration::from_secs(30));
+        let orchestrator = Orchestrator::new(factory.store.clone(), factory.stack.js.clone(), factory.stack.topology.clone())
+            .with_local_work(worker.local_work());
         factory.tasks.push(tokio::spawn(orchestrator.run()));
-        factory.tasks.push(tokio::spawn(factory.worker(Duration::from_secs(30)).run()));
+        factory.tasks.push(tokio::spawn(worker.run()));
         factory
     }
 
@@ -465,7 +468,7 @@ async fn a_redelivered_completion_queues_the_work_its_step_started_but_never_que
     let mut changes = store.changes();
     changes.execute_run(run, RunCommand::StartStage { stage: first.name.clone(), team: first.team.clone(), objective_id: done }).await.unwrap();
     changes.new_objective(done, run);
-    changes.execute_objective(done, run, factory_teams::orchestrator::assignment(run, done, first)).await.unwrap();
+    changes.execute_objective(done, run, factory_teams::orchestrator::assignment(run, done, first, None)).await.unwrap();
     changes.commit().await.unwrap();
     let result = crate::support::completed_result();
     store
@@ -481,7 +484,7 @@ async fn a_redelivered_completion_queues_the_work_its_step_started_but_never_que
     changes.execute_run(run, RunCommand::CompleteStage { stage: first.name.clone(), objective_id: done }).await.unwrap();
     changes.execute_run(run, RunCommand::StartStage { stage: second.name.clone(), team: second.team.clone(), objective_id: next }).await.unwrap();
     changes.new_objective(next, run);
-    changes.execute_objective(next, run, factory_teams::orchestrator::assignment(run, next, second)).await.unwrap();
+    changes.execute_objective(next, run, factory_teams::orchestrator::assignment(run, next, second, None)).await.unwrap();
     changes.commit().await.unwrap();
     assert!(queued_objectives(&stack, &second.team).await.is_empty());
 
@@ -516,7 +519,7 @@ async fn a_redelivered_work_message_of_a_finished_objective_queues_the_stages_it
     let mut changes = store.changes();
     changes.execute_run(run, RunCommand::StartStage { stage: first.name.clone(), team: first.team.clone(), objective_id: done }).await.unwrap();
     changes.new_objective(done, run);
-    changes.execute_objective(done, run, factory_teams::orchestrator::assignment(run, done, first)).await.unwrap();
+    changes.execute_objective(done, run, factory_teams::orchestrator::assignment(run, done, first, None)).await.unwrap();
     changes.commit().await.unwrap();
     // The worker's final commit: the result, the end, the stage's completion, the next start.
     let mut changes = store.changes();
@@ -529,7 +532,7 @@ async fn a_redelivered_work_message_of_a_finished_objective_queues_the_stages_it
     changes.execute_run(run, RunCommand::CompleteStage { stage: first.name.clone(), objective_id: done }).await.unwrap();
     changes.execute_run(run, RunCommand::StartStage { stage: second.name.clone(), team: second.team.clone(), objective_id: next }).await.unwrap();
     changes.new_objective(next, run);
-    changes.execute_objective(next, run, factory_teams::orchestrator::assignment(run, next, second)).await.unwrap();
+    changes.execute_objective(next, run, factory_teams::orchestrator::assignment(run, next, second, None)).await.unwrap();
     changes.commit().await.unwrap();
     assert!(queued_objectives(&stack, &second.team).await.is_empty());
 
@@ -551,4 +554,111 @@ async fn a_redelivered_work_message_of_a_finished_objective_queues_the_stages_it
     // A first delivery of a finished objective (a repeat within the duplicate window) queues nothing.
     worker.process(&item, "work:1", false).await.unwrap();
     assert_eq!(queued_objectives(&stack, &second.team).await, [next.to_string()]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn objectives_started_in_a_process_are_handed_to_its_worker_in_memory_and_their_messages_only_acked() {
+    let factory = Factory::start().await;
+    let run = factory.submit("Build a URL shortener", "phase1", true).await;
+    factory.wait_status(run, RunStatus::Completed).await;
+    let assigned: Vec<Option<String>> = sqlx::query_scalar(
+        "SELECT payload->'ObjectiveAssigned'->>'claimed_by' FROM events WHERE run_id = $1 AND event_type = 'ObjectiveAssigned'",
+    )
+    .bind(run.0)
+    .fetch_all(&factory.stack.pool)
+    .await
+    .unwrap();
+    assert_eq!(assigned.len(), 5);
+    let claimant = assigned[0].clone().expect("claimed by the process's worker");
+    assert!(assigned.iter().all(|c| c.as_ref() == Some(&claimant)), "{assigned:?}");
+    let keys: Vec<String> = sqlx::query_scalar(
+        "SELECT payload->'TaskResultRecorded'->>'idempotency_key' FROM events WHERE run_id = $1 AND event_type = 'TaskResultRecorded'",
+    )
+    .bind(run.0)
+    .fetch_all(&factory.stack.pool)
+    .await
+    .unwrap();
+    assert_eq!(keys, vec![format!("claim:{claimant}"); 5], "each worked once, by the handed-over attempt");
+    // The work messages were still queued, for durability, and each was acked once its
+    // attempt had ended: the work queue is empty.
+    wait_for("every work message to be acked", Duration::from_secs(30), || async {
+        let mut stream = factory.stack.js.get_stream(&factory.stack.topology.work_stream).await.ok()?;
+        let state = &stream.info().await.ok()?.state;
+        (state.last_sequence >= 5 && state.messages == 0).then_some(())
+    })
+    .await;
+}
+
+/// A run with one stage started and its objective assigned, claimed by `claimant`.
+async fn claimed_objective(store: &Store, claimant: &str) -> (factory_teams::orchestrator::WorkItem, factory_domain::ObjectiveId) {
+    let plan = Pipeline::load("phase1").unwrap();
+    let run = RunId::new();
+    store
+        .execute_run(run, RunCommand::SubmitRequirement { title: None, requirement: "Build it".into(), pipeline: plan.name().into(), pipeline_definition: plan.source().into(), auto_approve: true, submitted_by: "tester".into() })
+        .await
+        .unwrap();
+    let first = &plan.stages()[0];
+    let objective = factory_domain::ObjectiveId::new();
+    let mut changes = store.changes();
+    changes.execute_run(run, RunCommand::StartStage { stage: first.name.clone(), team: first.team.clone(), objective_id: objective }).await.unwrap();
+    changes.new_objective(objective, run);
+    let assign = factory_teams::orchestrator::assignment(run, objective, first, Some(claimant.to_string()));
+    changes.execute_objective(objective, run, assign).await.unwrap();
+    changes.commit().await.unwrap();
+    (factory_teams::orchestrator::WorkItem::new(run, objective, first), objective)
+}
+
+async fn results_of(stack: &TestStack, objective: factory_domain::ObjectiveId) -> Vec<String> {
+    sqlx::query_scalar(
+        "SELECT payload->'TaskResultRecorded'->>'idempotency_key' FROM events \
+          WHERE aggregate_id = $1 AND event_type = 'TaskResultRecorded' ORDER BY sequence",
+    )
+    .bind(objective.to_string())
+    .fetch_all(&stack.pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_leaves_an_objective_to_the_live_process_that_claimed_it_and_takes_over_from_a_dead_one() {
+    let stack = TestStack::new().await;
+    stack.topology.ensure_streams(&stack.js).await.unwrap();
+    let store = Arc::new(Store::new(stack.pool.clone(), Arc::new(SystemServices)));
+    let work_dir = tempfile::tempdir().unwrap();
+    // A worker of another process than the claimant's (its own store: nothing remembered).
+    let worker = Worker::new(
+        Arc::new(Store::new(stack.pool.clone(), Arc::new(SystemServices))),
+        stack.js.clone(),
+        stack.topology.clone(),
+        Arc::new(ScriptedProvider::new()),
+        WorkerOptions::new(factory_teams::TEAM_IDS.iter().map(|t| t.to_string()).collect(), work_dir.path().to_path_buf()),
+    );
+    let presence = stack.js.get_key_value(&stack.topology.workers_bucket).await.unwrap();
+
+    // The claimant lives: its work message is held, nothing is worked, until it ends there.
+    presence.put("worker-alive", "alive".into()).await.unwrap();
+    let (item, objective) = claimed_objective(&store, "worker-alive").await;
+    let held = {
+        let (worker, item) = (worker.clone(), item.clone());
+        tokio::spawn(async move { worker.process(&item, "work:1", false).await })
+    };
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(!held.is_finished(), "held while the claimant works it");
+    assert!(results_of(&stack, objective).await.is_empty(), "and not worked here");
+    store
+        .execute_objective_all(objective, item.run_id, vec![
+            factory_domain::ObjectiveCommand::RecordTaskResult { idempotency_key: "claim:worker-alive".into(), result: crate::support::completed_result() },
+            factory_domain::ObjectiveCommand::CompleteObjective,
+        ])
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(10), held).await.expect("settled once it ended").unwrap().unwrap();
+    assert_eq!(results_of(&stack, objective).await, ["claim:worker-alive"], "the claimant's result only");
+
+    // The claimant has gone (no presence): the objective is worked here.
+    let (item, objective) = claimed_objective(&store, "worker-gone").await;
+    tokio::time::timeout(Duration::from_secs(30), worker.process(&item, "work:2", false)).await.unwrap().unwrap();
+    assert_eq!(results_of(&stack, objective).await, ["work:2"]);
+    let status = store.load_objective(objective).await.unwrap().status;
+    assert_eq!(status, factory_domain::objective::ObjectiveStatus::Completed);
 }

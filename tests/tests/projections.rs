@@ -360,6 +360,7 @@ async fn random_history(store: &factory_commands::Store, rng: &mut rand::rngs::S
                         team: stage.team.clone(),
                         instructions: "do it".into(),
                         max_iterations: 3,
+                        claimed_by: None,
                     })
                     .await
                     .is_ok();

@@ -296,7 +296,7 @@ async fn the_stream_carries_each_event_as_the_store_holds_it() {
     let objective = factory_domain::ObjectiveId::new();
     store
         .execute_objective_all(objective, run, vec![
-            factory_domain::ObjectiveCommand::AssignObjective { objective_id: objective, run_id: run, stage: "qa".into(), team: "qa-engineering".into(), instructions: "test".into(), max_iterations: 3 },
+            factory_domain::ObjectiveCommand::AssignObjective { objective_id: objective, run_id: run, stage: "qa".into(), team: "qa-engineering".into(), instructions: "test".into(), max_iterations: 3, claimed_by: None },
             factory_domain::ObjectiveCommand::RecordModelCall(factory_domain::objective::ModelCalled {
                 alias: "factory/fast".into(), provider: "scripted".into(), model: "m".into(), input_tokens: u64::MAX, output_tokens: 0,
                 cost_usd: 0.000_123_456_789, latency_ms: 7, outcome: "ok".into(), failed_targets: vec!["a:b".into()],

@@ -84,6 +84,7 @@ async fn a_record_whose_result_does_not_follow_from_its_answer_diverges_there() 
         team: "business-analysis".into(),
         instructions: "by hand".into(),
         max_iterations: 3,
+        claimed_by: None,
     };
     factory.store.execute_objective(objective, run, assign).await.unwrap();
     let answer = serde_json::json!({"status": "BLOCKED", "reasoning": "no users named", "blockers": ["who are the users?"],

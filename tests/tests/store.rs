@@ -295,6 +295,7 @@ fn assign(run: RunId, objective_id: ObjectiveId) -> factory_domain::ObjectiveCom
         team: "business-analysis".into(),
         instructions: "business-analysis for stage ba".into(),
         max_iterations: 3,
+        claimed_by: None,
     }
 }
 

@@ -1,0 +1,114 @@
+//! The in-process handoff of work: an objective started by this process (a worker's final
+//! commit, or the orchestrator's step) for a team this process's worker serves is given to
+//! that worker in memory, the moment its assignment commits, instead of after a round trip
+//! through `FACTORY_WORK`.
+//!
+//! The work message is still published, as for any objective: the queue holds every
+//! objective, and it is what brings the work back after a crash. What makes the handoff
+//! safe is the claim. The assignment that hands an objective over names this worker process
+//! (`ObjectiveAssigned.claimed_by`, its instance id), in the same commit, so every reader of
+//! the store knows who works it:
+//!
+//! - The message reaching this process finds the attempt in flight here
+//!   ([`LocalWork::in_flight`]) and is held, with in-progress acks, until the attempt ends;
+//!   then it is acked.
+//! - The message reaching a worker of another process: that worker leaves the objective to
+//!   its claimant while the claimant's process is alive (its key in the workers bucket,
+//!   renewed every few seconds, expiring after `WORKER_PRESENCE_TTL`), holding the message
+//!   with in-progress acks, and acks it once the objective has ended. Should the claimant's
+//!   process die, its key expires and that worker works the objective itself.
+//! - A local attempt that fails is retried here, as a redelivery would be, up to
+//!   `max_deliver` attempts; then the objective is blocked.
+//!
+//! An objective is claimed only when its team has a free slot here (at most
+//! `WorkerOptions::concurrency` local attempts per team) and this process's presence is
+//! announced; otherwise its work goes through the queue as before.
+
+use crate::orchestrator::WorkItem;
+use factory_domain::ObjectiveId;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
+
+/// This process's worker, as the code that starts objectives sees it.
+pub struct LocalWork {
+    instance: String,
+    slots: HashMap<String, Arc<Semaphore>>,
+    /// Whether this process's presence is announced (claims are made only then).
+    announced: AtomicBool,
+    sender: mpsc::UnboundedSender<Handed>,
+    in_flight: std::sync::Mutex<HashMap<ObjectiveId, watch::Receiver<bool>>>,
+}
+
+/// A free slot of a team, taken for an objective about to be assigned to this process.
+pub struct Claim {
+    permit: OwnedSemaphorePermit,
+}
+
+/// An objective handed over, for the worker's local attempts.
+pub(crate) struct Handed {
+    pub(crate) item: WorkItem,
+    /// Held while the attempts run.
+    pub(crate) _permit: OwnedSemaphorePermit,
+    /// Told `true` when they have ended.
+    pub(crate) done: watch::Sender<bool>,
+}
+
+impl LocalWork {
+    /// For a worker serving `teams`, `concurrency` local attempts per team at most.
+    pub(crate) fn new(teams: &[String], concurrency: usize) -> (Arc<Self>, mpsc::UnboundedReceiver<Handed>) {
+        let (sender, receiver) = mpsc::unbounded_channel();
+        let slots = teams.iter().map(|team| (team.clone(), Arc::new(Semaphore::new(concurrency.max(1))))).collect();
+        let local = Self {
+            instance: format!("worker-{}", uuid::Uuid::now_v7()),
+            slots,
+            announced: AtomicBool::new(false),
+            sender,
+            in_flight: std::sync::Mutex::default(),
+        };
+        (Arc::new(local), receiver)
+    }
+
+    /// This worker process's instance id, as claims name it.
+    pub fn instance(&self) -> &str {
+        &self.instance
+    }
+
+    pub(crate) fn set_announced(&self, announced: bool) {
+        self.announced.store(announced, Ordering::Release);
+    }
+
+    /// A slot for an objective of `team`, when this process serves the team, its presence is
+    /// announced and a slot is free.
+    pub fn try_claim(&self, team: &str) -> Option<Claim> {
+        if !self.announced.load(Ordering::Acquire) {
+            return None;
+        }
+        let permit = self.slots.get(team)?.clone().try_acquire_owned().ok()?;
+        Some(Claim { permit })
+    }
+
+    /// Gives the claimed objective to this process's worker. Registered in flight before it
+    /// returns, so that the objective's work message, whenever it arrives here, finds it.
+    pub fn hand_off(&self, claim: Claim, item: WorkItem) {
+        let (done, finished) = watch::channel(false);
+        self.in_flight.lock().expect("not poisoned").insert(item.objective_id, finished);
+        let objective_id = item.objective_id;
+        if self.sender.send(Handed { item, _permit: claim.permit, done }).is_err() {
+            // The worker has stopped: the queued message brings the work to whoever serves it.
+            self.in_flight.lock().expect("not poisoned").remove(&objective_id);
+        }
+    }
+
+    /// The local attempts at `objective_id` in flight, if any: resolves to `true` once ended.
+    pub fn in_flight(&self, objective_id: ObjectiveId) -> Option<watch::Receiver<bool>> {
+        self.in_flight.lock().expect("not poisoned").get(&objective_id).cloned()
+    }
+
+    /// The local attempts at `objective_id` have ended.
+    pub(crate) fn ended(&self, objective_id: ObjectiveId, done: &watch::Sender<bool>) {
+        self.in_flight.lock().expect("not poisoned").remove(&objective_id);
+        let _ = done.send(true);
+    }
+}
