@@ -457,19 +457,9 @@ async fn a_redelivered_completion_queues_the_work_its_step_started_but_never_que
     let stack = TestStack::new().await;
     stack.topology.ensure_streams(&stack.js).await.unwrap();
     let store = Arc::new(Store::new(stack.pool.clone(), Arc::new(SystemServices)));
-    let plan = Pipeline::load("phase1").unwrap();
-    let run = RunId::new();
-    store
-        .execute_run(run, RunCommand::SubmitRequirement { title: None, requirement: "Build it".into(), pipeline: plan.name().into(), pipeline_definition: plan.source().into(), auto_approve: true, submitted_by: "tester".into() })
-        .await
-        .unwrap();
+    let (run, plan, done) = run_with_first_stage_started(&store, None).await;
     let [first, second] = [&plan.stages()[0], &plan.stages()[1]];
-    let (done, next) = (factory_domain::ObjectiveId::new(), factory_domain::ObjectiveId::new());
-    let mut changes = store.changes();
-    changes.execute_run(run, RunCommand::StartStage { stage: first.name.clone(), team: first.team.clone(), objective_id: done }).await.unwrap();
-    changes.new_objective(done, run);
-    changes.execute_objective(done, run, factory_teams::orchestrator::assignment(run, done, first, None)).await.unwrap();
-    changes.commit().await.unwrap();
+    let next = factory_domain::ObjectiveId::new();
     let result = crate::support::completed_result();
     store
         .execute_objective_all(done, run, vec![
@@ -508,19 +498,9 @@ async fn a_redelivered_work_message_of_a_finished_objective_queues_the_stages_it
     let stack = TestStack::new().await;
     stack.topology.ensure_streams(&stack.js).await.unwrap();
     let store = Arc::new(Store::new(stack.pool.clone(), Arc::new(SystemServices)));
-    let plan = Pipeline::load("phase1").unwrap();
-    let run = RunId::new();
-    store
-        .execute_run(run, RunCommand::SubmitRequirement { title: None, requirement: "Build it".into(), pipeline: plan.name().into(), pipeline_definition: plan.source().into(), auto_approve: true, submitted_by: "tester".into() })
-        .await
-        .unwrap();
+    let (run, plan, done) = run_with_first_stage_started(&store, None).await;
     let [first, second] = [&plan.stages()[0], &plan.stages()[1]];
-    let (done, next) = (factory_domain::ObjectiveId::new(), factory_domain::ObjectiveId::new());
-    let mut changes = store.changes();
-    changes.execute_run(run, RunCommand::StartStage { stage: first.name.clone(), team: first.team.clone(), objective_id: done }).await.unwrap();
-    changes.new_objective(done, run);
-    changes.execute_objective(done, run, factory_teams::orchestrator::assignment(run, done, first, None)).await.unwrap();
-    changes.commit().await.unwrap();
+    let next = factory_domain::ObjectiveId::new();
     // The worker's final commit: the result, the end, the stage's completion, the next start.
     let mut changes = store.changes();
     for command in [
@@ -589,8 +569,9 @@ async fn objectives_started_in_a_process_are_handed_to_its_worker_in_memory_and_
     .await;
 }
 
-/// A run with one stage started and its objective assigned, claimed by `claimant`.
-async fn claimed_objective(store: &Store, claimant: &str) -> (factory_teams::orchestrator::WorkItem, factory_domain::ObjectiveId) {
+/// A phase1 run whose first stage is started and its objective assigned (claimed for
+/// `claimant`'s process, if given), in one commit, as a step does it.
+async fn run_with_first_stage_started(store: &Store, claimant: Option<&str>) -> (RunId, Pipeline, factory_domain::ObjectiveId) {
     let plan = Pipeline::load("phase1").unwrap();
     let run = RunId::new();
     store
@@ -602,10 +583,16 @@ async fn claimed_objective(store: &Store, claimant: &str) -> (factory_teams::orc
     let mut changes = store.changes();
     changes.execute_run(run, RunCommand::StartStage { stage: first.name.clone(), team: first.team.clone(), objective_id: objective }).await.unwrap();
     changes.new_objective(objective, run);
-    let assign = factory_teams::orchestrator::assignment(run, objective, first, Some(claimant.to_string()));
+    let assign = factory_teams::orchestrator::assignment(run, objective, first, claimant.map(str::to_string));
     changes.execute_objective(objective, run, assign).await.unwrap();
     changes.commit().await.unwrap();
-    (factory_teams::orchestrator::WorkItem::new(run, objective, first), objective)
+    (run, plan, objective)
+}
+
+/// The work item of a phase1 run's first objective, claimed for `claimant`'s process.
+async fn claimed_objective(store: &Store, claimant: &str) -> (factory_teams::orchestrator::WorkItem, factory_domain::ObjectiveId) {
+    let (run, plan, objective) = run_with_first_stage_started(store, Some(claimant)).await;
+    (factory_teams::orchestrator::WorkItem::new(run, objective, &plan.stages()[0]), objective)
 }
 
 async fn results_of(stack: &TestStack, objective: factory_domain::ObjectiveId) -> Vec<String> {
