@@ -9,4 +9,4 @@ mod envelope;
 mod topology;
 
 pub use envelope::{EventEnvelope, PublishedEvent, RawEnvelope, cloud_event_headers};
-pub use topology::{Topology, TopologyError};
+pub use topology::{Topology, TopologyError, WORKER_PRESENCE_TTL};

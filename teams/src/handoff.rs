@@ -11,14 +11,16 @@
 //!
 //! - The message reaching this process finds the attempt in flight here
 //!   ([`LocalWork::in_flight`]) and is held, with in-progress acks, until the attempt ends;
-//!   then it is acked.
+//!   then it is settled as usual (an attempt that was abandoned is worked from the message).
 //! - The message reaching a worker of another process: that worker leaves the objective to
 //!   its claimant while the claimant's process is alive (its key in the workers bucket,
 //!   renewed every few seconds, expiring after `WORKER_PRESENCE_TTL`), holding the message
-//!   with in-progress acks, and acks it once the objective has ended. Should the claimant's
-//!   process die, its key expires and that worker works the objective itself.
+//!   with in-progress acks, and acks it once there is nothing left to work. Should the
+//!   claimant's process die, its key expires and that worker works the objective itself.
 //! - A local attempt that fails is retried here, as a redelivery would be, up to
-//!   `max_deliver` attempts; then the objective is blocked.
+//!   `max_deliver` attempts; then the objective is blocked. A process whose presence could
+//!   not be renewed for most of the TTL drops its attempts (another process may take
+//!   over): they end abandoned.
 //!
 //! An objective is claimed only when its team has a free slot here (at most
 //! `WorkerOptions::concurrency` local attempts per team) and this process's presence is
@@ -28,17 +30,33 @@ use crate::orchestrator::WorkItem;
 use factory_domain::ObjectiveId;
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
+
+/// How an objective's local attempts stand.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Attempts {
+    Running,
+    /// Ended as a message's attempt would: finished, blocked, waiting for a clarification,
+    /// or dropped because the run ended.
+    Ended,
+    /// Given up or dropped with the objective perhaps still to work: its message is worked
+    /// as if nothing had been handed over.
+    Abandoned,
+}
+
+/// How long before its presence expires a process stops counting on its claims.
+const CLAIM_MARGIN: Duration = Duration::from_secs(5);
 
 /// This process's worker, as the code that starts objectives sees it.
 pub struct LocalWork {
     instance: String,
     slots: HashMap<String, Arc<Semaphore>>,
-    /// Whether this process's presence is announced (claims are made only then).
-    announced: AtomicBool,
+    /// When this process's presence was last renewed (claims are made and kept only while
+    /// that is recent).
+    renewed: std::sync::Mutex<Option<Instant>>,
     sender: mpsc::UnboundedSender<Handed>,
-    in_flight: std::sync::Mutex<HashMap<ObjectiveId, watch::Receiver<bool>>>,
+    in_flight: std::sync::Mutex<HashMap<ObjectiveId, watch::Receiver<Attempts>>>,
 }
 
 /// A free slot of a team, taken for an objective about to be assigned to this process.
@@ -51,8 +69,8 @@ pub(crate) struct Handed {
     pub(crate) item: WorkItem,
     /// Held while the attempts run.
     pub(crate) _permit: OwnedSemaphorePermit,
-    /// Told `true` when they have ended.
-    pub(crate) done: watch::Sender<bool>,
+    /// Told how they ended.
+    pub(crate) done: watch::Sender<Attempts>,
 }
 
 impl LocalWork {
@@ -63,7 +81,7 @@ impl LocalWork {
         let local = Self {
             instance: format!("worker-{}", uuid::Uuid::now_v7()),
             slots,
-            announced: AtomicBool::new(false),
+            renewed: std::sync::Mutex::new(None),
             sender,
             in_flight: std::sync::Mutex::default(),
         };
@@ -75,14 +93,27 @@ impl LocalWork {
         &self.instance
     }
 
-    pub(crate) fn set_announced(&self, announced: bool) {
-        self.announced.store(announced, Ordering::Release);
+    /// The presence was renewed just now.
+    pub(crate) fn renewed(&self) {
+        *self.renewed.lock().expect("not poisoned") = Some(Instant::now());
     }
 
-    /// A slot for an objective of `team`, when this process serves the team, its presence is
-    /// announced and a slot is free.
+    /// This process takes its presence back (it stops): no claim holds from now on.
+    pub(crate) fn withdraw(&self) {
+        *self.renewed.lock().expect("not poisoned") = None;
+    }
+
+    /// Whether this process's claims still hold: its presence was renewed recently enough
+    /// that no other process can have taken it for gone.
+    pub fn claims_hold(&self) -> bool {
+        let ttl = factory_nats::WORKER_PRESENCE_TTL;
+        self.renewed.lock().expect("not poisoned").is_some_and(|at| at.elapsed() + CLAIM_MARGIN < ttl)
+    }
+
+    /// A slot for an objective of `team`, when this process serves the team, its claims
+    /// hold and a slot is free.
     pub fn try_claim(&self, team: &str) -> Option<Claim> {
-        if !self.announced.load(Ordering::Acquire) {
+        if !self.claims_hold() {
             return None;
         }
         let permit = self.slots.get(team)?.clone().try_acquire_owned().ok()?;
@@ -92,7 +123,7 @@ impl LocalWork {
     /// Gives the claimed objective to this process's worker. Registered in flight before it
     /// returns, so that the objective's work message, whenever it arrives here, finds it.
     pub fn hand_off(&self, claim: Claim, item: WorkItem) {
-        let (done, finished) = watch::channel(false);
+        let (done, finished) = watch::channel(Attempts::Running);
         self.in_flight.lock().expect("not poisoned").insert(item.objective_id, finished);
         let objective_id = item.objective_id;
         if self.sender.send(Handed { item, _permit: claim.permit, done }).is_err() {
@@ -101,14 +132,31 @@ impl LocalWork {
         }
     }
 
-    /// The local attempts at `objective_id` in flight, if any: resolves to `true` once ended.
-    pub fn in_flight(&self, objective_id: ObjectiveId) -> Option<watch::Receiver<bool>> {
+    /// The local attempts at `objective_id` in flight, if any, to learn how they end.
+    pub fn in_flight(&self, objective_id: ObjectiveId) -> Option<watch::Receiver<Attempts>> {
         self.in_flight.lock().expect("not poisoned").get(&objective_id).cloned()
     }
 
-    /// The local attempts at `objective_id` have ended.
-    pub(crate) fn ended(&self, objective_id: ObjectiveId, done: &watch::Sender<bool>) {
+    /// The local attempts at `objective_id` have ended, as `how` says.
+    pub(crate) fn ended(&self, objective_id: ObjectiveId, done: &watch::Sender<Attempts>, how: Attempts) {
         self.in_flight.lock().expect("not poisoned").remove(&objective_id);
-        let _ = done.send(true);
+        let _ = done.send(how);
+    }
+}
+
+/// Waits for the local attempts to end; a sender dropped without a word (the attempts'
+/// task panicked or was dropped) counts as abandoned.
+pub async fn ended(mut attempts: watch::Receiver<Attempts>) -> Attempts {
+    loop {
+        let now = *attempts.borrow_and_update();
+        if now != Attempts::Running {
+            return now;
+        }
+        if attempts.changed().await.is_err() {
+            return match *attempts.borrow() {
+                Attempts::Running => Attempts::Abandoned,
+                other => other,
+            };
+        }
     }
 }

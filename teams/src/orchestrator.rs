@@ -416,7 +416,7 @@ impl Orchestrator {
     /// `at_least` is the run's sequence the caller has seen.
     async fn step(&self, run_id: RunId, at_least: usize, first: Option<RunCommand>, delivered: Delivered) -> Result<(), OrchestratorError> {
         let mut attempt = 0;
-        let dispatches = loop {
+        let mut dispatches = loop {
             attempt += 1;
             let mut changes = self.store.changes();
             if let Some(command) = &first {
@@ -454,6 +454,7 @@ impl Orchestrator {
                 Err(error) => return Err(store_err(CommandError::<RunError>::from(error))),
             }
         };
+        hand_over(run_id, &mut dispatches, self.handoff.as_deref());
         for dispatch in &dispatches {
             if dispatch.queued_again {
                 // Assigned in the commit that started it, save for runs written before
@@ -469,7 +470,7 @@ impl Orchestrator {
                 }
             }
         }
-        queue(&self.js, &self.topology, run_id, dispatches, self.handoff.as_deref()).await
+        queue(&self.js, &self.topology, run_id, &dispatches).await
     }
 
 }
@@ -549,16 +550,22 @@ pub(crate) async fn plan(
 }
 
 
+/// Hands the objectives claimed for this process's worker to it (see [`crate::handoff`]).
+/// Called right after the commit that claimed them, before anything that can fail: a claim
+/// committed and never handed over would leave the objective to a worker that does not
+/// know of it.
+pub(crate) fn hand_over(run_id: RunId, dispatches: &mut [Dispatch], handoff: Option<&LocalWork>) {
+    for dispatch in dispatches.iter_mut() {
+        if let (Some(claim), Some(local)) = (dispatch.claim.take(), handoff) {
+            local.hand_off(claim, WorkItem::new(run_id, dispatch.objective_id, &dispatch.stage));
+        }
+    }
+}
+
 /// Puts the objectives' work on their teams' queues (`Nats-Msg-Id` = objective id, so a
-/// repeat is dropped), every publish in flight at once; those claimed for this process's
-/// worker are handed to it in memory first (see [`crate::handoff`]).
-pub(crate) async fn queue(
-    js: &jetstream::Context,
-    topology: &Topology,
-    run_id: RunId,
-    dispatches: Vec<Dispatch>,
-    handoff: Option<&LocalWork>,
-) -> Result<(), OrchestratorError> {
+/// repeat is dropped), every publish in flight at once. Objectives claimed for this
+/// process's worker go too (after [`hand_over`]): the queue holds every objective.
+pub(crate) async fn queue(js: &jetstream::Context, topology: &Topology, run_id: RunId, dispatches: &[Dispatch]) -> Result<(), OrchestratorError> {
     let mut acks = Vec::with_capacity(dispatches.len());
     for dispatch in dispatches {
         let item = WorkItem::new(run_id, dispatch.objective_id, &dispatch.stage);
@@ -566,10 +573,6 @@ pub(crate) async fn queue(
         headers.insert("Nats-Msg-Id", dispatch.objective_id.to_string().as_str());
         let body = serde_json::to_vec(&item).map_err(stream_err)?;
         let subject = topology.work_subject(&dispatch.stage.team);
-        // Handed over before the message can reach this process's own consumer.
-        if let (Some(claim), Some(local)) = (dispatch.claim, handoff) {
-            local.hand_off(claim, item);
-        }
         acks.push(js.publish_with_headers(subject, headers, body.into()).await.map_err(stream_err)?);
     }
     for ack in acks {

@@ -8,7 +8,7 @@
 //! message's stream sequence.
 
 use crate::catalog::{ObjectiveContext, team as team_docs};
-use crate::handoff::{Handed, LocalWork};
+use crate::handoff::{Attempts, Handed, LocalWork};
 use crate::model::ModelProvider;
 use crate::operative;
 use crate::orchestrator::WorkItem;
@@ -73,6 +73,19 @@ pub enum WorkerError {
     Workspace(#[from] std::io::Error),
     #[error("unknown team `{0}`")]
     UnknownTeam(String),
+    #[error("this process's presence lapsed: its claim on the objective no longer holds")]
+    ClaimLapsed,
+}
+
+/// Which way an attempt at an objective came.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Path {
+    /// A work message.
+    Message,
+    /// Handed over in memory to this process, which claimed it.
+    Local,
+    /// A work message of an objective whose local attempts here were abandoned.
+    Abandoned,
 }
 
 fn store_err(e: impl std::error::Error + Send + Sync + 'static) -> WorkerError {
@@ -151,7 +164,8 @@ impl Worker {
     }
 
     /// Keeps this process's presence in the workers bucket while it runs; objectives are
-    /// claimed for it only while the last renewal succeeded.
+    /// claimed for it, and its local attempts go on, only while the last renewal is recent
+    /// (see [`LocalWork::claims_hold`]).
     async fn announce(self) {
         // Stopped (the worker dropped, the process shutting down): the presence is taken
         // back at once, so that other processes take over its claims without waiting for it
@@ -159,7 +173,7 @@ impl Worker {
         struct Withdraw(Worker);
         impl Drop for Withdraw {
             fn drop(&mut self) {
-                self.0.local.set_announced(false);
+                self.0.local.withdraw();
                 if let Ok(runtime) = tokio::runtime::Handle::try_current() {
                     let (js, bucket, instance) =
                         (self.0.js.clone(), self.0.topology.workers_bucket.clone(), self.0.local.instance().to_string());
@@ -179,10 +193,13 @@ impl Worker {
                 Ok(bucket) => bucket.put(self.local.instance(), "alive".into()).await.is_ok(),
                 Err(_) => false,
             };
-            if !announced {
-                tracing::warn!("the worker's presence could not be renewed; work goes through the queue meanwhile");
+            if announced {
+                self.local.renewed();
+            } else {
+                // The claims made hold until the last renewal is nearly due to expire; then
+                // the local attempts stop, and work goes through the queue meanwhile.
+                tracing::warn!("the worker's presence could not be renewed");
             }
-            self.local.set_announced(announced);
         }
     }
 
@@ -205,19 +222,44 @@ impl Worker {
     }
 
     /// The attempts at an objective handed over in memory: retried as redeliveries would be,
-    /// and after `max_deliver` failed ones the objective is blocked.
+    /// and after `max_deliver` failed ones the objective is blocked. However they end (a
+    /// panic included), the objective's message, if it is held here, is told how.
     async fn work_locally(&self, handed: Handed) {
+        struct Told<'w> {
+            local: &'w LocalWork,
+            handed: &'w Handed,
+            how: Attempts,
+        }
+        impl Drop for Told<'_> {
+            fn drop(&mut self) {
+                self.local.ended(self.handed.item.objective_id, &self.handed.done, self.how);
+            }
+        }
+        let mut told = Told { local: &self.local, handed: &handed, how: Attempts::Abandoned };
         let item = &handed.item;
         let key = format!("claim:{}", self.local.instance());
         let attempts = self.options.max_deliver.max(1);
         for attempt in 1..=attempts {
-            match self.process(item, &key, attempt > 1).await {
-                Ok(()) => break,
+            match self.work_on(item, &key, attempt > 1, Path::Local).await {
+                Ok(()) => {
+                    told.how = Attempts::Ended;
+                    return;
+                }
+                // Another process may take over now: this one stops, and its message (if
+                // held here) is worked as if nothing had been handed over.
+                Err(WorkerError::ClaimLapsed) => {
+                    tracing::warn!(objective = %item.objective_id, "presence lapsed; the objective's local attempt is dropped");
+                    return;
+                }
                 Err(error) if attempt == attempts => {
                     tracing::error!(objective = %item.objective_id, error = %error, "giving up on the objective");
                     let reason = format!("the worker failed {attempt} times: {error}");
                     let block = ObjectiveCommand::BlockObjective { reason };
-                    let _ = self.store.execute_objective(item.objective_id, item.run_id, block).await;
+                    // Refused when the objective had finished (the queueing after it failed):
+                    // then it stays abandoned, and its message queues that work again.
+                    if self.store.execute_objective(item.objective_id, item.run_id, block).await.is_ok() {
+                        told.how = Attempts::Ended;
+                    }
                 }
                 Err(error) => {
                     tracing::warn!(objective = %item.objective_id, error = %error, attempt, "objective failed; trying again");
@@ -225,7 +267,6 @@ impl Worker {
                 }
             }
         }
-        self.local.ended(item.objective_id, &handed.done);
     }
 
     async fn consume(&self, team: &str) -> Result<(), WorkerError> {
@@ -293,18 +334,15 @@ impl Worker {
         let key = format!("work:{sequence}");
         let in_flight = self.local.in_flight(item.objective_id);
         let work = async {
-            match in_flight {
+            let path = match in_flight {
                 // Handed to this process in memory and being worked: held until that ends.
-                Some(mut ended) => {
-                    while !*ended.borrow_and_update() {
-                        if ended.changed().await.is_err() {
-                            break;
-                        }
-                    }
-                    Ok(())
-                }
-                None => self.process(&item, &key, delivered > 1).await,
-            }
+                Some(attempts) => match crate::handoff::ended(attempts).await {
+                    Attempts::Ended => Path::Message,
+                    _ => Path::Abandoned,
+                },
+                None => Path::Message,
+            };
+            self.work_on(&item, &key, delivered > 1, path).await
         };
         tokio::pin!(work);
         // Tell JetStream we are alive while the team works (model calls can be long).
@@ -345,26 +383,43 @@ impl Worker {
     /// objective when it can (its own commit just assigned the objective, mostly): no read.
     /// A redelivery (`redelivered`) reads them afresh.
     pub async fn process(&self, item: &WorkItem, key: &str, redelivered: bool) -> Result<(), WorkerError> {
-        let (mut run, mut objective) = self.states(item, redelivered).await?;
-        if let Some(claimant) = objective.claimed_by.clone()
-            && claimant != self.local.instance()
-            && objective.status == ObjectiveStatus::Assigned
-        {
-            // Another process's worker took it in memory: left to it while that process lives.
-            if self.wait_for_claimant(item, &claimant).await? {
+        self.work_on(item, key, redelivered, Path::Message).await
+    }
+
+    async fn work_on(&self, item: &WorkItem, key: &str, redelivered: bool, path: Path) -> Result<(), WorkerError> {
+        let (mut run, mut objective) = self.states(item, redelivered || path == Path::Abandoned).await?;
+        // Queued again after it ended: a redelivery may be the retry of work whose commit
+        // started the next stages and whose process died (or whose queueing failed) before
+        // queueing them; a repeat is dropped by its id.
+        let mut queue_again = redelivered || path == Path::Abandoned;
+        let open = objective.status == ObjectiveStatus::Assigned;
+        match objective.claimed_by.clone() {
+            // Claimed here, and its local attempts have ended (they are not in flight):
+            // nothing to work from the message.
+            Some(claimant) if claimant == self.local.instance() && path == Path::Message && open => {
+                if queue_again {
+                    self.queue_in_progress(item.run_id, &run).await?;
+                }
                 return Ok(());
             }
-            tracing::info!(objective = %item.objective_id, %claimant, "the claimant is gone; working the objective here");
-            (run, objective) = self.states(item, true).await?;
+            // Another process's worker took it in memory: left to it while that process lives.
+            Some(claimant) if claimant != self.local.instance() && open => {
+                if self.wait_for_claimant(item, &claimant).await? {
+                    // Its commit may have started stages that its process could not queue.
+                    let (run, _) = self.states(item, true).await?;
+                    return self.queue_in_progress(item.run_id, &run).await;
+                }
+                tracing::info!(objective = %item.objective_id, %claimant, "the claimant is gone; working the objective here");
+                (run, objective) = self.states(item, true).await?;
+                queue_again = true;
+            }
+            _ => {}
         }
         if objective.status != ObjectiveStatus::Assigned || run.status.is_terminal() || objective.result_keys.contains(key) {
             // Finished by another delivery (or this very message's result was recorded, its
-            // ack lost), or its run was cancelled or failed meanwhile. A redelivery may be
-            // the retry of work whose commit started the next stages and whose process died
-            // before queueing them: they are queued again (a repeat is dropped by its id).
-            if redelivered {
-                let dispatches = crate::orchestrator::in_progress_of(&run);
-                crate::orchestrator::queue(&self.js, &self.topology, item.run_id, dispatches, None).await.map_err(store_err)?;
+            // ack lost), or its run was cancelled or failed meanwhile.
+            if queue_again {
+                self.queue_in_progress(item.run_id, &run).await?;
             }
             return Ok(());
         }
@@ -424,20 +479,24 @@ impl Worker {
         let cancelled = async {
             loop {
                 tokio::time::sleep(CANCEL_CHECK).await;
+                // A local attempt stops once its claim may no longer hold.
+                if path == Path::Local && !self.local.claims_hold() {
+                    break true;
+                }
                 if let Ok(true) = self.run_has_ended(item).await {
-                    break;
+                    break false;
                 }
             }
         };
         let outcome = tokio::select! {
             outcome = work => outcome,
-            _ = cancelled => {
-                tracing::info!(objective = %item.objective_id, "run stopped; work dropped");
+            lapsed = cancelled => {
+                tracing::info!(objective = %item.objective_id, lapsed, "run stopped, or the claim lapsed; work dropped");
                 remove_workspace(dir);
                 // The calls made so far are recorded before the message is settled.
                 calls.finish();
                 let _ = recorder.await;
-                return Ok(());
+                return if lapsed { Err(WorkerError::ClaimLapsed) } else { Ok(()) };
             }
         };
         let outcome = match outcome {
@@ -473,17 +532,38 @@ impl Worker {
         finished
     }
 
-    /// Waits while `claimant`'s process lives and the objective is open: true once it has
-    /// ended, false when the claimant has gone (its presence expired) with it still open.
+    /// The run's stages in progress queued again (see [`Worker::work_on`]).
+    async fn queue_in_progress(&self, run_id: factory_domain::RunId, run: &Run) -> Result<(), WorkerError> {
+        let dispatches = crate::orchestrator::in_progress_of(run);
+        crate::orchestrator::queue(&self.js, &self.topology, run_id, &dispatches).await.map_err(store_err)
+    }
+
+    /// Waits while `claimant`'s process lives and there is something left to work: true
+    /// once there is not (the objective ended, or waits for a clarification, or its run
+    /// ended), false when the claimant has gone (its presence expired or was taken back)
+    /// with the objective still to work. A bucket that cannot be read counts as the
+    /// claimant still there: only its key's absence says it has gone.
     async fn wait_for_claimant(&self, item: &WorkItem, claimant: &str) -> Result<bool, WorkerError> {
         loop {
-            if self.store.load_objective(item.objective_id).await.map_err(store_err)?.status != ObjectiveStatus::Assigned {
+            let objective = self.store.load_objective(item.objective_id).await.map_err(store_err)?;
+            let run = self.store.load_run(item.run_id).await.map_err(store_err)?;
+            if objective.status != ObjectiveStatus::Assigned
+                || objective.last_result == Some(TaskStatus::NeedsClarification)
+                || run.status.is_terminal()
+            {
                 return Ok(true);
             }
-            let bucket = self.js.get_key_value(&self.topology.workers_bucket).await.map_err(stream_err)?;
-            let present = bucket.entry(claimant).await.map_err(stream_err)?;
-            if !present.is_some_and(|entry| entry.operation == jetstream::kv::Operation::Put) {
-                return Ok(false);
+            let present = match self.js.get_key_value(&self.topology.workers_bucket).await {
+                Ok(bucket) => bucket.entry(claimant).await.map(|entry| entry.map(|e| e.operation)),
+                Err(error) => {
+                    tracing::warn!(%error, "the workers bucket cannot be read; the claimant counts as present");
+                    Ok(Some(jetstream::kv::Operation::Put))
+                }
+            };
+            match present {
+                Ok(Some(jetstream::kv::Operation::Put)) => {}
+                Ok(_) => return Ok(false),
+                Err(error) => tracing::warn!(%error, "the claimant's presence cannot be read; it counts as present"),
             }
             tokio::time::sleep(CLAIM_CHECK).await;
         }
@@ -542,7 +622,7 @@ impl Worker {
     async fn finish(&self, item: &WorkItem, commands: Vec<ObjectiveCommand>, contents: Vec<ArtifactContent>) -> Result<(), WorkerError> {
         let follow_up = crate::orchestrator::follow_up(&commands, &item.stage, item.objective_id);
         let mut attempt = 0;
-        let dispatches = loop {
+        let mut dispatches = loop {
             attempt += 1;
             let mut changes = self.store.changes();
             changes.store_artifacts(contents.clone());
@@ -569,7 +649,8 @@ impl Worker {
         };
         // Committed. The message is settled once the work it started is queued; should the
         // queueing fail, the redelivery queues it again (see `process`).
-        crate::orchestrator::queue(&self.js, &self.topology, item.run_id, dispatches, Some(&self.local)).await.map_err(store_err)
+        crate::orchestrator::hand_over(item.run_id, &mut dispatches, Some(&self.local));
+        crate::orchestrator::queue(&self.js, &self.topology, item.run_id, &dispatches).await.map_err(store_err)
     }
 
     async fn run_has_ended(&self, item: &WorkItem) -> Result<bool, WorkerError> {

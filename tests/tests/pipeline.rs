@@ -642,6 +642,32 @@ async fn a_worker_leaves_an_objective_to_the_live_process_that_claimed_it_and_ta
     tokio::time::timeout(Duration::from_secs(10), held).await.expect("settled once it ended").unwrap().unwrap();
     assert_eq!(results_of(&stack, objective).await, ["claim:worker-alive"], "the claimant's result only");
 
+    // The claimant lives but nothing is left to work: its answer waits for a clarification,
+    // or the run was cancelled. The message is settled without working the objective.
+    let mut question = crate::support::completed_result();
+    question.status = factory_domain::TaskStatus::NeedsClarification;
+    question.clarification_needed = Some("Which expiry?".into());
+    let (item, objective) = claimed_objective(&store, "worker-alive").await;
+    store
+        .execute_objective(objective, item.run_id, factory_domain::ObjectiveCommand::RecordTaskResult { idempotency_key: "claim:worker-alive".into(), result: question })
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(10), worker.process(&item, "work:3", false)).await.expect("not held").unwrap();
+    assert_eq!(results_of(&stack, objective).await, ["claim:worker-alive"], "the question is not worked again");
+    let (item, objective) = claimed_objective(&store, "worker-alive").await;
+    store
+        .execute_run(item.run_id, RunCommand::CancelRun { reason: "changed my mind".into(), cancelled_by: "tester".into() })
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(10), worker.process(&item, "work:4", false)).await.expect("not held").unwrap();
+    assert!(results_of(&stack, objective).await.is_empty());
+
+    // Claimed by this very worker, whose attempts have ended (none is in flight here): a
+    // late message does not work it a second time.
+    let (item, objective) = claimed_objective(&store, worker.local_work().instance()).await;
+    tokio::time::timeout(Duration::from_secs(10), worker.process(&item, "work:5", false)).await.unwrap().unwrap();
+    assert!(results_of(&stack, objective).await.is_empty());
+
     // The claimant has gone (no presence): the objective is worked here.
     let (item, objective) = claimed_objective(&store, "worker-gone").await;
     tokio::time::timeout(Duration::from_secs(30), worker.process(&item, "work:2", false)).await.unwrap().unwrap();
