@@ -17,10 +17,8 @@
 //!   renewed every few seconds, expiring after `WORKER_PRESENCE_TTL`), holding the message
 //!   with in-progress acks, and acks it once there is nothing left to work. Should the
 //!   claimant's process die, its key expires and that worker works the objective itself.
-//! - A local attempt that fails is retried here, as a redelivery would be, up to
-//!   `max_deliver` attempts; then the objective is blocked. A process whose presence could
-//!   not be renewed for most of the TTL drops its attempts (another process may take
-//!   over): they end abandoned.
+//! - A local attempt that fails (or panics) is retried here, as a redelivery would be, up
+//!   to `max_deliver` attempts; then the objective is blocked.
 //!
 //! An objective is claimed only when its team has a free slot here (at most
 //! `WorkerOptions::concurrency` local attempts per team) and this process's presence is
@@ -40,8 +38,8 @@ pub enum Attempts {
     /// Ended as a message's attempt would: finished, blocked, waiting for a clarification,
     /// or dropped because the run ended.
     Ended,
-    /// Given up or dropped with the objective perhaps still to work: its message is worked
-    /// as if nothing had been handed over.
+    /// Dropped, or given up with the objective finished and its follow-up perhaps not
+    /// queued: its message is worked as if nothing had been handed over.
     Abandoned,
 }
 
@@ -57,7 +55,12 @@ pub struct LocalWork {
     renewed: std::sync::Mutex<Option<Instant>>,
     sender: mpsc::UnboundedSender<Handed>,
     in_flight: std::sync::Mutex<HashMap<ObjectiveId, watch::Receiver<Attempts>>>,
+    /// Objectives whose local attempts were abandoned, until their message settles here.
+    abandoned: std::sync::Mutex<std::collections::HashSet<ObjectiveId>>,
 }
+
+/// Abandoned objectives remembered at most (their messages may have gone elsewhere).
+const ABANDONED_KEPT: usize = 10_000;
 
 /// A free slot of a team, taken for an objective about to be assigned to this process.
 pub struct Claim {
@@ -84,6 +87,7 @@ impl LocalWork {
             renewed: std::sync::Mutex::new(None),
             sender,
             in_flight: std::sync::Mutex::default(),
+            abandoned: std::sync::Mutex::default(),
         };
         (Arc::new(local), receiver)
     }
@@ -93,9 +97,9 @@ impl LocalWork {
         &self.instance
     }
 
-    /// The presence was renewed just now.
-    pub(crate) fn renewed(&self) {
-        *self.renewed.lock().expect("not poisoned") = Some(Instant::now());
+    /// The presence was renewed by a put started at `at`.
+    pub(crate) fn renewed(&self, at: Instant) {
+        *self.renewed.lock().expect("not poisoned") = Some(at);
     }
 
     /// This process takes its presence back (it stops): no claim holds from now on.
@@ -139,8 +143,21 @@ impl LocalWork {
 
     /// The local attempts at `objective_id` have ended, as `how` says.
     pub(crate) fn ended(&self, objective_id: ObjectiveId, done: &watch::Sender<Attempts>, how: Attempts) {
+        if how == Attempts::Abandoned {
+            let mut abandoned = self.abandoned.lock().expect("not poisoned");
+            if abandoned.len() >= ABANDONED_KEPT {
+                abandoned.clear();
+            }
+            abandoned.insert(objective_id);
+        }
         self.in_flight.lock().expect("not poisoned").remove(&objective_id);
         let _ = done.send(how);
+    }
+
+    /// Whether the local attempts at `objective_id` were abandoned (then forgotten: its
+    /// message is being settled).
+    pub(crate) fn take_abandoned(&self, objective_id: ObjectiveId) -> bool {
+        self.abandoned.lock().expect("not poisoned").remove(&objective_id)
     }
 }
 

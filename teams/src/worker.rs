@@ -73,8 +73,8 @@ pub enum WorkerError {
     Workspace(#[from] std::io::Error),
     #[error("unknown team `{0}`")]
     UnknownTeam(String),
-    #[error("this process's presence lapsed: its claim on the objective no longer holds")]
-    ClaimLapsed,
+    #[error("the attempt's task panicked: {0}")]
+    Panicked(String),
 }
 
 /// Which way an attempt at an objective came.
@@ -164,8 +164,7 @@ impl Worker {
     }
 
     /// Keeps this process's presence in the workers bucket while it runs; objectives are
-    /// claimed for it, and its local attempts go on, only while the last renewal is recent
-    /// (see [`LocalWork::claims_hold`]).
+    /// claimed for it only while the last renewal is recent (see [`LocalWork::claims_hold`]).
     async fn announce(self) {
         // Stopped (the worker dropped, the process shutting down): the presence is taken
         // back at once, so that other processes take over its claims without waiting for it
@@ -189,15 +188,17 @@ impl Worker {
         let mut renewal = tokio::time::interval(PRESENCE_RENEWAL);
         loop {
             renewal.tick().await;
+            // Stamped before the put: the key lives from about then.
+            let started = std::time::Instant::now();
             let announced = match self.js.get_key_value(&self.topology.workers_bucket).await {
                 Ok(bucket) => bucket.put(self.local.instance(), "alive".into()).await.is_ok(),
                 Err(_) => false,
             };
             if announced {
-                self.local.renewed();
+                self.local.renewed(started);
             } else {
-                // The claims made hold until the last renewal is nearly due to expire; then
-                // the local attempts stop, and work goes through the queue meanwhile.
+                // New claims stop once the last renewal is nearly due to expire; work goes
+                // through the queue meanwhile.
                 tracing::warn!("the worker's presence could not be renewed");
             }
         }
@@ -221,9 +222,10 @@ impl Worker {
         while attempts.join_next().await.is_some() {}
     }
 
-    /// The attempts at an objective handed over in memory: retried as redeliveries would be,
-    /// and after `max_deliver` failed ones the objective is blocked. However they end (a
-    /// panic included), the objective's message, if it is held here, is told how.
+    /// The attempts at an objective handed over in memory: retried as redeliveries would be
+    /// (a panic counts as a failed attempt), and after `max_deliver` failed ones the
+    /// objective is blocked. The objective's message, if it is held here, is told how they
+    /// ended (dropped, they count as abandoned).
     async fn work_locally(&self, handed: Handed) {
         struct Told<'w> {
             local: &'w LocalWork,
@@ -240,30 +242,58 @@ impl Worker {
         let key = format!("claim:{}", self.local.instance());
         let attempts = self.options.max_deliver.max(1);
         for attempt in 1..=attempts {
-            match self.work_on(item, &key, attempt > 1, Path::Local).await {
+            match self.attempt_locally(item, &key, attempt > 1).await {
                 Ok(()) => {
                     told.how = Attempts::Ended;
-                    return;
-                }
-                // Another process may take over now: this one stops, and its message (if
-                // held here) is worked as if nothing had been handed over.
-                Err(WorkerError::ClaimLapsed) => {
-                    tracing::warn!(objective = %item.objective_id, "presence lapsed; the objective's local attempt is dropped");
                     return;
                 }
                 Err(error) if attempt == attempts => {
                     tracing::error!(objective = %item.objective_id, error = %error, "giving up on the objective");
                     let reason = format!("the worker failed {attempt} times: {error}");
-                    let block = ObjectiveCommand::BlockObjective { reason };
-                    // Refused when the objective had finished (the queueing after it failed):
-                    // then it stays abandoned, and its message queues that work again.
-                    if self.store.execute_objective(item.objective_id, item.run_id, block).await.is_ok() {
-                        told.how = Attempts::Ended;
-                    }
+                    told.how = self.block_for_good(item, reason).await;
                 }
                 Err(error) => {
                     tracing::warn!(objective = %item.objective_id, error = %error, attempt, "objective failed; trying again");
                     tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    }
+
+    /// One local attempt, as a task of its own so that a panic is a failed attempt (and
+    /// dropped with this future).
+    async fn attempt_locally(&self, item: &WorkItem, key: &str, again: bool) -> Result<(), WorkerError> {
+        let (worker, item, key) = (self.clone(), item.clone(), key.to_string());
+        let task = tokio::spawn(async move { worker.work_on(&item, &key, again, Path::Local).await });
+        struct AbortOnDrop(tokio::task::AbortHandle);
+        impl Drop for AbortOnDrop {
+            fn drop(&mut self) {
+                self.0.abort();
+            }
+        }
+        let _abort = AbortOnDrop(task.abort_handle());
+        task.await.unwrap_or_else(|joined| Err(WorkerError::Panicked(joined.to_string())))
+    }
+
+    /// Blocks the objective after its last failed local attempt, retrying while the store
+    /// fails: the claim is this process's, so no other worker would. Refused because the
+    /// objective finished (its queueing failed after the commit), the attempts count as
+    /// abandoned: the message then queues that work again.
+    async fn block_for_good(&self, item: &WorkItem, reason: String) -> Attempts {
+        let mut pause = Duration::from_secs(1);
+        loop {
+            let block = ObjectiveCommand::BlockObjective { reason: reason.clone() };
+            match self.store.execute_objective(item.objective_id, item.run_id, block).await {
+                Ok(()) => return Attempts::Ended,
+                Err(CommandError::Refused(ObjectiveError::Finished(_))) => return Attempts::Abandoned,
+                Err(CommandError::Refused(other)) => {
+                    tracing::warn!(objective = %item.objective_id, error = %other, "the block was refused");
+                    return Attempts::Abandoned;
+                }
+                Err(error) => {
+                    tracing::warn!(objective = %item.objective_id, %error, "the objective could not be blocked; retrying");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(30));
                 }
             }
         }
@@ -334,14 +364,11 @@ impl Worker {
         let key = format!("work:{sequence}");
         let in_flight = self.local.in_flight(item.objective_id);
         let work = async {
-            let path = match in_flight {
-                // Handed to this process in memory and being worked: held until that ends.
-                Some(attempts) => match crate::handoff::ended(attempts).await {
-                    Attempts::Ended => Path::Message,
-                    _ => Path::Abandoned,
-                },
-                None => Path::Message,
-            };
+            // Handed to this process in memory and being worked: held until that ends.
+            if let Some(attempts) = in_flight {
+                crate::handoff::ended(attempts).await;
+            }
+            let path = if self.local.take_abandoned(item.objective_id) { Path::Abandoned } else { Path::Message };
             self.work_on(&item, &key, delivered > 1, path).await
         };
         tokio::pin!(work);
@@ -394,9 +421,15 @@ impl Worker {
         let mut queue_again = redelivered || path == Path::Abandoned;
         let open = objective.status == ObjectiveStatus::Assigned;
         match objective.claimed_by.clone() {
-            // Claimed here, and its local attempts have ended (they are not in flight):
-            // nothing to work from the message.
-            Some(claimant) if claimant == self.local.instance() && path == Path::Message && open => {
+            // Claimed here, its local attempts have ended (they are not in flight) and its
+            // answer waits for a clarification: nothing to work from the message. (Any other
+            // open objective claimed here was abandoned and is worked below.)
+            Some(claimant)
+                if claimant == self.local.instance()
+                    && path == Path::Message
+                    && open
+                    && objective.last_result == Some(TaskStatus::NeedsClarification) =>
+            {
                 if queue_again {
                     self.queue_in_progress(item.run_id, &run).await?;
                 }
@@ -479,24 +512,20 @@ impl Worker {
         let cancelled = async {
             loop {
                 tokio::time::sleep(CANCEL_CHECK).await;
-                // A local attempt stops once its claim may no longer hold.
-                if path == Path::Local && !self.local.claims_hold() {
-                    break true;
-                }
                 if let Ok(true) = self.run_has_ended(item).await {
-                    break false;
+                    break;
                 }
             }
         };
         let outcome = tokio::select! {
             outcome = work => outcome,
-            lapsed = cancelled => {
-                tracing::info!(objective = %item.objective_id, lapsed, "run stopped, or the claim lapsed; work dropped");
+            _ = cancelled => {
+                tracing::info!(objective = %item.objective_id, "run stopped; work dropped");
                 remove_workspace(dir);
                 // The calls made so far are recorded before the message is settled.
                 calls.finish();
                 let _ = recorder.await;
-                return if lapsed { Err(WorkerError::ClaimLapsed) } else { Ok(()) };
+                return Ok(());
             }
         };
         let outcome = match outcome {
@@ -545,8 +574,20 @@ impl Worker {
     /// claimant still there: only its key's absence says it has gone.
     async fn wait_for_claimant(&self, item: &WorkItem, claimant: &str) -> Result<bool, WorkerError> {
         loop {
-            let objective = self.store.load_objective(item.objective_id).await.map_err(store_err)?;
-            let run = self.store.load_run(item.run_id).await.map_err(store_err)?;
+            let (objective, run) =
+                match (self.store.load_objective(item.objective_id).await, self.store.load_run(item.run_id).await) {
+                    (Ok(objective), Ok(run)) => (objective, run),
+                    (Err(error), _) => {
+                        tracing::warn!(%error, "the claimed objective cannot be read; waiting");
+                        tokio::time::sleep(CLAIM_CHECK).await;
+                        continue;
+                    }
+                    (_, Err(error)) => {
+                        tracing::warn!(%error, "the claimed objective's run cannot be read; waiting");
+                        tokio::time::sleep(CLAIM_CHECK).await;
+                        continue;
+                    }
+                };
             if objective.status != ObjectiveStatus::Assigned
                 || objective.last_result == Some(TaskStatus::NeedsClarification)
                 || run.status.is_terminal()

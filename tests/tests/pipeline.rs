@@ -595,6 +595,14 @@ async fn claimed_objective(store: &Store, claimant: &str) -> (factory_teams::orc
     (factory_teams::orchestrator::WorkItem::new(run, objective, &plan.stages()[0]), objective)
 }
 
+/// A NEEDS_CLARIFICATION answer.
+fn question() -> factory_domain::TaskResult {
+    let mut question = crate::support::completed_result();
+    question.status = factory_domain::TaskStatus::NeedsClarification;
+    question.clarification_needed = Some("Which expiry?".into());
+    question
+}
+
 async fn results_of(stack: &TestStack, objective: factory_domain::ObjectiveId) -> Vec<String> {
     sqlx::query_scalar(
         "SELECT payload->'TaskResultRecorded'->>'idempotency_key' FROM events \
@@ -644,12 +652,9 @@ async fn a_worker_leaves_an_objective_to_the_live_process_that_claimed_it_and_ta
 
     // The claimant lives but nothing is left to work: its answer waits for a clarification,
     // or the run was cancelled. The message is settled without working the objective.
-    let mut question = crate::support::completed_result();
-    question.status = factory_domain::TaskStatus::NeedsClarification;
-    question.clarification_needed = Some("Which expiry?".into());
     let (item, objective) = claimed_objective(&store, "worker-alive").await;
     store
-        .execute_objective(objective, item.run_id, factory_domain::ObjectiveCommand::RecordTaskResult { idempotency_key: "claim:worker-alive".into(), result: question })
+        .execute_objective(objective, item.run_id, factory_domain::ObjectiveCommand::RecordTaskResult { idempotency_key: "claim:worker-alive".into(), result: question() })
         .await
         .unwrap();
     tokio::time::timeout(Duration::from_secs(10), worker.process(&item, "work:3", false)).await.expect("not held").unwrap();
@@ -662,11 +667,18 @@ async fn a_worker_leaves_an_objective_to_the_live_process_that_claimed_it_and_ta
     tokio::time::timeout(Duration::from_secs(10), worker.process(&item, "work:4", false)).await.expect("not held").unwrap();
     assert!(results_of(&stack, objective).await.is_empty());
 
-    // Claimed by this very worker, whose attempts have ended (none is in flight here): a
-    // late message does not work it a second time.
-    let (item, objective) = claimed_objective(&store, worker.local_work().instance()).await;
+    // Claimed by this very worker, whose attempts have ended (none is in flight here). Its
+    // answer waits for a clarification: a late message does not work it a second time.
+    let own = worker.local_work().instance().to_string();
+    let (item, objective) = claimed_objective(&store, &own).await;
+    let asked = factory_domain::ObjectiveCommand::RecordTaskResult { idempotency_key: format!("claim:{own}"), result: question() };
+    store.execute_objective(objective, item.run_id, asked).await.unwrap();
     tokio::time::timeout(Duration::from_secs(10), worker.process(&item, "work:5", false)).await.unwrap().unwrap();
-    assert!(results_of(&stack, objective).await.is_empty());
+    assert_eq!(results_of(&stack, objective).await, [format!("claim:{own}")]);
+    // Still open otherwise (its attempts were abandoned): the message works it.
+    let (item, objective) = claimed_objective(&store, &own).await;
+    tokio::time::timeout(Duration::from_secs(30), worker.process(&item, "work:6", false)).await.unwrap().unwrap();
+    assert_eq!(results_of(&stack, objective).await, ["work:6"]);
 
     // The claimant has gone (no presence): the objective is worked here.
     let (item, objective) = claimed_objective(&store, "worker-gone").await;
