@@ -54,6 +54,10 @@ pub enum OrchestratorError {
     Stream(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("the event store failed")]
     Store(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The event cannot be acted on however often it comes back (an aggregate id that is
+    /// not an objective id, say): its stream copy is terminated.
+    #[error("the event is malformed: {0}")]
+    Malformed(String),
     #[error("run {run} has an invalid pipeline")]
     Pipeline {
         run: RunId,
@@ -317,6 +321,10 @@ impl Orchestrator {
         }
         match self.handle(&envelope).await {
             Ok(()) => message.ack().await.map_err(stream_err)?,
+            Err(error @ OrchestratorError::Malformed(_)) => {
+                tracing::error!(position = envelope.position, event = %envelope.event_type, error = %error, "event cannot be handled; terminated");
+                message.ack_with(AckKind::Term).await.map_err(stream_err)?;
+            }
             Err(error) => {
                 tracing::warn!(position = envelope.position, event = %envelope.event_type, error = %error, "event not handled; redelivering");
                 message.ack_with(AckKind::Nak(Some(Duration::from_millis(500)))).await.map_err(stream_err)?;
@@ -690,7 +698,10 @@ fn lane_of_run(run: &str) -> usize {
 
 /// The objective an objective event belongs to (its aggregate id).
 fn objective_id_of(event: Seen<'_>) -> Result<ObjectiveId, OrchestratorError> {
-    event.aggregate_id.parse().map_err(|e| OrchestratorError::Store(Box::new(e)))
+    event
+        .aggregate_id
+        .parse()
+        .map_err(|e| OrchestratorError::Malformed(format!("objective id `{}`: {e}", event.aggregate_id)))
 }
 
 impl WorkItem {

@@ -687,3 +687,44 @@ async fn a_worker_leaves_an_objective_to_the_live_process_that_claimed_it_and_ta
     let status = store.load_objective(objective).await.unwrap().status;
     assert_eq!(status, factory_domain::objective::ObjectiveStatus::Completed);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_the_orchestrator_can_never_act_on_is_terminated_not_redelivered_forever() {
+    let factory = Factory::start().await;
+    let run = RunId::new();
+    let envelope: factory_nats::EventEnvelope = serde_json::from_value(serde_json::json!({
+        "position": 1,
+        "aggregate_type": "objective",
+        "aggregate_id": "not-an-objective-id",
+        "sequence": 2,
+        "event_type": "ObjectiveCompleted",
+        "event_version": "1",
+        "run_id": run.to_string(),
+        "recorded_at": "2026-12-01T00:00:00Z",
+        "payload": { "iterations": 1 },
+        "metadata": { "run_id": run.to_string() },
+        "hash": "00",
+    }))
+    .unwrap();
+    let subject = factory.stack.topology.event_subject(Some(&run.to_string()), "objective", "ObjectiveCompleted");
+    factory
+        .stack
+        .js
+        .publish_with_headers(subject, factory_nats::cloud_event_headers(&envelope), serde_json::to_vec(&envelope).unwrap().into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let settled = wait_for("the malformed event to be settled", Duration::from_secs(30), || async {
+        let stream = factory.stack.js.get_stream(&factory.stack.topology.events_stream).await.ok()?;
+        let mut consumer = stream.get_consumer::<async_nats::jetstream::consumer::pull::Config>("orchestrator").await.ok()?;
+        let info = consumer.info().await.ok()?;
+        (info.delivered.stream_sequence >= 1 && info.num_pending == 0 && info.num_ack_pending == 0).then_some(info.num_redelivered)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let stream = factory.stack.js.get_stream(&factory.stack.topology.events_stream).await.unwrap();
+    let mut consumer = stream.get_consumer::<async_nats::jetstream::consumer::pull::Config>("orchestrator").await.unwrap();
+    let info = consumer.info().await.unwrap();
+    assert_eq!((settled, info.num_redelivered, info.num_ack_pending), (0, 0, 0), "terminated at its first delivery");
+}
