@@ -362,15 +362,7 @@ mod tests {
     }
 
     fn answer(status: TaskStatus) -> TaskResult {
-        TaskResult {
-            status,
-            reasoning: "because".into(),
-            blockers: vec![],
-            assumptions_made: vec![],
-            verified_facts: vec![],
-            clarification_needed: None,
-            artifacts: vec!["requirements.md".into()],
-        }
+        TaskResult { artifacts: vec!["requirements.md".into()], ..TaskResult::new(status, "because") }
     }
 
     fn record(key: &str, status: TaskStatus) -> ObjectiveCommand {

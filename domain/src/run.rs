@@ -394,12 +394,11 @@ pub struct Completion {
     pub objective_id: ObjectiveId,
 }
 
-/// An objective as its stage started it, and what the run knew then: how many of the run's
-/// [`Run::completions`] and [`Run::reviews`] there were. A team's context is cut there, so
-/// that it does not depend on how fast the stages in parallel with it are.
+/// An objective as its stage started it: its team, and what the run knew then (how many of
+/// the run's [`Run::completions`] and [`Run::reviews`] there were). A team's context is cut
+/// there, so that it does not depend on how fast the stages in parallel with it are.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Started {
-    pub stage: String,
     pub team: String,
     pub completions: usize,
     pub reviews: usize,
@@ -635,7 +634,6 @@ impl Aggregate for Run {
                 self.started.insert(
                     e.objective_id,
                     Started {
-                        stage: e.stage.clone(),
                         team: e.team.clone(),
                         completions: self.completions.len(),
                         reviews: self.reviews.len(),

@@ -305,15 +305,7 @@ mod tests {
     #[test]
     fn every_objective_event_round_trips_through_json() {
         let mut events = objective_events();
-        let bare = TaskResult {
-            status: TaskStatus::Complete,
-            reasoning: "done".into(),
-            blockers: vec![],
-            assumptions_made: vec![],
-            verified_facts: vec![],
-            clarification_needed: None,
-            artifacts: vec![],
-        };
+        let bare = TaskResult::new(TaskStatus::Complete, "done");
         events.push(ObjectiveEvent::TaskResultRecorded(TaskResultRecorded {
             idempotency_key: "k".into(),
             iteration: u32::MAX,

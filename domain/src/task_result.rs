@@ -32,3 +32,19 @@ pub struct TaskResult {
     #[serde(default)]
     pub artifacts: Vec<String>,
 }
+
+impl TaskResult {
+    /// An answer with `status` and `reasoning` and nothing else (no blockers, assumptions,
+    /// facts, question or artifacts).
+    pub fn new(status: TaskStatus, reasoning: impl Into<String>) -> Self {
+        Self {
+            status,
+            reasoning: reasoning.into(),
+            blockers: Vec::new(),
+            assumptions_made: Vec::new(),
+            verified_facts: Vec::new(),
+            clarification_needed: None,
+            artifacts: Vec::new(),
+        }
+    }
+}

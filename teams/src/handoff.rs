@@ -31,10 +31,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 
-/// How an objective's local attempts stand.
+/// How an objective's local attempts ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Attempts {
-    Running,
     /// Ended as a message's attempt would: finished, blocked, waiting for a clarification,
     /// or dropped because the run ended.
     Ended,
@@ -54,7 +53,8 @@ pub struct LocalWork {
     /// that is recent).
     renewed: std::sync::Mutex<Option<Instant>>,
     sender: mpsc::UnboundedSender<Handed>,
-    in_flight: std::sync::Mutex<HashMap<ObjectiveId, watch::Receiver<Attempts>>>,
+    /// The objectives whose local attempts run, each told `true` when they end.
+    in_flight: std::sync::Mutex<HashMap<ObjectiveId, watch::Receiver<bool>>>,
     /// Objectives whose local attempts were abandoned, until their message settles here.
     abandoned: std::sync::Mutex<std::collections::HashSet<ObjectiveId>>,
 }
@@ -72,8 +72,8 @@ pub(crate) struct Handed {
     pub(crate) item: WorkItem,
     /// Held while the attempts run.
     pub(crate) _permit: OwnedSemaphorePermit,
-    /// Told how they ended.
-    pub(crate) done: watch::Sender<Attempts>,
+    /// Told `true` when they have ended.
+    pub(crate) done: watch::Sender<bool>,
 }
 
 impl LocalWork {
@@ -127,7 +127,7 @@ impl LocalWork {
     /// Gives the claimed objective to this process's worker. Registered in flight before it
     /// returns, so that the objective's work message, whenever it arrives here, finds it.
     pub fn hand_off(&self, claim: Claim, item: WorkItem) {
-        let (done, finished) = watch::channel(Attempts::Running);
+        let (done, finished) = watch::channel(false);
         self.in_flight.lock().expect("not poisoned").insert(item.objective_id, finished);
         let objective_id = item.objective_id;
         if self.sender.send(Handed { item, _permit: claim.permit, done }).is_err() {
@@ -136,13 +136,15 @@ impl LocalWork {
         }
     }
 
-    /// The local attempts at `objective_id` in flight, if any, to learn how they end.
-    pub fn in_flight(&self, objective_id: ObjectiveId) -> Option<watch::Receiver<Attempts>> {
+    /// The local attempts at `objective_id` in flight, if any, to wait for their end
+    /// ([`until_ended`]).
+    pub fn in_flight(&self, objective_id: ObjectiveId) -> Option<watch::Receiver<bool>> {
         self.in_flight.lock().expect("not poisoned").get(&objective_id).cloned()
     }
 
-    /// The local attempts at `objective_id` have ended, as `how` says.
-    pub(crate) fn ended(&self, objective_id: ObjectiveId, done: &watch::Sender<Attempts>, how: Attempts) {
+    /// The local attempts at `objective_id` have ended, as `how` says (abandoned ones are
+    /// remembered for [`LocalWork::take_abandoned`]).
+    pub(crate) fn ended(&self, objective_id: ObjectiveId, done: &watch::Sender<bool>, how: Attempts) {
         if how == Attempts::Abandoned {
             let mut abandoned = self.abandoned.lock().expect("not poisoned");
             if abandoned.len() >= ABANDONED_KEPT {
@@ -151,7 +153,7 @@ impl LocalWork {
             abandoned.insert(objective_id);
         }
         self.in_flight.lock().expect("not poisoned").remove(&objective_id);
-        let _ = done.send(how);
+        let _ = done.send(true);
     }
 
     /// Whether the local attempts at `objective_id` were abandoned (then forgotten: its
@@ -161,19 +163,11 @@ impl LocalWork {
     }
 }
 
-/// Waits for the local attempts to end; a sender dropped without a word (the attempts'
-/// task panicked or was dropped) counts as abandoned.
-pub async fn ended(mut attempts: watch::Receiver<Attempts>) -> Attempts {
-    loop {
-        let now = *attempts.borrow_and_update();
-        if now != Attempts::Running {
-            return now;
-        }
-        if attempts.changed().await.is_err() {
-            return match *attempts.borrow() {
-                Attempts::Running => Attempts::Abandoned,
-                other => other,
-            };
+/// Waits until the local attempts have ended (or their sender is gone).
+pub async fn until_ended(mut ended: watch::Receiver<bool>) {
+    while !*ended.borrow_and_update() {
+        if ended.changed().await.is_err() {
+            return;
         }
     }
 }

@@ -366,7 +366,7 @@ impl Worker {
         let work = async {
             // Handed to this process in memory and being worked: held until that ends.
             if let Some(attempts) = in_flight {
-                crate::handoff::ended(attempts).await;
+                crate::handoff::until_ended(attempts).await;
             }
             let path = if self.local.take_abandoned(item.objective_id) { Path::Abandoned } else { Path::Message };
             self.work_on(&item, &key, delivered > 1, path).await
@@ -437,9 +437,8 @@ impl Worker {
             }
             // Another process's worker took it in memory: left to it while that process lives.
             Some(claimant) if claimant != self.local.instance() && open => {
-                if self.wait_for_claimant(item, &claimant).await? {
+                if let Some(run) = self.wait_for_claimant(item, &claimant).await {
                     // Its commit may have started stages that its process could not queue.
-                    let (run, _) = self.states(item, true).await?;
                     return self.queue_in_progress(item.run_id, &run).await;
                 }
                 tracing::info!(objective = %item.objective_id, %claimant, "the claimant is gone; working the objective here");
@@ -567,44 +566,37 @@ impl Worker {
         crate::orchestrator::queue(&self.js, &self.topology, run_id, &dispatches).await.map_err(store_err)
     }
 
-    /// Waits while `claimant`'s process lives and there is something left to work: true
+    /// Waits while `claimant`'s process lives and there is something left to work: the run
     /// once there is not (the objective ended, or waits for a clarification, or its run
-    /// ended), false when the claimant has gone (its presence expired or was taken back)
-    /// with the objective still to work. A bucket that cannot be read counts as the
-    /// claimant still there: only its key's absence says it has gone.
-    async fn wait_for_claimant(&self, item: &WorkItem, claimant: &str) -> Result<bool, WorkerError> {
+    /// ended), `None` when the claimant has gone (its presence expired or was taken back)
+    /// with the objective still to work. What cannot be read (the store, the bucket) is
+    /// waited for: only the claimant's key being absent says it has gone.
+    async fn wait_for_claimant(&self, item: &WorkItem, claimant: &str) -> Option<Run> {
         loop {
-            let (objective, run) =
-                match (self.store.load_objective(item.objective_id).await, self.store.load_run(item.run_id).await) {
-                    (Ok(objective), Ok(run)) => (objective, run),
-                    (Err(error), _) => {
-                        tracing::warn!(%error, "the claimed objective cannot be read; waiting");
-                        tokio::time::sleep(CLAIM_CHECK).await;
-                        continue;
-                    }
-                    (_, Err(error)) => {
-                        tracing::warn!(%error, "the claimed objective's run cannot be read; waiting");
-                        tokio::time::sleep(CLAIM_CHECK).await;
-                        continue;
-                    }
-                };
-            if objective.status != ObjectiveStatus::Assigned
-                || objective.last_result == Some(TaskStatus::NeedsClarification)
-                || run.status.is_terminal()
-            {
-                return Ok(true);
-            }
-            let present = match self.js.get_key_value(&self.topology.workers_bucket).await {
-                Ok(bucket) => bucket.entry(claimant).await.map(|entry| entry.map(|e| e.operation)),
-                Err(error) => {
-                    tracing::warn!(%error, "the workers bucket cannot be read; the claimant counts as present");
-                    Ok(Some(jetstream::kv::Operation::Put))
-                }
+            let states = async {
+                let objective = self.store.load_objective(item.objective_id).await.map_err(store_err)?;
+                Ok::<_, WorkerError>((objective, self.store.load_run(item.run_id).await.map_err(store_err)?))
             };
-            match present {
-                Ok(Some(jetstream::kv::Operation::Put)) => {}
-                Ok(_) => return Ok(false),
-                Err(error) => tracing::warn!(%error, "the claimant's presence cannot be read; it counts as present"),
+            match states.await {
+                Ok((objective, run))
+                    if objective.status != ObjectiveStatus::Assigned
+                        || objective.last_result == Some(TaskStatus::NeedsClarification)
+                        || run.status.is_terminal() =>
+                {
+                    return Some(run);
+                }
+                Ok(_) => {
+                    let present = match self.js.get_key_value(&self.topology.workers_bucket).await {
+                        Ok(bucket) => bucket.entry(claimant).await.map(|entry| entry.map(|e| e.operation)).map_err(|e| e.to_string()),
+                        Err(error) => Err(error.to_string()),
+                    };
+                    match present {
+                        Ok(Some(jetstream::kv::Operation::Put)) => {}
+                        Ok(_) => return None,
+                        Err(error) => tracing::warn!(%error, "the claimant's presence cannot be read; it counts as present"),
+                    }
+                }
+                Err(error) => tracing::warn!(%error, "the claimed objective cannot be read; waiting"),
             }
             tokio::time::sleep(CLAIM_CHECK).await;
         }
@@ -958,15 +950,7 @@ mod tests {
             }),
         ];
         if let Some(reasoning) = reasoning {
-            let result = TaskResult {
-                status: TaskStatus::Complete,
-                reasoning: reasoning.into(),
-                blockers: vec![],
-                assumptions_made: vec![],
-                verified_facts: vec![],
-                clarification_needed: None,
-                artifacts: vec![artifact.0.into()],
-            };
+            let result = TaskResult { artifacts: vec![artifact.0.into()], ..TaskResult::new(TaskStatus::Complete, reasoning) };
             events.push(ObjectiveEvent::TaskResultRecorded(TaskResultRecorded { idempotency_key: "k".into(), iteration: 1, result }));
             events.push(ObjectiveEvent::ObjectiveCompleted(ObjectiveCompleted { iterations: 1 }));
         }

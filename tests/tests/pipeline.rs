@@ -454,9 +454,7 @@ async fn queued_objectives(stack: &TestStack, team: &str) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redelivered_completion_queues_the_work_its_step_started_but_never_queued() {
     // Nothing runs: the test plays the orchestrator's first attempt by hand.
-    let stack = TestStack::new().await;
-    stack.topology.ensure_streams(&stack.js).await.unwrap();
-    let store = Arc::new(Store::new(stack.pool.clone(), Arc::new(SystemServices)));
+    let (stack, store) = idle_stack().await;
     let (run, plan, done) = run_with_first_stage_started(&store, None).await;
     let [first, second] = [&plan.stages()[0], &plan.stages()[1]];
     let next = factory_domain::ObjectiveId::new();
@@ -495,9 +493,7 @@ async fn a_redelivered_completion_queues_the_work_its_step_started_but_never_que
 async fn a_redelivered_work_message_of_a_finished_objective_queues_the_stages_its_commit_started() {
     // Nothing runs: the test plays a worker whose final commit went through and whose
     // process died before it queued the next stage's work.
-    let stack = TestStack::new().await;
-    stack.topology.ensure_streams(&stack.js).await.unwrap();
-    let store = Arc::new(Store::new(stack.pool.clone(), Arc::new(SystemServices)));
+    let (stack, store) = idle_stack().await;
     let (run, plan, done) = run_with_first_stage_started(&store, None).await;
     let [first, second] = [&plan.stages()[0], &plan.stages()[1]];
     let next = factory_domain::ObjectiveId::new();
@@ -569,6 +565,14 @@ async fn objectives_started_in_a_process_are_handed_to_its_worker_in_memory_and_
     .await;
 }
 
+/// Real NATS and PostgreSQL with the streams made and a store on them; nothing runs.
+async fn idle_stack() -> (TestStack, Arc<Store>) {
+    let stack = TestStack::new().await;
+    stack.topology.ensure_streams(&stack.js).await.unwrap();
+    let store = Arc::new(Store::new(stack.pool.clone(), Arc::new(SystemServices)));
+    (stack, store)
+}
+
 /// A phase1 run whose first stage is started and its objective assigned (claimed for
 /// `claimant`'s process, if given), in one commit, as a step does it.
 async fn run_with_first_stage_started(store: &Store, claimant: Option<&str>) -> (RunId, Pipeline, factory_domain::ObjectiveId) {
@@ -597,10 +601,10 @@ async fn claimed_objective(store: &Store, claimant: &str) -> (factory_teams::orc
 
 /// A NEEDS_CLARIFICATION answer.
 fn question() -> factory_domain::TaskResult {
-    let mut question = crate::support::completed_result();
-    question.status = factory_domain::TaskStatus::NeedsClarification;
-    question.clarification_needed = Some("Which expiry?".into());
-    question
+    factory_domain::TaskResult {
+        clarification_needed: Some("Which expiry?".into()),
+        ..factory_domain::TaskResult::new(factory_domain::TaskStatus::NeedsClarification, "it depends")
+    }
 }
 
 async fn results_of(stack: &TestStack, objective: factory_domain::ObjectiveId) -> Vec<String> {
@@ -616,9 +620,7 @@ async fn results_of(stack: &TestStack, objective: factory_domain::ObjectiveId) -
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_leaves_an_objective_to_the_live_process_that_claimed_it_and_takes_over_from_a_dead_one() {
-    let stack = TestStack::new().await;
-    stack.topology.ensure_streams(&stack.js).await.unwrap();
-    let store = Arc::new(Store::new(stack.pool.clone(), Arc::new(SystemServices)));
+    let (stack, store) = idle_stack().await;
     let work_dir = tempfile::tempdir().unwrap();
     // A worker of another process than the claimant's (its own store: nothing remembered).
     let worker = Worker::new(

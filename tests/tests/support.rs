@@ -87,13 +87,5 @@ pub async fn assert_stream_equals_store(js: &async_nats::jetstream::Context, sta
 
 /// A bare COMPLETE answer, as a team gives it when it has nothing else to say.
 pub fn completed_result() -> factory_domain::TaskResult {
-    factory_domain::TaskResult {
-        status: factory_domain::TaskStatus::Complete,
-        reasoning: "done".into(),
-        blockers: vec![],
-        assumptions_made: vec![],
-        verified_facts: vec![],
-        clarification_needed: None,
-        artifacts: vec![],
-    }
+    factory_domain::TaskResult::new(factory_domain::TaskStatus::Complete, "done")
 }
