@@ -367,6 +367,30 @@ async fn a_unit_of_work_that_meets_a_conflict_writes_none_of_its_events() {
     assert_eq!(sequences(&stack, &objective.to_string()).await, [1]);
 }
 
+#[tokio::test]
+async fn a_unit_that_loses_to_a_commit_of_its_own_process_starts_again_from_the_winners_state() {
+    let stack = TestStack::new().await;
+    let store = store(&stack).await;
+    let run = RunId::new();
+    store.execute_run(run, submit("Build a URL shortener")).await.unwrap();
+    // Two units staged on the same remembered state; the first commits.
+    let loser = start_and_assign(&store, run, ObjectiveId::new()).await;
+    let mut winner = store.changes();
+    winner
+        .execute_run(run, RunCommand::StartStage { stage: "sa".into(), team: "solution-architecture".into(), objective_id: ObjectiveId::new() })
+        .await
+        .unwrap();
+    winner.commit().await.unwrap();
+    let error = loser.commit().await.unwrap_err();
+    assert!(matches!(error, factory_commands::store::CommitError::Conflict), "{error}");
+    // The loser's failure leaves the winner's state remembered, for the next attempt.
+    let remembered = store.with_remembered_run(run, |r| r.stages.keys().cloned().collect::<Vec<_>>());
+    assert_eq!(remembered, Some(vec!["sa".to_string()]));
+    let objective = ObjectiveId::new();
+    start_and_assign(&store, run, objective).await.commit().await.unwrap();
+    assert_eq!(sequences(&stack, &run.to_string()).await, [1, 2, 3]);
+}
+
 async fn store_of_another_process(stack: &TestStack) -> Store {
     Store::new(stack.pool.clone(), Arc::new(SystemServices))
 }
