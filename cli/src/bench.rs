@@ -1263,7 +1263,14 @@ impl Observer {
             .context("opening the bench's events stream")?;
         let consumer = stream
             .create_consumer(OrderedConfig {
-                filter_subject: topology.all_events_filter(),
+                // What the hops and run ends are read from: the runs' own events and each
+                // objective's end. Not the model calls and artifacts, which no figure needs
+                // and which are most of the bytes: an instrument should not load what it
+                // measures more than it must.
+                filter_subjects: vec![
+                    format!("{}.*.run.>", topology.events_prefix),
+                    topology.event_type_filter("objective", "ObjectiveCompleted"),
+                ],
                 deliver_policy: DeliverPolicy::All,
                 ..Default::default()
             })

@@ -8,6 +8,7 @@
 pub mod audit;
 pub mod db;
 pub mod events;
+pub mod group_commit;
 pub mod relay;
 pub mod repository;
 pub mod store;

@@ -11,6 +11,7 @@ use factory_domain::{
     Objective, ObjectiveCommand, ObjectiveError, ObjectiveId, Run, RunCommand, RunError, RunId,
     SharedServices,
 };
+use crate::group_commit::{Append, GroupCommit};
 use crate::repository::EventRepository;
 use sqlx::PgPool;
 use futures::future::BoxFuture;
@@ -166,6 +167,7 @@ pub struct Store {
     committed: Arc<Notify>,
     local: tokio::sync::broadcast::Sender<Arc<Committed>>,
     contents: std::sync::Mutex<Contents>,
+    group: Arc<GroupCommit>,
 }
 
 /// Artifact contents this process stored or read, by digest: content-addressed, so never
@@ -198,6 +200,7 @@ impl Store {
         Self {
             runs: Writer::new(&pool),
             objectives: Writer::new(&pool),
+            group: GroupCommit::new(pool.clone()),
             services,
             pool,
             committed: Arc::new(Notify::new()),
@@ -553,14 +556,15 @@ impl<'s> Changes<'s> {
             }
         }
         let store = self.store;
-        match rows.append(&store.pool, &self.artifacts).await {
-            Ok(()) => {
+        let (appended, outcome) = store.group.append(Append { rows, artifacts: self.artifacts }).await;
+        match (appended, outcome) {
+            (Some(Append { rows, artifacts }), Ok(())) => {
                 settle(&store.runs, &self.runs, true);
                 settle(&store.objectives, &self.objectives, true);
-                if !self.artifacts.is_empty() {
+                if !artifacts.is_empty() {
                     let mut contents = store.contents.lock().expect("not poisoned");
-                    for artifact in &self.artifacts {
-                        contents.keep(&artifact.sha256, Arc::new(artifact.content.clone()));
+                    for artifact in artifacts {
+                        contents.keep(&artifact.sha256, Arc::new(artifact.content));
                     }
                 }
                 // `notify_one` keeps a permit when the relay is busy, so no wake-up is lost.
@@ -573,10 +577,11 @@ impl<'s> Changes<'s> {
                 }
                 Ok(())
             }
-            Err(error) => {
+            (_, outcome) => {
                 settle(&store.runs, &self.runs, false);
                 settle(&store.objectives, &self.objectives, false);
-                Err(error)
+                // Never `Ok` without the append given back.
+                Err(outcome.err().unwrap_or_else(|| CommitError::Store("the append was not given back".into())))
             }
         }
     }
@@ -662,34 +667,16 @@ fn settle<A: Aggregate + Clone>(writer: &Writer<A>, entries: &[Entry<A>], commit
 
 /// The rows of one append, column by column.
 #[derive(Default)]
-struct Rows {
-    aggregate_types: Vec<&'static str>,
-    aggregate_ids: Vec<String>,
-    sequences: Vec<i64>,
-    event_types: Vec<String>,
-    event_versions: Vec<String>,
-    payloads: Vec<serde_json::Value>,
-    metadata: Vec<serde_json::Value>,
-    run_ids: Vec<RunId>,
+pub(crate) struct Rows {
+    pub aggregate_types: Vec<&'static str>,
+    pub aggregate_ids: Vec<String>,
+    pub sequences: Vec<i64>,
+    pub event_types: Vec<String>,
+    pub event_versions: Vec<String>,
+    pub payloads: Vec<serde_json::Value>,
+    pub metadata: Vec<serde_json::Value>,
+    pub run_ids: Vec<RunId>,
 }
-
-const APPEND: &str = "INSERT INTO events \
-    (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) \
-    SELECT e.aggregate_type, e.aggregate_id, e.sequence, e.event_type, e.event_version, e.payload, e.metadata \
-      FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::jsonb[], $7::jsonb[]) \
-           WITH ORDINALITY AS e(aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata, n) \
-     ORDER BY e.n";
-
-/// The same, with artifact contents stored by the same statement.
-const APPEND_WITH_ARTIFACTS: &str = "WITH stored AS (\
-    INSERT INTO artifacts (sha256, content, bytes) \
-    SELECT * FROM unnest($8::text[], $9::bytea[], $10::bigint[]) ON CONFLICT (sha256) DO NOTHING) \
-    INSERT INTO events \
-    (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) \
-    SELECT e.aggregate_type, e.aggregate_id, e.sequence, e.event_type, e.event_version, e.payload, e.metadata \
-      FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::jsonb[], $7::jsonb[]) \
-           WITH ORDINALITY AS e(aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata, n) \
-     ORDER BY e.n";
 
 impl Rows {
     /// The entry's next staged event, as stored: cqrs-es's tagged payload, the run in the metadata.
@@ -707,28 +694,13 @@ impl Rows {
         Ok(())
     }
 
-    async fn append(&self, pool: &PgPool, artifacts: &[ArtifactContent]) -> Result<(), CommitError> {
-        let query = sqlx::query(if artifacts.is_empty() { APPEND } else { APPEND_WITH_ARTIFACTS })
-            .bind(&self.aggregate_types)
-            .bind(&self.aggregate_ids)
-            .bind(&self.sequences)
-            .bind(&self.event_types)
-            .bind(&self.event_versions)
-            .bind(&self.payloads)
-            .bind(&self.metadata);
-        let query = if artifacts.is_empty() {
-            query
-        } else {
-            query
-                .bind(artifacts.iter().map(|a| a.sha256.as_str()).collect::<Vec<_>>())
-                .bind(artifacts.iter().map(|a| a.content.as_slice()).collect::<Vec<_>>())
-                .bind(artifacts.iter().map(|a| a.content.len() as i64).collect::<Vec<_>>())
-        };
-        match query.execute(pool).await {
-            Ok(_) => Ok(()),
-            Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("23505") => Err(CommitError::Conflict),
-            Err(error) => Err(CommitError::Store(Box::new(error))),
-        }
+    pub(crate) fn len(&self) -> usize {
+        self.sequences.len()
+    }
+
+    /// The aggregates the rows write (an aggregate once per event).
+    pub(crate) fn aggregates(&self) -> impl Iterator<Item = (&'static str, String)> + '_ {
+        self.aggregate_types.iter().copied().zip(self.aggregate_ids.iter().cloned())
     }
 
     /// The in-memory form of the appended events (their payloads moved, not copied).

@@ -79,7 +79,6 @@ fn respond(request: &ModelRequest, markers: &Markers) -> ModelResponse {
     let prompt = first_user_message(&request.messages);
     let script = team_script(&request.team);
     let project = Project::of(&request.team, prompt);
-    let project = project.as_ref();
     let turn = Turn::read(&request.messages);
     let verdict = verdict(script, markers, &project, prompt);
 
@@ -535,50 +534,73 @@ fn task_result(
 // The project, as read from the requirement
 // ---------------------------------------------------------------------------------------------
 
-/// Everything the templates say about the product, derived once per request from the
-/// requirement text. The templates refer to these values as `{{key}}`.
+/// Everything the templates say about the product: what the team's prompt says (its
+/// clarification answers, its inputs) and what the requirement gives (the values the
+/// templates refer to as `{{key}}`, worked out once per team and requirement).
 struct Project {
     entity: String,
     clarification_answers: Vec<String>,
     prompt: String,
     inputs: String,
-    values: BTreeMap<&'static str, String>,
+    values: std::sync::Arc<BTreeMap<&'static str, String>>,
 }
 
-/// Projects worked out at most, remembered; then the memory starts over.
-const REMEMBERED_PROJECTS: usize = 1024;
+/// What a requirement gives a team's templates.
+struct Described {
+    entity: String,
+    values: std::sync::Arc<BTreeMap<&'static str, String>>,
+}
+
+/// Requirements described at most, remembered; then the memory starts over.
+const REMEMBERED_DESCRIPTIONS: usize = 1024;
 
 impl Project {
-    /// The project of a team's objective prompt, worked out once: every turn of an
-    /// objective's conversation asks for it again.
-    fn of(team: &str, prompt: &str) -> std::sync::Arc<Project> {
-        type Remembered = std::collections::HashMap<(String, String), std::sync::Arc<Project>>;
+    /// The project of a team's objective prompt. Its values come from the requirement alone,
+    /// so they are worked out once per team and requirement: every stage of a run, and every
+    /// turn of an objective's conversation, asks for them again.
+    fn of(team: &str, prompt: &str) -> Project {
+        type Remembered = std::collections::HashMap<(String, String), std::sync::Arc<Described>>;
         static REMEMBERED: std::sync::Mutex<Option<Remembered>> = std::sync::Mutex::new(None);
-        let key = (team.to_string(), prompt.to_string());
-        if let Some(project) = REMEMBERED.lock().expect("not poisoned").as_ref().and_then(|r| r.get(&key)) {
-            return project.clone();
-        }
-        let project = std::sync::Arc::new(Project::new(team, prompt));
-        let mut memory = REMEMBERED.lock().expect("not poisoned");
-        let remembered = memory.get_or_insert_with(Default::default);
-        if remembered.len() >= REMEMBERED_PROJECTS {
-            remembered.clear();
-        }
-        remembered.insert(key, project.clone());
-        project
+        let key = (team.to_string(), requirement_of(prompt));
+        let remembered = REMEMBERED.lock().expect("not poisoned").as_ref().and_then(|r| r.get(&key).cloned());
+        let described = match remembered {
+            Some(described) => described,
+            None => {
+                let described = std::sync::Arc::new(Described::of(team, &key.1));
+                let mut memory = REMEMBERED.lock().expect("not poisoned");
+                let remembered = memory.get_or_insert_with(Default::default);
+                if remembered.len() >= REMEMBERED_DESCRIPTIONS {
+                    remembered.clear();
+                }
+                remembered.insert(key, described.clone());
+                described
+            }
+        };
+        Project::with(&described, prompt)
     }
 
+    #[cfg(test)]
     fn new(team: &str, prompt: &str) -> Project {
-        let requirement = strip_markers(requirement_section(prompt));
-        let requirement = if requirement.is_empty() {
-            "An unspecified product".to_string()
-        } else {
-            requirement
-        };
-        let product = ProductName::of(&requirement);
+        Project::with(&Described::of(team, &requirement_of(prompt)), prompt)
+    }
+
+    fn with(described: &Described, prompt: &str) -> Project {
+        Project {
+            entity: described.entity.clone(),
+            clarification_answers: clarification_answers(prompt),
+            prompt: prompt.to_string(),
+            inputs: section(prompt, "## Inputs").unwrap_or_default().to_string(),
+            values: described.values.clone(),
+        }
+    }
+}
+
+impl Described {
+    fn of(team: &str, requirement: &str) -> Described {
+        let product = ProductName::of(requirement);
         let entity = product.entity.clone();
         let entities = plural(&entity);
-        let features = features(&requirement, &product);
+        let features = features(requirement, &product);
         let frs = functional_requirements(&entity, &entities, &features);
         let flags: Vec<String> = features.iter().map(|feature| flag_name(feature)).collect();
 
@@ -630,15 +652,17 @@ impl Project {
         values.insert("feature_map_rows", feature_map_rows(&frs, &entities));
         values.insert("coverage_rows", coverage_rows(&frs));
         values.insert("feature_ops", feature_user_guide(&features, &flags));
-
-        Project {
-            entity,
-            clarification_answers: clarification_answers(prompt),
-            prompt: prompt.to_string(),
-            inputs: section(prompt, "## Inputs").unwrap_or_default().to_string(),
-            values,
-        }
+        Described { entity, values: std::sync::Arc::new(values) }
     }
+}
+
+/// The requirement of an objective prompt, markers stripped.
+fn requirement_of(prompt: &str) -> String {
+    let requirement = strip_markers(requirement_section(prompt));
+    if requirement.is_empty() { "An unspecified product".to_string() } else { requirement }
+}
+
+impl Project {
 
     /// `template` with every known `{{key}}` replaced, in one pass: text that came from the
     /// requirement is never substituted again, and unknown `{{...}}` stay as written.

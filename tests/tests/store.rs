@@ -482,3 +482,92 @@ async fn payloads_up_to_a_page_are_stored_uncompressed() {
     assert!(size > 4000, "{size}");
     assert_eq!(compression, None, "{size} bytes stored as they are");
 }
+
+/// Submitted runs, remembered by `store`.
+async fn submitted_runs(store: &Store, n: usize) -> Vec<RunId> {
+    let mut runs = Vec::new();
+    for _ in 0..n {
+        let run = RunId::new();
+        store.execute_run(run, submit("Build a URL shortener")).await.unwrap();
+        runs.push(run);
+    }
+    runs
+}
+
+/// A unit per run (a run twice, twice), each starting its first stage on what `store`
+/// remembers, all committed at once: how many committed and how many met a conflict.
+async fn start_all_at_once(store: &Arc<Store>, runs: &[RunId]) -> (usize, usize) {
+    let start = |run: RunId| {
+        let store = store.clone();
+        async move {
+            let mut unit = store.changes();
+            unit.execute_run(run, RunCommand::StartStage { stage: "ba".into(), team: "business-analysis".into(), objective_id: ObjectiveId::new() })
+                .await
+                .unwrap();
+            unit.commit().await
+        }
+    };
+    let outcomes = futures::future::join_all(runs.iter().map(|&run| Box::pin(start(run)))).await;
+    let (mut committed, mut conflicts) = (0, 0);
+    for outcome in outcomes {
+        match outcome {
+            Ok(()) => committed += 1,
+            Err(factory_commands::store::CommitError::Conflict) => conflicts += 1,
+            Err(other) => panic!("{other}"),
+        }
+    }
+    (committed, conflicts)
+}
+
+/// The transactions that appended the runs' second events.
+async fn transactions_of(stack: &TestStack, runs: &[RunId]) -> i64 {
+    let ids: Vec<String> = runs.iter().map(ToString::to_string).collect();
+    sqlx::query_scalar("SELECT count(DISTINCT xid::text) FROM events WHERE aggregate_id = ANY($1) AND sequence = 2")
+        .bind(&ids)
+        .fetch_one(&stack.pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn units_committed_at_the_same_moment_share_statements_and_one_that_loses_a_race_loses_it_alone() {
+    let stack = TestStack::new().await;
+    let store = store(&stack).await;
+    let runs = submitted_runs(&store, 40).await;
+    // The contested run twice, both units on the same state.
+    let mut units = runs.clone();
+    units.push(runs[20]);
+    assert_eq!(start_all_at_once(&store, &units).await, (40, 1), "only one of the contested run's units lost");
+    for run in &runs {
+        assert_eq!(sequences(&stack, &run.to_string()).await, [1, 2]);
+    }
+    let transactions = transactions_of(&stack, &runs).await;
+    assert!(transactions <= 10, "{transactions} transactions for 40 units");
+    let report = audit::verify(&stack.pool).await.unwrap();
+    assert_eq!((report.events, report.broken.len()), (80, 0), "{:?}", report.broken);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unit_that_lost_to_another_process_inside_a_shared_statement_is_told_so_and_the_others_commit() {
+    let stack = TestStack::new().await;
+    let store = store(&stack).await;
+    let runs = submitted_runs(&store, 40).await;
+    // Another process starts a stage of one run first; this one still remembers it unstarted.
+    let contested = runs[25];
+    store_of_another_process(&stack)
+        .await
+        .execute_run(contested, RunCommand::StartStage { stage: "sa".into(), team: "solution-architecture".into(), objective_id: ObjectiveId::new() })
+        .await
+        .unwrap();
+    assert_eq!(start_all_at_once(&store, &runs).await, (39, 1));
+    let transactions = transactions_of(&stack, &runs).await;
+    assert!(transactions <= 20, "{transactions} transactions for 40 units: the refused statement was split, not undone unit by unit");
+    let stages: Vec<String> = sqlx::query_scalar("SELECT payload->'StageStarted'->>'stage' FROM events WHERE aggregate_id = $1 AND sequence = 2")
+        .bind(contested.to_string())
+        .fetch_all(&stack.pool)
+        .await
+        .unwrap();
+    assert_eq!(stages, ["sa"], "the other process's event stands");
+    let report = audit::verify(&stack.pool).await.unwrap();
+    assert_eq!((report.events, report.broken.len()), (80, 0), "{:?}", report.broken);
+}

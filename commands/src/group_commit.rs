@@ -1,0 +1,357 @@
+//! Group commit: the appends of units of work committed at the same moment share one
+//! statement.
+//!
+//! A unit of work is appended by one `INSERT` (its events, and its artifact contents in the
+//! same statement). Under load, many units are ready at once (one per worker finishing its
+//! objective), and each statement costs the database more than its rows do: parsing and
+//! planning, the executor and the insert trigger set up, a transaction started and committed
+//! (a WAL flush), a round trip and a pooled connection. So appends queue here, and at most
+//! [`STATEMENTS_IN_FLIGHT`] statements run at once; whatever queued meanwhile goes into the
+//! next statement together. An idle store appends a unit at once, as before.
+//!
+//! A unit stays all or nothing, and decided alone: a statement is one transaction, and when
+//! a shared statement fails in the database (one of its units lost a race for a sequence,
+//! say), nothing of it was written and each unit is appended again on its own, so that each
+//! gets its own answer (committed, a conflict, or its own error). Only a failure with no
+//! answer from the database (the connection lost) is every unit's answer: whether that
+//! statement committed is unknown, as it would be for a unit alone.
+
+use crate::store::{ArtifactContent, CommitError, Rows};
+use sqlx::PgPool;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use tokio::sync::oneshot;
+
+/// Statements appending at once. More run side by side only when appends come faster than
+/// one statement takes; each takes whatever queued while the others ran.
+pub const STATEMENTS_IN_FLIGHT: usize = 4;
+
+/// Units one statement takes at most, and events: a bound on its size, not a target.
+const UNITS_PER_STATEMENT: usize = 64;
+const EVENTS_PER_STATEMENT: usize = 1_024;
+
+/// What a unit of work appends: its events, in order, and its artifact contents. Given back
+/// with the outcome, for what the unit does once committed.
+pub(crate) struct Append {
+    pub rows: Rows,
+    pub artifacts: Vec<ArtifactContent>,
+}
+
+struct Pending {
+    append: Append,
+    answer: oneshot::Sender<(Append, Result<(), CommitError>)>,
+}
+
+/// An aggregate, as the store keys it.
+type Aggregate = (&'static str, String);
+
+#[derive(Default)]
+struct Queue {
+    pending: Vec<Pending>,
+    /// Statements appending now (a task each, or a caller appending alone).
+    statements: usize,
+    /// The aggregates those statements write. A unit that writes one of them waits for that
+    /// statement to end: one of the two must lose the race for the aggregate's sequence, and
+    /// waiting, it loses it alone, without failing a statement shared with others (a
+    /// statement of its own would wait for the other's commit in the database anyway).
+    writing: HashSet<Aggregate>,
+}
+
+/// The queue of a store's appends (see the module's documentation).
+pub(crate) struct GroupCommit {
+    pool: PgPool,
+    queue: Mutex<Queue>,
+}
+
+/// A shared statement failed before the database answered: no one knows whether it committed.
+#[derive(Debug, thiserror::Error)]
+#[error("the append shared with {others} other unit(s) of work failed: {reason}")]
+struct SharedFailure {
+    others: usize,
+    reason: String,
+}
+
+/// The task appending a unit ended without answering (it panicked).
+#[derive(Debug, thiserror::Error)]
+#[error("the append was interrupted; whether it committed is unknown")]
+struct Interrupted;
+
+impl GroupCommit {
+    pub fn new(pool: PgPool) -> Arc<Self> {
+        Arc::new(Self { pool, queue: Mutex::new(Queue::default()) })
+    }
+
+    /// Appends `append`, alone or with others queued at the same moment, and gives it back
+    /// with the outcome.
+    pub async fn append(self: &Arc<Self>, append: Append) -> (Option<Append>, Result<(), CommitError>) {
+        let (answer, answered) = oneshot::channel();
+        let alone = {
+            let mut queue = self.queue.lock().expect("not poisoned");
+            let free = queue.statements < STATEMENTS_IN_FLIGHT;
+            let writes: Vec<Aggregate> = append.rows.aggregates().collect();
+            if free && queue.pending.is_empty() && !writes.iter().any(|a| queue.writing.contains(a)) {
+                queue.statements += 1;
+                queue.writing.extend(writes.iter().cloned());
+                Some((append, writes))
+            } else {
+                queue.pending.push(Pending { append, answer });
+                if free {
+                    queue.statements += 1;
+                    // A task of its own: a caller dropped mid-way (a cancelled worker) does
+                    // not take the other units of its statement down with it.
+                    tokio::spawn(Statements { group: self.clone(), writing: Vec::new(), done: false }.run());
+                }
+                None
+            }
+        };
+        match alone {
+            // Nothing waits and a statement is free: appended by the caller itself, without
+            // a hop to another task. Its place goes to a new task if units queued meanwhile,
+            // also when the caller is dropped mid-way.
+            Some((append, writes)) => {
+                let _place = Statements { group: self.clone(), writing: writes, done: false };
+                let outcome = append_one(&self.pool, &append).await;
+                (Some(append), outcome)
+            }
+            None => match answered.await {
+                Ok((append, outcome)) => (Some(append), outcome),
+                Err(_) => (None, Err(CommitError::Store(Box::new(Interrupted)))),
+            },
+        }
+    }
+
+    /// Ends the statement that wrote `written` and takes the next one's units: every queued
+    /// unit that writes no aggregate a statement in flight writes, within the bounds. `None`,
+    /// and one statement less, when there is none.
+    fn next(&self, written: &mut Vec<Aggregate>) -> Option<Vec<Pending>> {
+        let mut queue = self.queue.lock().expect("not poisoned");
+        let queue = &mut *queue;
+        for aggregate in written.drain(..) {
+            queue.writing.remove(&aggregate);
+        }
+        let (mut taken, mut left, mut events) = (Vec::new(), Vec::new(), 0);
+        for unit in queue.pending.drain(..) {
+            let rows = &unit.append.rows;
+            let full = taken.len() >= UNITS_PER_STATEMENT || (!taken.is_empty() && events + rows.len() > EVENTS_PER_STATEMENT);
+            if full || rows.aggregates().any(|a| queue.writing.contains(&a)) {
+                left.push(unit);
+                continue;
+            }
+            for aggregate in rows.aggregates() {
+                if queue.writing.insert(aggregate.clone()) {
+                    written.push(aggregate);
+                }
+            }
+            events += rows.len();
+            taken.push(unit);
+        }
+        queue.pending = left;
+        if taken.is_empty() {
+            // What is left waits for a statement in flight, whose task takes it next.
+            queue.statements -= 1;
+            return None;
+        }
+        Some(taken)
+    }
+}
+
+/// A place among the statements in flight: a task appending statement after statement while
+/// units are queued, or a caller appending alone.
+struct Statements {
+    group: Arc<GroupCommit>,
+    /// The aggregates its statement writes.
+    writing: Vec<Aggregate>,
+    done: bool,
+}
+
+impl Statements {
+    async fn run(mut self) {
+        while let Some(units) = self.group.next(&mut self.writing) {
+            append_units(&self.group.pool, units).await;
+        }
+        self.done = true;
+    }
+}
+
+impl Drop for Statements {
+    /// A place not given up by [`Statements::run`] (a caller that appended alone, or a task
+    /// that panicked) goes to a new task if units are queued: their callers would otherwise
+    /// wait for ever.
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let restart = {
+            let mut queue = self.group.queue.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            for aggregate in self.writing.drain(..) {
+                queue.writing.remove(&aggregate);
+            }
+            if queue.pending.is_empty() {
+                queue.statements -= 1;
+                false
+            } else {
+                true
+            }
+        };
+        if restart && let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(Statements { group: self.group.clone(), writing: Vec::new(), done: false }.run());
+        }
+    }
+}
+
+/// One statement for all of `units`. When the database refuses a shared statement (nothing
+/// of it was written), its units are split in two and each half tried again, down to single
+/// units, which get their own answer: a unit that lost a race to another process costs a few
+/// statements, not one per unit.
+async fn append_units(pool: &PgPool, units: Vec<Pending>) {
+    let mut groups = vec![units];
+    while let Some(mut group) = groups.pop() {
+        if group.len() == 1 {
+            let unit = group.pop().expect("one unit");
+            let outcome = append_one(pool, &unit.append).await;
+            let _ = unit.answer.send((unit.append, outcome));
+            continue;
+        }
+        match append_together(pool, &group).await {
+            Ok(()) => {
+                for unit in group {
+                    let _ = unit.answer.send((unit.append, Ok(())));
+                }
+            }
+            Err(sqlx::Error::Database(_)) => {
+                let second = group.split_off(group.len() / 2);
+                groups.push(second);
+                groups.push(group);
+            }
+            Err(error) => {
+                let reason = error.to_string();
+                let others = group.len() - 1;
+                for unit in group {
+                    let failure = SharedFailure { others, reason: reason.clone() };
+                    let _ = unit.answer.send((unit.append, Err(CommitError::Store(Box::new(failure)))));
+                }
+            }
+        }
+    }
+}
+
+/// The events of each unit in the order staged, and every artifact content once (two units
+/// may store the same content: it is addressed by its digest).
+async fn append_together(pool: &PgPool, units: &[Pending]) -> Result<(), sqlx::Error> {
+    let events: usize = units.iter().map(|u| u.append.rows.len()).sum();
+    let mut columns = Columns::with_capacity(events);
+    let mut artifacts = ArtifactColumns::default();
+    let mut stored = HashSet::new();
+    for unit in units {
+        columns.extend(&unit.append.rows);
+        for artifact in &unit.append.artifacts {
+            if stored.insert(artifact.sha256.as_str()) {
+                artifacts.push(artifact);
+            }
+        }
+    }
+    execute(pool, &columns, &artifacts).await
+}
+
+/// One unit's append; a unique violation is another writer's event at one of its sequences.
+async fn append_one(pool: &PgPool, append: &Append) -> Result<(), CommitError> {
+    let mut columns = Columns::with_capacity(append.rows.len());
+    columns.extend(&append.rows);
+    let mut artifacts = ArtifactColumns::default();
+    for artifact in &append.artifacts {
+        artifacts.push(artifact);
+    }
+    match execute(pool, &columns, &artifacts).await {
+        Ok(()) => Ok(()),
+        Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("23505") => Err(CommitError::Conflict),
+        Err(error) => Err(CommitError::Store(Box::new(error))),
+    }
+}
+
+/// One statement: one transaction, all of it or nothing.
+async fn execute(pool: &PgPool, columns: &Columns<'_>, artifacts: &ArtifactColumns<'_>) -> Result<(), sqlx::Error> {
+    let query = sqlx::query(if artifacts.shas.is_empty() { APPEND } else { APPEND_WITH_ARTIFACTS })
+        .bind(&columns.aggregate_types)
+        .bind(&columns.aggregate_ids)
+        .bind(&columns.sequences)
+        .bind(&columns.event_types)
+        .bind(&columns.event_versions)
+        .bind(&columns.payloads)
+        .bind(&columns.metadata);
+    let query = if artifacts.shas.is_empty() {
+        query
+    } else {
+        query.bind(&artifacts.shas).bind(&artifacts.contents).bind(&artifacts.bytes)
+    };
+    query.execute(pool).await.map(|_| ())
+}
+
+/// The events of one statement, column by column, borrowed from the units' rows.
+struct Columns<'a> {
+    aggregate_types: Vec<&'a str>,
+    aggregate_ids: Vec<&'a str>,
+    sequences: Vec<i64>,
+    event_types: Vec<&'a str>,
+    event_versions: Vec<&'a str>,
+    payloads: Vec<&'a serde_json::Value>,
+    metadata: Vec<&'a serde_json::Value>,
+}
+
+impl<'a> Columns<'a> {
+    fn with_capacity(n: usize) -> Self {
+        Self {
+            aggregate_types: Vec::with_capacity(n),
+            aggregate_ids: Vec::with_capacity(n),
+            sequences: Vec::with_capacity(n),
+            event_types: Vec::with_capacity(n),
+            event_versions: Vec::with_capacity(n),
+            payloads: Vec::with_capacity(n),
+            metadata: Vec::with_capacity(n),
+        }
+    }
+
+    fn extend(&mut self, rows: &'a Rows) {
+        self.aggregate_types.extend(rows.aggregate_types.iter().copied());
+        self.aggregate_ids.extend(rows.aggregate_ids.iter().map(String::as_str));
+        self.sequences.extend(rows.sequences.iter().copied());
+        self.event_types.extend(rows.event_types.iter().map(String::as_str));
+        self.event_versions.extend(rows.event_versions.iter().map(String::as_str));
+        self.payloads.extend(rows.payloads.iter());
+        self.metadata.extend(rows.metadata.iter());
+    }
+}
+
+#[derive(Default)]
+struct ArtifactColumns<'a> {
+    shas: Vec<&'a str>,
+    contents: Vec<&'a [u8]>,
+    bytes: Vec<i64>,
+}
+
+impl<'a> ArtifactColumns<'a> {
+    fn push(&mut self, artifact: &'a ArtifactContent) {
+        self.shas.push(&artifact.sha256);
+        self.contents.push(&artifact.content);
+        self.bytes.push(artifact.content.len() as i64);
+    }
+}
+
+/// The events of a statement, in the order given (`WITH ORDINALITY`): positions are drawn in
+/// that order, and each event's hash chains onto the one before it in its aggregate.
+const APPEND: &str = "INSERT INTO events \
+    (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) \
+    SELECT e.aggregate_type, e.aggregate_id, e.sequence, e.event_type, e.event_version, e.payload, e.metadata \
+      FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::jsonb[], $7::jsonb[]) \
+           WITH ORDINALITY AS e(aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata, n) \
+     ORDER BY e.n";
+
+/// The same, with artifact contents stored by the same statement.
+const APPEND_WITH_ARTIFACTS: &str = "WITH stored AS (\
+    INSERT INTO artifacts (sha256, content, bytes) \
+    SELECT * FROM unnest($8::text[], $9::bytea[], $10::bigint[]) ON CONFLICT (sha256) DO NOTHING) \
+    INSERT INTO events \
+    (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) \
+    SELECT e.aggregate_type, e.aggregate_id, e.sequence, e.event_type, e.event_version, e.payload, e.metadata \
+      FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::jsonb[], $7::jsonb[]) \
+           WITH ORDINALITY AS e(aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata, n) \
+     ORDER BY e.n";
