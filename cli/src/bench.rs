@@ -56,6 +56,10 @@ pub struct BenchArgs {
     /// Short measurements: `all` finishes in under a minute.
     #[arg(long)]
     pub quick: bool,
+    /// The pipeline's throughput phase: how many phase1 runs are submitted at once (200, or
+    /// 50 with `--quick`). More runs make a longer steady phase, to profile under load.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub runs: Option<u32>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -144,7 +148,12 @@ impl Plan {
 }
 
 pub async fn run(args: BenchArgs, config: &Config) -> Result<ExitCode> {
-    let plan = Plan::new(args.quick);
+    let mut plan = Plan::new(args.quick);
+    if let Some(runs) = args.runs {
+        plan.concurrent_runs = runs as usize;
+        // As long as 200 runs may take, and a second per ten more.
+        plan.concurrent_deadline = plan.concurrent_deadline.max(Duration::from_millis(100 * runs as u64));
+    }
     if matches!(args.which, Suite::Store | Suite::All) {
         store_suite(config, plan).await?;
     }

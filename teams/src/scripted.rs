@@ -536,8 +536,10 @@ fn task_result(
 
 /// Everything the templates say about the product: what the team's prompt says (its
 /// clarification answers, its inputs) and what the requirement gives (the values the
-/// templates refer to as `{{key}}`, worked out once per team and requirement).
+/// templates refer to as `{{key}}`, worked out once per requirement).
 struct Project {
+    /// The `{{team}}` value: the only one that is not the requirement's.
+    team: String,
     entity: String,
     clarification_answers: Vec<String>,
     prompt: String,
@@ -556,17 +558,17 @@ const REMEMBERED_DESCRIPTIONS: usize = 1024;
 
 impl Project {
     /// The project of a team's objective prompt. Its values come from the requirement alone,
-    /// so they are worked out once per team and requirement: every stage of a run, and every
-    /// turn of an objective's conversation, asks for them again.
+    /// so they are worked out once per requirement: every stage of a run, and every turn of
+    /// an objective's conversation, asks for them again.
     fn of(team: &str, prompt: &str) -> Project {
-        type Remembered = std::collections::HashMap<(String, String), std::sync::Arc<Described>>;
+        type Remembered = std::collections::HashMap<String, std::sync::Arc<Described>>;
         static REMEMBERED: std::sync::Mutex<Option<Remembered>> = std::sync::Mutex::new(None);
-        let key = (team.to_string(), requirement_of(prompt));
+        let key = requirement_of(prompt);
         let remembered = REMEMBERED.lock().expect("not poisoned").as_ref().and_then(|r| r.get(&key).cloned());
         let described = match remembered {
             Some(described) => described,
             None => {
-                let described = std::sync::Arc::new(Described::of(team, &key.1));
+                let described = std::sync::Arc::new(Described::of(&key));
                 let mut memory = REMEMBERED.lock().expect("not poisoned");
                 let remembered = memory.get_or_insert_with(Default::default);
                 if remembered.len() >= REMEMBERED_DESCRIPTIONS {
@@ -576,16 +578,17 @@ impl Project {
                 described
             }
         };
-        Project::with(&described, prompt)
+        Project::with(team, &described, prompt)
     }
 
     #[cfg(test)]
     fn new(team: &str, prompt: &str) -> Project {
-        Project::with(&Described::of(team, &requirement_of(prompt)), prompt)
+        Project::with(team, &Described::of(&requirement_of(prompt)), prompt)
     }
 
-    fn with(described: &Described, prompt: &str) -> Project {
+    fn with(team: &str, described: &Described, prompt: &str) -> Project {
         Project {
+            team: team_slug(team),
             entity: described.entity.clone(),
             clarification_answers: clarification_answers(prompt),
             prompt: prompt.to_string(),
@@ -596,7 +599,7 @@ impl Project {
 }
 
 impl Described {
-    fn of(team: &str, requirement: &str) -> Described {
+    fn of(requirement: &str) -> Described {
         let product = ProductName::of(requirement);
         let entity = product.entity.clone();
         let entities = plural(&entity);
@@ -606,7 +609,6 @@ impl Described {
 
         let requirement_line = requirement.split_whitespace().collect::<Vec<_>>().join(" ");
         let mut values = BTreeMap::new();
-        values.insert("team", team_slug(team));
         values.insert("name", product.display.clone());
         values.insert("title", title_case(&product.display));
         values.insert("slug", product.slug.clone());
@@ -674,7 +676,7 @@ impl Project {
             let after = &rest[open + 2..];
             let known = after
                 .find("}}")
-                .and_then(|close| Some((self.values.get(&after[..close])?, close)));
+                .and_then(|close| Some((self.value(&after[..close])?, close)));
             match known {
                 Some((value, close)) => {
                     out.push_str(value);
@@ -688,6 +690,10 @@ impl Project {
         }
         out.push_str(rest);
         out
+    }
+
+    fn value(&self, key: &str) -> Option<&str> {
+        if key == "team" { Some(&self.team) } else { self.values.get(key).map(String::as_str) }
     }
 
     fn prompt_mentions(&self, text: &str) -> bool {
