@@ -6,7 +6,7 @@
 //! events exactly as stored ([`stored_range`]): the stream carries what the store holds.
 
 use chrono::{DateTime, Utc};
-use factory_nats::{EventEnvelope, RawEnvelope};
+use factory_nats::{EventEnvelope, JsonText, RawEnvelope};
 use sqlx::postgres::PgRow;
 use sqlx::{PgExecutor, Row};
 use uuid::Uuid;
@@ -133,7 +133,6 @@ pub async fn stored_range_raw<'e>(
                   WHEN payload ? event_type AND (SELECT count(*) FROM jsonb_object_keys(payload)) = 1 \
                   THEN payload -> event_type ELSE payload END)::text AS payload \
        FROM events WHERE position > $1 AND position <= $2 ORDER BY position LIMIT $3";
-    let raw = |text: String| serde_json::value::RawValue::from_string(text).map_err(|e| sqlx::Error::Decode(Box::new(e)));
     sqlx::query(SQL)
         .bind(after)
         .bind(up_to)
@@ -152,8 +151,8 @@ pub async fn stored_range_raw<'e>(
                 event_version: row.try_get("event_version")?,
                 run_id: row.try_get::<Option<Uuid>, _>("run_id")?,
                 recorded_at: row.try_get::<DateTime<Utc>, _>("recorded_at")?,
-                payload: raw(row.try_get("payload")?)?,
-                metadata: raw(row.try_get("metadata")?)?,
+                payload: JsonText(row.try_get("payload")?),
+                metadata: JsonText(row.try_get("metadata")?),
                 hash: hex(&hash),
             })
         })

@@ -305,7 +305,7 @@ impl Relay {
                 &envelope.aggregate_type,
                 &envelope.event_type,
             );
-            let body = serde_json::to_vec(envelope).map_err(|e| RelayError::Publish(e.into()))?;
+            let body = envelope.to_body();
             let ack = self
                 .js
                 .send_publish(subject, jetstream::message::PublishMessage::build().payload(body.into()).headers(cloud_event_headers(envelope)))

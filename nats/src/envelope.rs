@@ -8,8 +8,8 @@ use uuid::Uuid;
 /// The JSON body of every published event (contract §4).
 ///
 /// Read with `payload` and `metadata` as `serde_json::Value`s. The relay writes them as the
-/// store's JSON text (`EventEnvelope<Box<RawValue>>`, see [`RawEnvelope`]): the same body,
-/// without parsing the payload only to write it again.
+/// store's JSON text ([`RawEnvelope`], [`EventEnvelope::to_body`]): the same body, without
+/// parsing the payload only to write it again.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EventEnvelope<P = serde_json::Value> {
     pub position: i64,
@@ -28,7 +28,48 @@ pub struct EventEnvelope<P = serde_json::Value> {
 }
 
 /// An envelope whose payload and metadata are JSON text, as the relay publishes it.
-pub type RawEnvelope = EventEnvelope<Box<serde_json::value::RawValue>>;
+pub type RawEnvelope = EventEnvelope<JsonText>;
+
+/// JSON text as the store gives it (its jsonb's text form, so valid JSON), kept as text: the
+/// relay publishes it without parsing it, not even to check it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JsonText(pub String);
+
+impl EventEnvelope<JsonText> {
+    /// The message body: what serialising the envelope with its payload and metadata parsed
+    /// would give, field for field in the same order, with the payload and metadata written
+    /// as the store's text.
+    pub fn to_body(&self) -> Vec<u8> {
+        fn json<T: Serialize + ?Sized>(out: &mut Vec<u8>, value: &T) {
+            serde_json::to_writer(out, value).expect("strings, numbers and times serialise to memory");
+        }
+        let mut out = Vec::with_capacity(self.payload.0.len() + self.metadata.0.len() + 384);
+        out.extend_from_slice(b"{\"position\":");
+        json(&mut out, &self.position);
+        out.extend_from_slice(b",\"aggregate_type\":");
+        json(&mut out, &self.aggregate_type);
+        out.extend_from_slice(b",\"aggregate_id\":");
+        json(&mut out, &self.aggregate_id);
+        out.extend_from_slice(b",\"sequence\":");
+        json(&mut out, &self.sequence);
+        out.extend_from_slice(b",\"event_type\":");
+        json(&mut out, &self.event_type);
+        out.extend_from_slice(b",\"event_version\":");
+        json(&mut out, &self.event_version);
+        out.extend_from_slice(b",\"run_id\":");
+        json(&mut out, &self.run_id);
+        out.extend_from_slice(b",\"recorded_at\":");
+        json(&mut out, &self.recorded_at);
+        out.extend_from_slice(b",\"payload\":");
+        out.extend_from_slice(self.payload.0.as_bytes());
+        out.extend_from_slice(b",\"metadata\":");
+        out.extend_from_slice(self.metadata.0.as_bytes());
+        out.extend_from_slice(b",\"hash\":");
+        json(&mut out, &self.hash);
+        out.push(b'}');
+        out
+    }
+}
 
 impl<P> EventEnvelope<P> {
     /// `Nats-Msg-Id` and CloudEvents `ce-id`: unique per event, stable across republishing.
@@ -73,4 +114,42 @@ pub fn cloud_event_headers<P>(envelope: &EventEnvelope<P>) -> HeaderMap {
     headers.insert("ce-subject", subject.as_str());
     headers.insert("Content-Type", "application/json");
     headers
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn envelope<P>(payload: P, metadata: P, run_id: Option<Uuid>) -> EventEnvelope<P> {
+        EventEnvelope {
+            position: 42,
+            aggregate_type: "objective".into(),
+            aggregate_id: "0193c0de-0000-7000-8000-000000000002".into(),
+            sequence: 7,
+            event_type: "ModelCalled".into(),
+            event_version: "1".into(),
+            run_id,
+            recorded_at: "2026-12-01T18:30:00.123456Z".parse().unwrap(),
+            payload,
+            metadata,
+            hash: "ab".repeat(32),
+        }
+    }
+
+    #[test]
+    fn the_relays_body_is_the_envelope_serialised_with_the_stores_text_kept_as_it_is() {
+        let payload = serde_json::json!({"response": "say \"hi\"\n", "tokens": 12, "nested": {"a": [1, 2.5, null]}});
+        let metadata = serde_json::json!({"run_id": "0193c0de-0000-7000-8000-000000000001"});
+        for run_id in [None, Some(Uuid::parse_str("0193c0de-0000-7000-8000-000000000001").unwrap())] {
+            let parsed = envelope(payload.clone(), metadata.clone(), run_id);
+            // Compact text: byte for byte what serde writes for the parsed envelope.
+            let compact = envelope(JsonText(payload.to_string()), JsonText(metadata.to_string()), run_id);
+            assert_eq!(String::from_utf8(compact.to_body()).unwrap(), serde_json::to_string(&parsed).unwrap());
+            // The store's own spacing is kept, and reads back as the same envelope.
+            let spaced = envelope(JsonText(serde_json::to_string_pretty(&payload).unwrap()), JsonText("{\"run_id\": \"0193c0de-0000-7000-8000-000000000001\"}".into()), run_id);
+            let body = spaced.to_body();
+            assert!(String::from_utf8_lossy(&body).contains("\"run_id\": \"0193c0de"));
+            assert_eq!(serde_json::from_slice::<EventEnvelope>(&body).unwrap(), parsed);
+        }
+    }
 }

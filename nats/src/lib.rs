@@ -8,5 +8,5 @@
 mod envelope;
 mod topology;
 
-pub use envelope::{EventEnvelope, PublishedEvent, RawEnvelope, cloud_event_headers};
+pub use envelope::{EventEnvelope, JsonText, PublishedEvent, RawEnvelope, cloud_event_headers};
 pub use topology::{Topology, TopologyError, WORKER_PRESENCE_TTL};
