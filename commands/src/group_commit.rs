@@ -18,7 +18,7 @@
 
 use crate::store::{ArtifactContent, CommitError, Rows};
 use sqlx::PgPool;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use tokio::sync::oneshot;
 
@@ -53,7 +53,8 @@ struct Queue {
     /// The aggregates those statements write. A unit that writes one of them waits for that
     /// statement to end: one of the two must lose the race for the aggregate's sequence, and
     /// waiting, it loses it alone, without failing a statement shared with others (a
-    /// statement of its own would wait for the other's commit in the database anyway).
+    /// statement of its own would wait for the other's commit in the database anyway); when
+    /// the statement took one of its sequences, it is told so at once (see [`Queue::ended`]).
     writing: HashSet<Aggregate>,
 }
 
@@ -99,7 +100,7 @@ impl GroupCommit {
                     queue.statements += 1;
                     // A task of its own: a caller dropped mid-way (a cancelled worker) does
                     // not take the other units of its statement down with it.
-                    tokio::spawn(Statements { group: self.clone(), writing: Vec::new(), done: false }.run());
+                    tokio::spawn(Statements::new(self, Vec::new()).run());
                 }
                 None
             }
@@ -109,8 +110,11 @@ impl GroupCommit {
             // a hop to another task. Its place goes to a new task if units queued meanwhile,
             // also when the caller is dropped mid-way.
             Some((append, writes)) => {
-                let _place = Statements { group: self.clone(), writing: writes, done: false };
+                let mut place = Statements::new(self, writes);
                 let outcome = append_one(&self.pool, &append).await;
+                if outcome.is_ok() {
+                    highest_sequences(&append.rows, &mut place.committed);
+                }
                 (Some(append), outcome)
             }
             None => match answered.await {
@@ -120,15 +124,13 @@ impl GroupCommit {
         }
     }
 
-    /// Ends the statement that wrote `written` and takes the next one's units: every queued
-    /// unit that writes no aggregate a statement in flight writes, within the bounds. `None`,
-    /// and one statement less, when there is none.
-    fn next(&self, written: &mut Vec<Aggregate>) -> Option<Vec<Pending>> {
+    /// Ends the statement that wrote `written` (committing `committed`) and takes the next
+    /// one's units: every queued unit that writes no aggregate a statement in flight writes,
+    /// within the bounds. `None`, and one statement less, when there is none.
+    fn next(&self, written: &mut Vec<Aggregate>, committed: &mut HashMap<Aggregate, i64>) -> Option<Vec<Pending>> {
         let mut queue = self.queue.lock().expect("not poisoned");
         let queue = &mut *queue;
-        for aggregate in written.drain(..) {
-            queue.writing.remove(&aggregate);
-        }
+        queue.ended(written, committed);
         let (mut taken, mut left, mut events) = (Vec::new(), Vec::new(), 0);
         for unit in queue.pending.drain(..) {
             let rows = &unit.append.rows;
@@ -161,15 +163,47 @@ struct Statements {
     group: Arc<GroupCommit>,
     /// The aggregates its statement writes.
     writing: Vec<Aggregate>,
+    /// What its last statement committed: the highest sequence per aggregate.
+    committed: HashMap<Aggregate, i64>,
     done: bool,
 }
 
 impl Statements {
+    fn new(group: &Arc<GroupCommit>, writing: Vec<Aggregate>) -> Self {
+        Self { group: group.clone(), writing, committed: HashMap::new(), done: false }
+    }
+
     async fn run(mut self) {
-        while let Some(units) = self.group.next(&mut self.writing) {
-            append_units(&self.group.pool, units).await;
+        while let Some(units) = self.group.next(&mut self.writing, &mut self.committed) {
+            append_units(&self.group.pool, units, &mut self.committed).await;
         }
         self.done = true;
+    }
+}
+
+impl Queue {
+    /// A statement that wrote `written` ended, committing `committed` (the highest sequence
+    /// per aggregate). Units queued meanwhile on an older state of those aggregates (one of
+    /// their sequences is taken now) are told of the conflict without a statement: theirs
+    /// would only have been refused.
+    fn ended(&mut self, written: &mut Vec<Aggregate>, committed: &mut HashMap<Aggregate, i64>) {
+        for aggregate in written.drain(..) {
+            self.writing.remove(&aggregate);
+        }
+        if committed.is_empty() {
+            return;
+        }
+        let (stale, left): (Vec<Pending>, Vec<Pending>) = self.pending.drain(..).partition(|unit| {
+            let rows = &unit.append.rows;
+            rows.aggregates()
+                .zip(rows.sequences.iter())
+                .any(|(aggregate, sequence)| committed.get(&aggregate).is_some_and(|taken| sequence <= taken))
+        });
+        self.pending = left;
+        committed.clear();
+        for unit in stale {
+            let _ = unit.answer.send((unit.append, Err(CommitError::Conflict)));
+        }
     }
 }
 
@@ -183,9 +217,7 @@ impl Drop for Statements {
         }
         let restart = {
             let mut queue = self.group.queue.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-            for aggregate in self.writing.drain(..) {
-                queue.writing.remove(&aggregate);
-            }
+            queue.ended(&mut self.writing, &mut self.committed);
             if queue.pending.is_empty() {
                 queue.statements -= 1;
                 false
@@ -194,7 +226,7 @@ impl Drop for Statements {
             }
         };
         if restart && let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(Statements { group: self.group.clone(), writing: Vec::new(), done: false }.run());
+            runtime.spawn(Statements::new(&self.group, Vec::new()).run());
         }
     }
 }
@@ -202,19 +234,24 @@ impl Drop for Statements {
 /// One statement for all of `units`. When the database refuses a shared statement (nothing
 /// of it was written), its units are split in two and each half tried again, down to single
 /// units, which get their own answer: a unit that lost a race to another process costs a few
-/// statements, not one per unit.
-async fn append_units(pool: &PgPool, units: Vec<Pending>) {
+/// statements, not one per unit. What committed goes into `committed` (see
+/// [`highest_sequences`]).
+async fn append_units(pool: &PgPool, units: Vec<Pending>, committed: &mut HashMap<Aggregate, i64>) {
     let mut groups = vec![units];
     while let Some(mut group) = groups.pop() {
         if group.len() == 1 {
             let unit = group.pop().expect("one unit");
             let outcome = append_one(pool, &unit.append).await;
+            if outcome.is_ok() {
+                highest_sequences(&unit.append.rows, committed);
+            }
             let _ = unit.answer.send((unit.append, outcome));
             continue;
         }
         match append_together(pool, &group).await {
             Ok(()) => {
                 for unit in group {
+                    highest_sequences(&unit.append.rows, committed);
                     let _ = unit.answer.send((unit.append, Ok(())));
                 }
             }
@@ -232,6 +269,14 @@ async fn append_units(pool: &PgPool, units: Vec<Pending>) {
                 }
             }
         }
+    }
+}
+
+/// The highest sequence of each aggregate `rows` write, into `highest`.
+fn highest_sequences(rows: &Rows, highest: &mut HashMap<Aggregate, i64>) {
+    for (aggregate, sequence) in rows.aggregates().zip(rows.sequences.iter().copied()) {
+        let entry = highest.entry(aggregate).or_insert(sequence);
+        *entry = (*entry).max(sequence);
     }
 }
 
@@ -355,3 +400,45 @@ const APPEND_WITH_ARTIFACTS: &str = "WITH stored AS (\
       FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::jsonb[], $7::jsonb[]) \
            WITH ORDINALITY AS e(aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata, n) \
      ORDER BY e.n";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A unit writing `aggregate_id`'s `sequences` (run events).
+    fn unit(aggregate_id: &str, sequences: &[i64]) -> (Pending, oneshot::Receiver<(Append, Result<(), CommitError>)>) {
+        let mut rows = Rows::default();
+        for &sequence in sequences {
+            rows.aggregate_types.push("run");
+            rows.aggregate_ids.push(aggregate_id.into());
+            rows.sequences.push(sequence);
+            rows.event_types.push("StageStarted".into());
+            rows.event_versions.push("1".into());
+            rows.payloads.push(serde_json::json!({}));
+            rows.metadata.push(serde_json::json!({}));
+            rows.run_ids.push(factory_domain::RunId::new());
+        }
+        let (answer, answered) = oneshot::channel();
+        (Pending { append: Append { rows, artifacts: Vec::new() }, answer }, answered)
+    }
+
+    #[test]
+    fn a_queued_unit_whose_sequence_a_statement_just_committed_is_told_of_the_conflict_without_a_statement() {
+        let mut queue = Queue::default();
+        let (stale, mut stale_answer) = unit("a", &[3, 4]);
+        let (newer, mut newer_answer) = unit("a", &[5]);
+        let (other, mut other_answer) = unit("b", &[3]);
+        queue.pending.extend([stale, newer, other]);
+        queue.writing.insert(("run", "a".into()));
+        let mut written = vec![("run", "a".to_string())];
+        let mut committed = HashMap::from([(("run", "a".to_string()), 4)]);
+
+        queue.ended(&mut written, &mut committed);
+
+        assert!(queue.writing.is_empty() && written.is_empty() && committed.is_empty());
+        let (_, outcome) = stale_answer.try_recv().expect("answered at once");
+        assert!(matches!(outcome, Err(CommitError::Conflict)));
+        assert!(newer_answer.try_recv().is_err() && other_answer.try_recv().is_err(), "the rest stay queued");
+        assert_eq!(queue.pending.len(), 2);
+    }
+}
