@@ -63,6 +63,7 @@ async fn serve(config: &Config, embedded: &stack::Embedded) -> Result<ExitCode> 
         .with_wake(store.committed());
     let metrics = std::sync::Arc::new(factory_gateway::Metrics {
         relay: relay.progress(),
+        store: Some(store.clone()),
     });
     let relay = tokio::spawn(relay.run());
     let router = model_router(config, &pool)?;

@@ -19,6 +19,7 @@
 use crate::store::{ArtifactContent, CommitError, Rows};
 use sqlx::PgPool;
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::oneshot;
 
@@ -62,14 +63,45 @@ struct Queue {
 pub(crate) struct GroupCommit {
     pool: PgPool,
     queue: Mutex<Queue>,
+    statements: AtomicU64,
+    shared: AtomicU64,
+    refused_shared: AtomicU64,
 }
 
-/// A shared statement failed before the database answered: no one knows whether it committed.
+/// Counts of a store's append statements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct GroupCommitStats {
+    /// Append statements sent.
+    pub statements: u64,
+    /// Of those, statements of more than one unit of work.
+    pub shared: u64,
+    /// Of those, statements the database refused (split in halves and tried again).
+    pub refused_shared: u64,
+}
+
+/// How a unit is appended: by its caller, by a task started for it, or by a task already
+/// appending.
+enum Way {
+    Alone(Append, Vec<Aggregate>),
+    Task,
+    Queued,
+}
+
+/// A shared statement failed: refused by the database for a reason that meets every unit
+/// alike (nothing was written), or without its answer (whether it committed is unknown).
 #[derive(Debug, thiserror::Error)]
-#[error("the append shared with {others} other unit(s) of work failed: {reason}")]
+#[error("the append shared with {others} other unit(s) of work failed{}: {reason}", if *.written { "; whether it committed is unknown" } else { "" })]
 struct SharedFailure {
     others: usize,
     reason: String,
+    /// Perhaps written: the database's answer was lost.
+    written: bool,
+}
+
+/// SQLSTATEs of a race between writers: a unique violation (a sequence another writer took)
+/// or any other integrity violation of one unit (class 23), a deadlock, a serialization failure.
+fn is_race(code: &str) -> bool {
+    code.starts_with("23") || code == "40P01" || code == "40001"
 }
 
 /// The task appending a unit ended without answering (it panicked).
@@ -79,48 +111,69 @@ struct Interrupted;
 
 impl GroupCommit {
     pub fn new(pool: PgPool) -> Arc<Self> {
-        Arc::new(Self { pool, queue: Mutex::new(Queue::default()) })
+        Arc::new(Self {
+            pool,
+            queue: Mutex::new(Queue::default()),
+            statements: AtomicU64::new(0),
+            shared: AtomicU64::new(0),
+            refused_shared: AtomicU64::new(0),
+        })
     }
 
     /// Appends `append`, alone or with others queued at the same moment, and gives it back
     /// with the outcome.
     pub async fn append(self: &Arc<Self>, append: Append) -> (Option<Append>, Result<(), CommitError>) {
         let (answer, answered) = oneshot::channel();
-        let alone = {
+        let way = {
             let mut queue = self.queue.lock().expect("not poisoned");
             let free = queue.statements < STATEMENTS_IN_FLIGHT;
             let writes: Vec<Aggregate> = append.rows.aggregates().collect();
-            if free && queue.pending.is_empty() && !writes.iter().any(|a| queue.writing.contains(a)) {
+            if free {
                 queue.statements += 1;
+            }
+            if free && queue.pending.is_empty() && !writes.iter().any(|a| queue.writing.contains(a)) {
                 queue.writing.extend(writes.iter().cloned());
-                Some((append, writes))
+                Way::Alone(append, writes)
             } else {
                 queue.pending.push(Pending { append, answer });
-                if free {
-                    queue.statements += 1;
-                    // A task of its own: a caller dropped mid-way (a cancelled worker) does
-                    // not take the other units of its statement down with it.
-                    tokio::spawn(Statements::new(self, Vec::new()).run());
-                }
-                None
+                if free { Way::Task } else { Way::Queued }
             }
         };
-        match alone {
+        match way {
             // Nothing waits and a statement is free: appended by the caller itself, without
             // a hop to another task. Its place goes to a new task if units queued meanwhile,
             // also when the caller is dropped mid-way.
-            Some((append, writes)) => {
+            Way::Alone(append, writes) => {
                 let mut place = Statements::new(self, writes);
+                place.started = true;
+                self.statements.fetch_add(1, Ordering::Relaxed);
                 let outcome = append_one(&self.pool, &append).await;
                 if outcome.is_ok() {
                     highest_sequences(&append.rows, &mut place.committed);
                 }
                 (Some(append), outcome)
             }
-            None => match answered.await {
-                Ok((append, outcome)) => (Some(append), outcome),
-                Err(_) => (None, Err(CommitError::Store(Box::new(Interrupted)))),
-            },
+            way => {
+                if matches!(way, Way::Task) {
+                    // A task of its own, spawned with the lock released: a caller dropped
+                    // mid-way (a cancelled worker) does not take the other units of its
+                    // statement down with it.
+                    tokio::spawn(Statements::new(self, Vec::new()).run());
+                }
+                match answered.await {
+                    Ok((append, outcome)) => (Some(append), outcome),
+                    Err(_) => (None, Err(CommitError::Store(Box::new(Interrupted)))),
+                }
+            }
+        }
+    }
+
+    /// How the group commit is doing, since the store was made.
+    pub fn stats(&self) -> GroupCommitStats {
+        GroupCommitStats {
+            statements: self.statements.load(Ordering::Relaxed),
+            shared: self.shared.load(Ordering::Relaxed),
+            refused_shared: self.refused_shared.load(Ordering::Relaxed),
         }
     }
 
@@ -133,6 +186,11 @@ impl GroupCommit {
         queue.ended(written, committed);
         let (mut taken, mut left, mut events) = (Vec::new(), Vec::new(), 0);
         for unit in queue.pending.drain(..) {
+            // Its caller is gone (a cancelled worker): not appended at all, as a unit of work
+            // dropped before its commit.
+            if unit.answer.is_closed() {
+                continue;
+            }
             let rows = &unit.append.rows;
             let full = taken.len() >= UNITS_PER_STATEMENT || (!taken.is_empty() && events + rows.len() > EVENTS_PER_STATEMENT);
             if full || rows.aggregates().any(|a| queue.writing.contains(&a)) {
@@ -165,17 +223,21 @@ struct Statements {
     writing: Vec<Aggregate>,
     /// What its last statement committed: the highest sequence per aggregate.
     committed: HashMap<Aggregate, i64>,
+    /// Run at least once (or a caller appending alone). A task dropped before it ever ran
+    /// was refused by a runtime shutting down: it must not spawn another.
+    started: bool,
     done: bool,
 }
 
 impl Statements {
     fn new(group: &Arc<GroupCommit>, writing: Vec<Aggregate>) -> Self {
-        Self { group: group.clone(), writing, committed: HashMap::new(), done: false }
+        Self { group: group.clone(), writing, committed: HashMap::new(), started: false, done: false }
     }
 
     async fn run(mut self) {
+        self.started = true;
         while let Some(units) = self.group.next(&mut self.writing, &mut self.committed) {
-            append_units(&self.group.pool, units, &mut self.committed).await;
+            append_units(&self.group, units, &mut self.committed).await;
         }
         self.done = true;
     }
@@ -210,22 +272,29 @@ impl Queue {
 impl Drop for Statements {
     /// A place not given up by [`Statements::run`] (a caller that appended alone, or a task
     /// that panicked) goes to a new task if units are queued: their callers would otherwise
-    /// wait for ever.
+    /// wait for ever. Where no task can run any more (no runtime, or one shutting down,
+    /// which drops a new task unrun), the queued units are answered instead: interrupted.
     fn drop(&mut self) {
         if self.done {
             return;
         }
-        let restart = {
+        let runtime = if self.started { tokio::runtime::Handle::try_current().ok() } else { None };
+        let (restart, abandoned) = {
             let mut queue = self.group.queue.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
             queue.ended(&mut self.writing, &mut self.committed);
-            if queue.pending.is_empty() {
-                queue.statements -= 1;
-                false
-            } else {
-                true
+            match &runtime {
+                // The place goes to the new task (which gives it up if nothing is left).
+                Some(_) if !queue.pending.is_empty() => (true, Vec::new()),
+                _ => {
+                    queue.statements -= 1;
+                    (false, std::mem::take(&mut queue.pending))
+                }
             }
         };
-        if restart && let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        for unit in abandoned {
+            let _ = unit.answer.send((unit.append, Err(CommitError::Store(Box::new(Interrupted)))));
+        }
+        if restart && let Some(runtime) = runtime {
             runtime.spawn(Statements::new(&self.group, Vec::new()).run());
         }
     }
@@ -236,11 +305,13 @@ impl Drop for Statements {
 /// units, which get their own answer: a unit that lost a race to another process costs a few
 /// statements, not one per unit. What committed goes into `committed` (see
 /// [`highest_sequences`]).
-async fn append_units(pool: &PgPool, units: Vec<Pending>, committed: &mut HashMap<Aggregate, i64>) {
+async fn append_units(statements: &GroupCommit, units: Vec<Pending>, committed: &mut HashMap<Aggregate, i64>) {
+    let pool = &statements.pool;
     let mut groups = vec![units];
     while let Some(mut group) = groups.pop() {
         if group.len() == 1 {
             let unit = group.pop().expect("one unit");
+            statements.statements.fetch_add(1, Ordering::Relaxed);
             let outcome = append_one(pool, &unit.append).await;
             if outcome.is_ok() {
                 highest_sequences(&unit.append.rows, committed);
@@ -248,6 +319,8 @@ async fn append_units(pool: &PgPool, units: Vec<Pending>, committed: &mut HashMa
             let _ = unit.answer.send((unit.append, outcome));
             continue;
         }
+        statements.statements.fetch_add(1, Ordering::Relaxed);
+        statements.shared.fetch_add(1, Ordering::Relaxed);
         match append_together(pool, &group).await {
             Ok(()) => {
                 for unit in group {
@@ -255,16 +328,29 @@ async fn append_units(pool: &PgPool, units: Vec<Pending>, committed: &mut HashMa
                     let _ = unit.answer.send((unit.append, Ok(())));
                 }
             }
-            Err(sqlx::Error::Database(_)) => {
+            // A race one of the units lost (a sequence taken, a deadlock with another
+            // writer): nothing was written; halves tell whose it was.
+            Err(sqlx::Error::Database(db)) if db.code().is_some_and(|code| is_race(&code)) => {
+                statements.refused_shared.fetch_add(1, Ordering::Relaxed);
                 let second = group.split_off(group.len() / 2);
                 groups.push(second);
                 groups.push(group);
+            }
+            // Any other refusal would meet every unit alike (a read-only database, a
+            // timeout): nothing was written, and that is every unit's answer.
+            Err(error @ sqlx::Error::Database(_)) => {
+                let reason = error.to_string();
+                let others = group.len() - 1;
+                for unit in group {
+                    let failure = SharedFailure { others, reason: reason.clone(), written: false };
+                    let _ = unit.answer.send((unit.append, Err(CommitError::Store(Box::new(failure)))));
+                }
             }
             Err(error) => {
                 let reason = error.to_string();
                 let others = group.len() - 1;
                 for unit in group {
-                    let failure = SharedFailure { others, reason: reason.clone() };
+                    let failure = SharedFailure { others, reason: reason.clone(), written: true };
                     let _ = unit.answer.send((unit.append, Err(CommitError::Store(Box::new(failure)))));
                 }
             }
@@ -285,15 +371,18 @@ fn highest_sequences(rows: &Rows, highest: &mut HashMap<Aggregate, i64>) {
 async fn append_together(pool: &PgPool, units: &[Pending]) -> Result<(), sqlx::Error> {
     let events: usize = units.iter().map(|u| u.append.rows.len()).sum();
     let mut columns = Columns::with_capacity(events);
-    let mut artifacts = ArtifactColumns::default();
-    let mut stored = HashSet::new();
+    // In digest order, as each unit's own (`Changes::store_artifacts`): statements that store
+    // the same contents lock their keys in one order and cannot deadlock on them.
+    let mut by_digest = std::collections::BTreeMap::new();
     for unit in units {
         columns.extend(&unit.append.rows);
         for artifact in &unit.append.artifacts {
-            if stored.insert(artifact.sha256.as_str()) {
-                artifacts.push(artifact);
-            }
+            by_digest.entry(artifact.sha256.as_str()).or_insert(artifact);
         }
+    }
+    let mut artifacts = ArtifactColumns::default();
+    for artifact in by_digest.into_values() {
+        artifacts.push(artifact);
     }
     execute(pool, &columns, &artifacts).await
 }
@@ -308,7 +397,9 @@ async fn append_one(pool: &PgPool, append: &Append) -> Result<(), CommitError> {
     }
     match execute(pool, &columns, &artifacts).await {
         Ok(()) => Ok(()),
-        Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("23505") => Err(CommitError::Conflict),
+        // Another writer's event at one of its sequences; or a deadlock or serialization
+        // failure with another writer: nothing was written, decide again on fresh state.
+        Err(sqlx::Error::Database(db)) if matches!(db.code().as_deref(), Some("23505" | "40P01" | "40001")) => Err(CommitError::Conflict),
         Err(error) => Err(CommitError::Store(Box::new(error))),
     }
 }

@@ -240,6 +240,12 @@ impl Store {
         Ok(found)
     }
 
+    /// How many append statements this store sent, and how many were shared and refused
+    /// (see [`crate::group_commit`]).
+    pub fn group_commit_stats(&self) -> crate::group_commit::GroupCommitStats {
+        self.group.stats()
+    }
+
     /// Every event this store commits from now on, as soon as its transaction has committed
     /// (see [`Committed`]). A receiver that lags gets `Lagged` and goes on with newer ones.
     pub fn subscribe_committed(&self) -> tokio::sync::broadcast::Receiver<Arc<Committed>> {
@@ -736,8 +742,8 @@ fn store_error<E: std::error::Error + 'static>(e: AggregateError<E>) -> CommandE
 /// None after the first conflict, then short, growing, jittered pauses. The winner has
 /// committed when a unit hears of the conflict (the database answers a unique violation
 /// only once the other transaction has ended, and the group commit only once its statement
-/// has), so the first retry can start at once, and from this process's own commit without a
-/// read; the pauses only spread out writers that keep colliding.
+/// has), so the first retry can start at once; the pauses only spread out writers that keep
+/// colliding.
 fn conflict_backoff(attempt: u32) -> Duration {
     if attempt <= 1 {
         return Duration::ZERO;

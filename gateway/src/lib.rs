@@ -15,10 +15,12 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 /// Figures exported on `/metrics`.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct Metrics {
     /// The relay's progress (last position acknowledged by JetStream).
     pub relay: Arc<factory_commands::relay::RelayProgress>,
+    /// The process's store, for its append statements (group commit).
+    pub store: Option<Arc<factory_commands::Store>>,
 }
 
 #[derive(Clone)]
@@ -139,6 +141,21 @@ async fn metrics(State(h): State<Health>) -> impl IntoResponse {
          # TYPE factory_relay_published_position gauge\n\
          factory_relay_published_position {published}\n"
     );
+    if let Some(store) = &h.metrics.store {
+        let appends = store.group_commit_stats();
+        text.push_str(&format!(
+            "# HELP factory_append_statements_total Append statements sent by this process's store.\n\
+             # TYPE factory_append_statements_total counter\n\
+             factory_append_statements_total {}\n\
+             # HELP factory_append_shared_statements_total Of those, statements shared by several units of work (group commit).\n\
+             # TYPE factory_append_shared_statements_total counter\n\
+             factory_append_shared_statements_total {}\n\
+             # HELP factory_append_refused_shared_total Shared statements the database refused (split and tried again).\n\
+             # TYPE factory_append_refused_shared_total counter\n\
+             factory_append_refused_shared_total {}\n",
+            appends.statements, appends.shared, appends.refused_shared
+        ));
+    }
     let projections = projection_states(&h.pool).await.unwrap_or_default();
     text.push_str(
         "# HELP factory_projection_position Last store position applied to the read model.\n\

@@ -537,7 +537,13 @@ async fn units_committed_at_the_same_moment_share_statements_and_one_that_loses_
     // The contested run twice, both units on the same state.
     let mut units = runs.clone();
     units.push(runs[20]);
+    let before = store.group_commit_stats();
     assert_eq!(start_all_at_once(&store, &units).await, (40, 1), "only one of the contested run's units lost");
+    let after = store.group_commit_stats();
+    // The loser was told without failing a shared statement; and 41 units took few statements.
+    assert_eq!(after.refused_shared, before.refused_shared);
+    assert!(after.shared > before.shared);
+    assert!(after.statements - before.statements <= 10, "{before:?} -> {after:?}");
     for run in &runs {
         assert_eq!(sequences(&stack, &run.to_string()).await, [1, 2]);
     }
@@ -559,7 +565,9 @@ async fn a_unit_that_lost_to_another_process_inside_a_shared_statement_is_told_s
         .execute_run(contested, RunCommand::StartStage { stage: "sa".into(), team: "solution-architecture".into(), objective_id: ObjectiveId::new() })
         .await
         .unwrap();
+    let before = store.group_commit_stats();
     assert_eq!(start_all_at_once(&store, &runs).await, (39, 1));
+    assert!(store.group_commit_stats().refused_shared > before.refused_shared, "the loser was in a shared statement");
     let transactions = transactions_of(&stack, &runs).await;
     assert!(transactions <= 20, "{transactions} transactions for 40 units: the refused statement was split, not undone unit by unit");
     let stages: Vec<String> = sqlx::query_scalar("SELECT payload->'StageStarted'->>'stage' FROM events WHERE aggregate_id = $1 AND sequence = 2")
@@ -570,4 +578,39 @@ async fn a_unit_that_lost_to_another_process_inside_a_shared_statement_is_told_s
     assert_eq!(stages, ["sa"], "the other process's event stands");
     let report = audit::verify(&stack.pool).await.unwrap();
     assert_eq!((report.events, report.broken.len()), (80, 0), "{:?}", report.broken);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unit_whose_caller_went_away_while_it_was_queued_is_not_appended() {
+    use futures::FutureExt;
+    let stack = TestStack::new().await;
+    let store = store(&stack).await;
+    let runs = submitted_runs(&store, 5).await;
+    let start = |run: RunId| {
+        let store = store.clone();
+        async move {
+            let mut unit = store.changes();
+            unit.execute_run(run, RunCommand::StartStage { stage: "ba".into(), team: "business-analysis".into(), objective_id: ObjectiveId::new() })
+                .await
+                .unwrap();
+            unit.commit().await
+        }
+    };
+    // Four units in flight, each appending alone: every statement place is taken.
+    let mut in_flight: Vec<_> = runs[..4].iter().map(|&run| Box::pin(start(run))).collect();
+    for unit in &mut in_flight {
+        assert!(futures::poll!(unit.as_mut()).is_pending());
+    }
+    let before = store.group_commit_stats();
+    // A fifth queues; its caller gives up before any statement takes it.
+    assert!(start(runs[4]).now_or_never().is_none());
+    for unit in in_flight {
+        unit.await.unwrap();
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(sequences(&stack, &runs[4].to_string()).await, [1], "the abandoned unit wrote nothing");
+    assert_eq!(store.group_commit_stats().statements, before.statements, "and no statement was sent for it");
+    // The store goes on appending.
+    start(runs[4]).await.unwrap();
+    assert_eq!(sequences(&stack, &runs[4].to_string()).await, [1, 2]);
 }
