@@ -494,20 +494,19 @@ async fn submitted_runs(store: &Store, n: usize) -> Vec<RunId> {
     runs
 }
 
+/// A unit starting the run's first stage on what `store` remembers, committed.
+async fn start_first_stage(store: Arc<Store>, run: RunId) -> Result<(), factory_commands::store::CommitError> {
+    let mut unit = store.changes();
+    unit.execute_run(run, RunCommand::StartStage { stage: "ba".into(), team: "business-analysis".into(), objective_id: ObjectiveId::new() })
+        .await
+        .unwrap();
+    unit.commit().await
+}
+
 /// A unit per run (a run twice, twice), each starting its first stage on what `store`
 /// remembers, all committed at once: how many committed and how many met a conflict.
 async fn start_all_at_once(store: &Arc<Store>, runs: &[RunId]) -> (usize, usize) {
-    let start = |run: RunId| {
-        let store = store.clone();
-        async move {
-            let mut unit = store.changes();
-            unit.execute_run(run, RunCommand::StartStage { stage: "ba".into(), team: "business-analysis".into(), objective_id: ObjectiveId::new() })
-                .await
-                .unwrap();
-            unit.commit().await
-        }
-    };
-    let outcomes = futures::future::join_all(runs.iter().map(|&run| Box::pin(start(run)))).await;
+    let outcomes = futures::future::join_all(runs.iter().map(|&run| Box::pin(start_first_stage(store.clone(), run)))).await;
     let (mut committed, mut conflicts) = (0, 0);
     for outcome in outcomes {
         match outcome {
@@ -586,16 +585,7 @@ async fn a_unit_whose_caller_went_away_while_it_was_queued_is_not_appended() {
     let stack = TestStack::new().await;
     let store = store(&stack).await;
     let runs = submitted_runs(&store, 5).await;
-    let start = |run: RunId| {
-        let store = store.clone();
-        async move {
-            let mut unit = store.changes();
-            unit.execute_run(run, RunCommand::StartStage { stage: "ba".into(), team: "business-analysis".into(), objective_id: ObjectiveId::new() })
-                .await
-                .unwrap();
-            unit.commit().await
-        }
-    };
+    let start = |run: RunId| start_first_stage(store.clone(), run);
     // Four units in flight, each appending alone: every statement place is taken.
     let mut in_flight: Vec<_> = runs[..4].iter().map(|&run| Box::pin(start(run))).collect();
     for unit in &mut in_flight {
