@@ -506,7 +506,17 @@ async fn start_first_stage(store: Arc<Store>, run: RunId) -> Result<(), factory_
 /// A unit per run (a run twice, twice), each starting its first stage on what `store`
 /// remembers, all committed at once: how many committed and how many met a conflict.
 async fn start_all_at_once(store: &Arc<Store>, runs: &[RunId]) -> (usize, usize) {
-    let outcomes = futures::future::join_all(runs.iter().map(|&run| Box::pin(start_first_stage(store.clone(), run)))).await;
+    // Each polled once before any can end (only this task drives them): the first four
+    // append alone, the rest queue behind them, and then all are driven to their ends.
+    let (mut outcomes, mut queued) = (Vec::new(), Vec::new());
+    for &run in runs {
+        let mut unit = Box::pin(start_first_stage(store.clone(), run));
+        match futures::poll!(unit.as_mut()) {
+            std::task::Poll::Ready(outcome) => outcomes.push(outcome),
+            std::task::Poll::Pending => queued.push(unit),
+        }
+    }
+    outcomes.extend(futures::future::join_all(queued).await);
     let (mut committed, mut conflicts) = (0, 0);
     for outcome in outcomes {
         match outcome {
