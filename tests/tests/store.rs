@@ -494,6 +494,13 @@ async fn submitted_runs(store: &Store, n: usize) -> Vec<RunId> {
     runs
 }
 
+/// Every append waits (the table locked against inserts) until the transaction ends.
+async fn hold_appends(stack: &TestStack) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let mut held = stack.admin.begin().await.unwrap();
+    sqlx::query("LOCK TABLE events IN SHARE ROW EXCLUSIVE MODE").execute(&mut *held).await.unwrap();
+    held
+}
+
 /// A unit starting the run's first stage on what `store` remembers, committed.
 async fn start_first_stage(store: Arc<Store>, run: RunId) -> Result<(), factory_commands::store::CommitError> {
     let mut unit = store.changes();
@@ -505,18 +512,16 @@ async fn start_first_stage(store: Arc<Store>, run: RunId) -> Result<(), factory_
 
 /// A unit per run (a run twice, twice), each starting its first stage on what `store`
 /// remembers, all committed at once: how many committed and how many met a conflict.
-async fn start_all_at_once(store: &Arc<Store>, runs: &[RunId]) -> (usize, usize) {
-    // Each polled once before any can end (only this task drives them): the first four
-    // append alone, the rest queue behind them, and then all are driven to their ends.
-    let (mut outcomes, mut queued) = (Vec::new(), Vec::new());
-    for &run in runs {
-        let mut unit = Box::pin(start_first_stage(store.clone(), run));
-        match futures::poll!(unit.as_mut()) {
-            std::task::Poll::Ready(outcome) => outcomes.push(outcome),
-            std::task::Poll::Pending => queued.push(unit),
-        }
+async fn start_all_at_once(stack: &TestStack, store: &Arc<Store>, runs: &[RunId]) -> (usize, usize) {
+    // Appends held back while each unit is polled once: the first four start appending
+    // alone (and wait in the database), the rest queue behind them. Then all end.
+    let held = hold_appends(stack).await;
+    let mut units: Vec<_> = runs.iter().map(|&run| Box::pin(start_first_stage(store.clone(), run))).collect();
+    for unit in &mut units {
+        assert!(futures::poll!(unit.as_mut()).is_pending(), "appends are held");
     }
-    outcomes.extend(futures::future::join_all(queued).await);
+    held.rollback().await.unwrap();
+    let outcomes = futures::future::join_all(units).await;
     let (mut committed, mut conflicts) = (0, 0);
     for outcome in outcomes {
         match outcome {
@@ -547,7 +552,7 @@ async fn units_committed_at_the_same_moment_share_statements_and_one_that_loses_
     let mut units = runs.clone();
     units.push(runs[20]);
     let before = store.group_commit_stats();
-    assert_eq!(start_all_at_once(&store, &units).await, (40, 1), "only one of the contested run's units lost");
+    assert_eq!(start_all_at_once(&stack, &store, &units).await, (40, 1), "only one of the contested run's units lost");
     let after = store.group_commit_stats();
     // The loser was told without failing a shared statement; and 41 units took few statements.
     assert_eq!(after.refused_shared, before.refused_shared);
@@ -575,7 +580,7 @@ async fn a_unit_that_lost_to_another_process_inside_a_shared_statement_is_told_s
         .await
         .unwrap();
     let before = store.group_commit_stats();
-    assert_eq!(start_all_at_once(&store, &runs).await, (39, 1));
+    assert_eq!(start_all_at_once(&stack, &store, &runs).await, (39, 1));
     assert!(store.group_commit_stats().refused_shared > before.refused_shared, "the loser was in a shared statement");
     let transactions = transactions_of(&stack, &runs).await;
     assert!(transactions <= 20, "{transactions} transactions for 40 units: the refused statement was split, not undone unit by unit");
@@ -596,14 +601,17 @@ async fn a_unit_whose_caller_went_away_while_it_was_queued_is_not_appended() {
     let store = store(&stack).await;
     let runs = submitted_runs(&store, 5).await;
     let start = |run: RunId| start_first_stage(store.clone(), run);
-    // Four units in flight, each appending alone: every statement place is taken.
+    // Four units in flight, each appending alone (held in the database): every statement
+    // place is taken.
+    let held = hold_appends(&stack).await;
     let mut in_flight: Vec<_> = runs[..4].iter().map(|&run| Box::pin(start(run))).collect();
     for unit in &mut in_flight {
-        assert!(futures::poll!(unit.as_mut()).is_pending());
+        assert!(futures::poll!(unit.as_mut()).is_pending(), "appends are held");
     }
     let before = store.group_commit_stats();
     // A fifth queues; its caller gives up before any statement takes it.
     assert!(start(runs[4]).now_or_never().is_none());
+    held.rollback().await.unwrap();
     for unit in in_flight {
         unit.await.unwrap();
     }
