@@ -151,7 +151,7 @@ pub async fn run(args: BenchArgs, config: &Config) -> Result<ExitCode> {
     let mut plan = Plan::new(args.quick);
     if let Some(runs) = args.runs {
         plan.concurrent_runs = runs as usize;
-        // As long as 200 runs may take, and a second per ten more.
+        // The plan's deadline, or a tenth of a second per run when that is longer.
         plan.concurrent_deadline = plan.concurrent_deadline.max(Duration::from_millis(100 * runs as u64));
     }
     if matches!(args.which, Suite::Store | Suite::All) {

@@ -10,11 +10,12 @@
 //! next statement together. An idle store appends a unit at once, as before.
 //!
 //! A unit stays all or nothing, and decided alone: a statement is one transaction, and when
-//! a shared statement fails in the database (one of its units lost a race for a sequence,
-//! say), nothing of it was written and each unit is appended again on its own, so that each
-//! gets its own answer (committed, a conflict, or its own error). Only a failure with no
-//! answer from the database (the connection lost) is every unit's answer: whether that
-//! statement committed is unknown, as it would be for a unit alone.
+//! the database refuses a shared statement for a race one of its units lost (a sequence
+//! another writer took, say), nothing of it was written and its units are split in halves
+//! down to that unit, so that each gets its own answer (committed, a conflict, or its own
+//! error). Only a failure with no answer from the database (the connection lost) is every
+//! unit's answer: whether that statement committed is unknown, as it would be for a unit
+//! alone. docs/architecture.md, "Group commit", has the rest.
 
 use crate::store::{ArtifactContent, CommitError, Rows};
 use sqlx::PgPool;
@@ -32,7 +33,7 @@ const UNITS_PER_STATEMENT: usize = 64;
 const EVENTS_PER_STATEMENT: usize = 1_024;
 
 /// What a unit of work appends: its events, in order, and its artifact contents. Given back
-/// with the outcome, for what the unit does once committed.
+/// once committed, for what the unit does then.
 pub(crate) struct Append {
     pub rows: Rows,
     pub artifacts: Vec<ArtifactContent>,
@@ -40,17 +41,45 @@ pub(crate) struct Append {
 
 struct Pending {
     append: Append,
-    answer: oneshot::Sender<(Append, Result<(), CommitError>)>,
+    /// What it writes, worked out once (see [`spans`]).
+    spans: Vec<Span>,
+    answer: oneshot::Sender<Answer>,
 }
+
+/// A unit given back with its outcome.
+type Answer = (Append, Result<(), CommitError>);
 
 /// An aggregate, as the store keys it.
 type Aggregate = (&'static str, String);
+
+/// The sequences a unit writes of one aggregate.
+struct Span {
+    aggregate: Aggregate,
+    first: i64,
+    last: i64,
+}
+
+/// The aggregates `rows` write, each once, with the sequences written.
+fn spans(rows: &Rows) -> Vec<Span> {
+    let mut spans: Vec<Span> = Vec::new();
+    let events = rows.aggregate_types.iter().zip(&rows.aggregate_ids).zip(&rows.sequences);
+    for ((&aggregate_type, aggregate_id), &sequence) in events {
+        match spans.iter_mut().find(|s| s.aggregate.0 == aggregate_type && s.aggregate.1 == *aggregate_id) {
+            Some(span) => {
+                span.first = span.first.min(sequence);
+                span.last = span.last.max(sequence);
+            }
+            None => spans.push(Span { aggregate: (aggregate_type, aggregate_id.clone()), first: sequence, last: sequence }),
+        }
+    }
+    spans
+}
 
 #[derive(Default)]
 struct Queue {
     pending: Vec<Pending>,
     /// Statements appending now (a task each, or a caller appending alone).
-    statements: usize,
+    in_flight: usize,
     /// The aggregates those statements write. A unit that writes one of them waits for that
     /// statement to end: one of the two must lose the race for the aggregate's sequence, and
     /// waiting, it loses it alone, without failing a statement shared with others (a
@@ -63,8 +92,8 @@ struct Queue {
 pub(crate) struct GroupCommit {
     pool: PgPool,
     queue: Mutex<Queue>,
-    statements: AtomicU64,
-    shared: AtomicU64,
+    sent: AtomicU64,
+    sent_shared: AtomicU64,
     refused_shared: AtomicU64,
 }
 
@@ -80,11 +109,11 @@ pub struct GroupCommitStats {
 }
 
 /// How a unit is appended: by its caller, by a task started for it, or by a task already
-/// appending.
+/// appending. (A value of the moment, never stored: its variants' sizes do not matter.)
+#[allow(clippy::large_enum_variant)]
 enum Way {
-    Alone(Append, Vec<Aggregate>),
-    Task,
-    Queued,
+    Alone(Append, Vec<Span>),
+    Queued { start_task: bool },
 }
 
 /// A shared statement failed: refused by the database for a reason that meets every unit
@@ -114,55 +143,52 @@ impl GroupCommit {
         Arc::new(Self {
             pool,
             queue: Mutex::new(Queue::default()),
-            statements: AtomicU64::new(0),
-            shared: AtomicU64::new(0),
+            sent: AtomicU64::new(0),
+            sent_shared: AtomicU64::new(0),
             refused_shared: AtomicU64::new(0),
         })
     }
 
     /// Appends `append`, alone or with others queued at the same moment, and gives it back
-    /// with the outcome.
-    pub async fn append(self: &Arc<Self>, append: Append) -> (Option<Append>, Result<(), CommitError>) {
+    /// once committed.
+    pub async fn append(self: &Arc<Self>, append: Append) -> Result<Append, CommitError> {
         let (answer, answered) = oneshot::channel();
+        let spans = spans(&append.rows);
         let way = {
             let mut queue = self.queue.lock().expect("not poisoned");
-            let free = queue.statements < STATEMENTS_IN_FLIGHT;
-            let writes: Vec<Aggregate> = append.rows.aggregates().collect();
+            let free = queue.in_flight < STATEMENTS_IN_FLIGHT;
             if free {
-                queue.statements += 1;
+                queue.in_flight += 1;
             }
-            if free && queue.pending.is_empty() && !writes.iter().any(|a| queue.writing.contains(a)) {
-                queue.writing.extend(writes.iter().cloned());
-                Way::Alone(append, writes)
+            if free && queue.pending.is_empty() && !spans.iter().any(|s| queue.writing.contains(&s.aggregate)) {
+                queue.writing.extend(spans.iter().map(|s| s.aggregate.clone()));
+                Way::Alone(append, spans)
             } else {
-                queue.pending.push(Pending { append, answer });
-                if free { Way::Task } else { Way::Queued }
+                queue.pending.push(Pending { append, spans, answer });
+                Way::Queued { start_task: free }
             }
         };
         match way {
             // Nothing waits and a statement is free: appended by the caller itself, without
             // a hop to another task. Its place goes to a new task if units queued meanwhile,
             // also when the caller is dropped mid-way.
-            Way::Alone(append, writes) => {
-                let mut place = Statements::new(self, writes);
+            Way::Alone(append, spans) => {
+                let mut place = Statements::new(self, spans.iter().map(|s| s.aggregate.clone()).collect());
                 place.started = true;
-                self.statements.fetch_add(1, Ordering::Relaxed);
-                let outcome = append_one(&self.pool, &append).await;
-                if outcome.is_ok() {
-                    highest_sequences(&append.rows, &mut place.committed);
-                }
-                (Some(append), outcome)
+                append_one(self, &append).await?;
+                highest_sequences(&spans, &mut place.committed);
+                Ok(append)
             }
-            way => {
-                if matches!(way, Way::Task) {
+            Way::Queued { start_task } => {
+                if start_task {
                     // A task of its own, spawned with the lock released: a caller dropped
                     // mid-way (a cancelled worker) does not take the other units of its
                     // statement down with it.
                     tokio::spawn(Statements::new(self, Vec::new()).run());
                 }
                 match answered.await {
-                    Ok((append, outcome)) => (Some(append), outcome),
-                    Err(_) => (None, Err(CommitError::Store(Box::new(Interrupted)))),
+                    Ok((append, outcome)) => outcome.map(|()| append),
+                    Err(_) => Err(CommitError::Store(Box::new(Interrupted))),
                 }
             }
         }
@@ -171,8 +197,8 @@ impl GroupCommit {
     /// How the group commit is doing, since the store was made.
     pub fn stats(&self) -> GroupCommitStats {
         GroupCommitStats {
-            statements: self.statements.load(Ordering::Relaxed),
-            shared: self.shared.load(Ordering::Relaxed),
+            statements: self.sent.load(Ordering::Relaxed),
+            shared: self.sent_shared.load(Ordering::Relaxed),
             refused_shared: self.refused_shared.load(Ordering::Relaxed),
         }
     }
@@ -191,24 +217,23 @@ impl GroupCommit {
             if unit.answer.is_closed() {
                 continue;
             }
-            let rows = &unit.append.rows;
-            let full = taken.len() >= UNITS_PER_STATEMENT || (!taken.is_empty() && events + rows.len() > EVENTS_PER_STATEMENT);
-            if full || rows.aggregates().any(|a| queue.writing.contains(&a)) {
+            let size = unit.append.rows.len();
+            let full = taken.len() >= UNITS_PER_STATEMENT || (!taken.is_empty() && events + size > EVENTS_PER_STATEMENT);
+            if full || unit.spans.iter().any(|s| queue.writing.contains(&s.aggregate)) {
                 left.push(unit);
                 continue;
             }
-            for aggregate in rows.aggregates() {
-                if queue.writing.insert(aggregate.clone()) {
-                    written.push(aggregate);
-                }
+            for span in &unit.spans {
+                queue.writing.insert(span.aggregate.clone());
+                written.push(span.aggregate.clone());
             }
-            events += rows.len();
+            events += size;
             taken.push(unit);
         }
         queue.pending = left;
         if taken.is_empty() {
             // What is left waits for a statement in flight, whose task takes it next.
-            queue.statements -= 1;
+            queue.in_flight -= 1;
             return None;
         }
         Some(taken)
@@ -256,10 +281,7 @@ impl Queue {
             return;
         }
         let (stale, left): (Vec<Pending>, Vec<Pending>) = self.pending.drain(..).partition(|unit| {
-            let rows = &unit.append.rows;
-            rows.aggregates()
-                .zip(rows.sequences.iter())
-                .any(|(aggregate, sequence)| committed.get(&aggregate).is_some_and(|taken| sequence <= taken))
+            unit.spans.iter().any(|s| committed.get(&s.aggregate).is_some_and(|&taken| s.first <= taken))
         });
         self.pending = left;
         committed.clear();
@@ -286,7 +308,7 @@ impl Drop for Statements {
                 // The place goes to the new task (which gives it up if nothing is left).
                 Some(_) if !queue.pending.is_empty() => (true, Vec::new()),
                 _ => {
-                    queue.statements -= 1;
+                    queue.in_flight -= 1;
                     (false, std::mem::take(&mut queue.pending))
                 }
             }
@@ -305,33 +327,29 @@ impl Drop for Statements {
 /// units, which get their own answer: a unit that lost a race to another process costs a few
 /// statements, not one per unit. What committed goes into `committed` (see
 /// [`highest_sequences`]).
-async fn append_units(statements: &GroupCommit, units: Vec<Pending>, committed: &mut HashMap<Aggregate, i64>) {
-    let pool = &statements.pool;
+async fn append_units(group_commit: &GroupCommit, units: Vec<Pending>, committed: &mut HashMap<Aggregate, i64>) {
     let mut groups = vec![units];
     while let Some(mut group) = groups.pop() {
         if group.len() == 1 {
             let unit = group.pop().expect("one unit");
-            statements.statements.fetch_add(1, Ordering::Relaxed);
-            let outcome = append_one(pool, &unit.append).await;
+            let outcome = append_one(group_commit, &unit.append).await;
             if outcome.is_ok() {
-                highest_sequences(&unit.append.rows, committed);
+                highest_sequences(&unit.spans, committed);
             }
             let _ = unit.answer.send((unit.append, outcome));
             continue;
         }
-        statements.statements.fetch_add(1, Ordering::Relaxed);
-        statements.shared.fetch_add(1, Ordering::Relaxed);
-        match append_together(pool, &group).await {
+        match group_commit.execute(group.iter().map(|unit| &unit.append)).await {
             Ok(()) => {
                 for unit in group {
-                    highest_sequences(&unit.append.rows, committed);
+                    highest_sequences(&unit.spans, committed);
                     let _ = unit.answer.send((unit.append, Ok(())));
                 }
             }
             // A race one of the units lost (a sequence taken, a deadlock with another
             // writer): nothing was written; halves tell whose it was.
             Err(sqlx::Error::Database(db)) if db.code().is_some_and(|code| is_race(&code)) => {
-                statements.refused_shared.fetch_add(1, Ordering::Relaxed);
+                group_commit.refused_shared.fetch_add(1, Ordering::Relaxed);
                 let second = group.split_off(group.len() / 2);
                 groups.push(second);
                 groups.push(group);
@@ -358,44 +376,17 @@ async fn append_units(statements: &GroupCommit, units: Vec<Pending>, committed: 
     }
 }
 
-/// The highest sequence of each aggregate `rows` write, into `highest`.
-fn highest_sequences(rows: &Rows, highest: &mut HashMap<Aggregate, i64>) {
-    for (aggregate, sequence) in rows.aggregates().zip(rows.sequences.iter().copied()) {
-        let entry = highest.entry(aggregate).or_insert(sequence);
-        *entry = (*entry).max(sequence);
+/// The highest sequence of each aggregate the spans write, into `highest`.
+fn highest_sequences(spans: &[Span], highest: &mut HashMap<Aggregate, i64>) {
+    for span in spans {
+        let entry = highest.entry(span.aggregate.clone()).or_insert(span.last);
+        *entry = (*entry).max(span.last);
     }
-}
-
-/// The events of each unit in the order staged, and every artifact content once (two units
-/// may store the same content: it is addressed by its digest).
-async fn append_together(pool: &PgPool, units: &[Pending]) -> Result<(), sqlx::Error> {
-    let events: usize = units.iter().map(|u| u.append.rows.len()).sum();
-    let mut columns = Columns::with_capacity(events);
-    // In digest order, as each unit's own (`Changes::store_artifacts`): statements that store
-    // the same contents lock their keys in one order and cannot deadlock on them.
-    let mut by_digest = std::collections::BTreeMap::new();
-    for unit in units {
-        columns.extend(&unit.append.rows);
-        for artifact in &unit.append.artifacts {
-            by_digest.entry(artifact.sha256.as_str()).or_insert(artifact);
-        }
-    }
-    let mut artifacts = ArtifactColumns::default();
-    for artifact in by_digest.into_values() {
-        artifacts.push(artifact);
-    }
-    execute(pool, &columns, &artifacts).await
 }
 
 /// One unit's append; a unique violation is another writer's event at one of its sequences.
-async fn append_one(pool: &PgPool, append: &Append) -> Result<(), CommitError> {
-    let mut columns = Columns::with_capacity(append.rows.len());
-    columns.extend(&append.rows);
-    let mut artifacts = ArtifactColumns::default();
-    for artifact in &append.artifacts {
-        artifacts.push(artifact);
-    }
-    match execute(pool, &columns, &artifacts).await {
+async fn append_one(group_commit: &GroupCommit, append: &Append) -> Result<(), CommitError> {
+    match group_commit.execute(std::iter::once(append)).await {
         Ok(()) => Ok(()),
         // Another writer's event at one of its sequences; or a deadlock or serialization
         // failure with another writer: nothing was written, decide again on fresh state.
@@ -404,25 +395,50 @@ async fn append_one(pool: &PgPool, append: &Append) -> Result<(), CommitError> {
     }
 }
 
-/// One statement: one transaction, all of it or nothing.
-async fn execute(pool: &PgPool, columns: &Columns<'_>, artifacts: &ArtifactColumns<'_>) -> Result<(), sqlx::Error> {
-    let query = sqlx::query(if artifacts.shas.is_empty() { APPEND } else { APPEND_WITH_ARTIFACTS })
-        .bind(&columns.aggregate_types)
-        .bind(&columns.aggregate_ids)
-        .bind(&columns.sequences)
-        .bind(&columns.event_types)
-        .bind(&columns.event_versions)
-        .bind(&columns.payloads)
-        .bind(&columns.metadata);
-    let query = if artifacts.shas.is_empty() {
-        query
-    } else {
-        query.bind(&artifacts.shas).bind(&artifacts.contents).bind(&artifacts.bytes)
-    };
-    query.execute(pool).await.map(|_| ())
+impl GroupCommit {
+    /// One statement for `appends`: one transaction, all of it or nothing. Each unit's events
+    /// in the order staged, one unit after the other; every artifact content once (two units
+    /// may store the same content: it is addressed by its digest), in digest order, as a
+    /// unit's own are (`Changes::store_artifacts`), so that statements storing the same
+    /// contents lock their keys in one order and cannot deadlock on them.
+    async fn execute<'a>(&self, appends: impl Iterator<Item = &'a Append>) -> Result<(), sqlx::Error> {
+        let mut columns = Columns::default();
+        let mut by_digest = std::collections::BTreeMap::new();
+        let mut units = 0;
+        for append in appends {
+            units += 1;
+            columns.extend(&append.rows);
+            for artifact in &append.artifacts {
+                by_digest.entry(artifact.sha256.as_str()).or_insert(artifact);
+            }
+        }
+        let mut artifacts = ArtifactColumns::default();
+        for artifact in by_digest.into_values() {
+            artifacts.push(artifact);
+        }
+        self.sent.fetch_add(1, Ordering::Relaxed);
+        if units > 1 {
+            self.sent_shared.fetch_add(1, Ordering::Relaxed);
+        }
+        let query = sqlx::query(if artifacts.shas.is_empty() { APPEND } else { APPEND_WITH_ARTIFACTS })
+            .bind(&columns.aggregate_types)
+            .bind(&columns.aggregate_ids)
+            .bind(&columns.sequences)
+            .bind(&columns.event_types)
+            .bind(&columns.event_versions)
+            .bind(&columns.payloads)
+            .bind(&columns.metadata);
+        let query = if artifacts.shas.is_empty() {
+            query
+        } else {
+            query.bind(&artifacts.shas).bind(&artifacts.contents).bind(&artifacts.bytes)
+        };
+        query.execute(&self.pool).await.map(|_| ())
+    }
 }
 
 /// The events of one statement, column by column, borrowed from the units' rows.
+#[derive(Default)]
 struct Columns<'a> {
     aggregate_types: Vec<&'a str>,
     aggregate_ids: Vec<&'a str>,
@@ -434,18 +450,6 @@ struct Columns<'a> {
 }
 
 impl<'a> Columns<'a> {
-    fn with_capacity(n: usize) -> Self {
-        Self {
-            aggregate_types: Vec::with_capacity(n),
-            aggregate_ids: Vec::with_capacity(n),
-            sequences: Vec::with_capacity(n),
-            event_types: Vec::with_capacity(n),
-            event_versions: Vec::with_capacity(n),
-            payloads: Vec::with_capacity(n),
-            metadata: Vec::with_capacity(n),
-        }
-    }
-
     fn extend(&mut self, rows: &'a Rows) {
         self.aggregate_types.extend(rows.aggregate_types.iter().copied());
         self.aggregate_ids.extend(rows.aggregate_ids.iter().map(String::as_str));
@@ -497,7 +501,7 @@ mod tests {
     use super::*;
 
     /// A unit writing `aggregate_id`'s `sequences` (run events).
-    fn unit(aggregate_id: &str, sequences: &[i64]) -> (Pending, oneshot::Receiver<(Append, Result<(), CommitError>)>) {
+    fn unit(aggregate_id: &str, sequences: &[i64]) -> (Pending, oneshot::Receiver<Answer>) {
         let mut rows = Rows::default();
         for &sequence in sequences {
             rows.aggregate_types.push("run");
@@ -510,7 +514,7 @@ mod tests {
             rows.run_ids.push(factory_domain::RunId::new());
         }
         let (answer, answered) = oneshot::channel();
-        (Pending { append: Append { rows, artifacts: Vec::new() }, answer }, answered)
+        (Pending { spans: spans(&rows), append: Append { rows, artifacts: Vec::new() }, answer }, answered)
     }
 
     #[test]

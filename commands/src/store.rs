@@ -566,9 +566,8 @@ impl<'s> Changes<'s> {
             }
         }
         let store = self.store;
-        let (appended, outcome) = store.group.append(Append { rows, artifacts: self.artifacts }).await;
-        match (appended, outcome) {
-            (Some(Append { rows, artifacts }), Ok(())) => {
+        match store.group.append(Append { rows, artifacts: self.artifacts }).await {
+            Ok(Append { rows, artifacts }) => {
                 settle(&store.runs, &self.runs, true);
                 settle(&store.objectives, &self.objectives, true);
                 if !artifacts.is_empty() {
@@ -587,11 +586,10 @@ impl<'s> Changes<'s> {
                 }
                 Ok(())
             }
-            (_, outcome) => {
+            Err(error) => {
                 settle(&store.runs, &self.runs, false);
                 settle(&store.objectives, &self.objectives, false);
-                // Never `Ok` without the append given back.
-                Err(outcome.err().unwrap_or_else(|| CommitError::Store("the append was not given back".into())))
+                Err(error)
             }
         }
     }
@@ -706,11 +704,6 @@ impl Rows {
 
     pub(crate) fn len(&self) -> usize {
         self.sequences.len()
-    }
-
-    /// The aggregates the rows write (an aggregate once per event).
-    pub(crate) fn aggregates(&self) -> impl Iterator<Item = (&'static str, String)> + '_ {
-        self.aggregate_types.iter().copied().zip(self.aggregate_ids.iter().cloned())
     }
 
     /// The in-memory form of the appended events (their payloads moved, not copied).

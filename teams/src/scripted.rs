@@ -484,7 +484,7 @@ fn task_result(
                     "Answer for solution-architecture: each {} is owned by the single user who \
                      created it and is not shared; store the owner's id with it and let only \
                      that user change or delete it. {reasoning}",
-                    project.entity
+                    project.described.entity
                 );
             }
             TaskResult {
@@ -537,30 +537,29 @@ fn task_result(
 /// Everything the templates say about the product: what the team's prompt says (its
 /// clarification answers, its inputs) and what the requirement gives (the values the
 /// templates refer to as `{{key}}`, worked out once per requirement).
-struct Project {
+struct Project<'p> {
     /// The `{{team}}` value: the only one that is not the requirement's.
     team: String,
-    entity: String,
+    described: std::sync::Arc<Described>,
     clarification_answers: Vec<String>,
-    prompt: String,
-    inputs: String,
-    values: std::sync::Arc<BTreeMap<&'static str, String>>,
+    prompt: &'p str,
+    inputs: &'p str,
 }
 
 /// What a requirement gives a team's templates.
 struct Described {
     entity: String,
-    values: std::sync::Arc<BTreeMap<&'static str, String>>,
+    values: BTreeMap<&'static str, String>,
 }
 
 /// Requirements described at most, remembered; then the memory starts over.
 const REMEMBERED_DESCRIPTIONS: usize = 1024;
 
-impl Project {
+impl<'p> Project<'p> {
     /// The project of a team's objective prompt. Its values come from the requirement alone,
     /// so they are worked out once per requirement: every stage of a run, and every turn of
     /// an objective's conversation, asks for them again.
-    fn of(team: &str, prompt: &str) -> Project {
+    fn of(team: &str, prompt: &'p str) -> Self {
         type Remembered = std::collections::HashMap<String, std::sync::Arc<Described>>;
         static REMEMBERED: std::sync::Mutex<Option<Remembered>> = std::sync::Mutex::new(None);
         let key = requirement_of(prompt);
@@ -578,23 +577,56 @@ impl Project {
                 described
             }
         };
-        Project::with(team, &described, prompt)
+        Project::with(team, described, prompt)
     }
 
     #[cfg(test)]
-    fn new(team: &str, prompt: &str) -> Project {
-        Project::with(team, &Described::of(&requirement_of(prompt)), prompt)
+    fn new(team: &str, prompt: &'p str) -> Self {
+        Project::with(team, std::sync::Arc::new(Described::of(&requirement_of(prompt))), prompt)
     }
 
-    fn with(team: &str, described: &Described, prompt: &str) -> Project {
+    fn with(team: &str, described: std::sync::Arc<Described>, prompt: &'p str) -> Self {
         Project {
             team: team_slug(team),
-            entity: described.entity.clone(),
+            described,
             clarification_answers: clarification_answers(prompt),
-            prompt: prompt.to_string(),
-            inputs: section(prompt, "## Inputs").unwrap_or_default().to_string(),
-            values: described.values.clone(),
+            prompt,
+            inputs: section(prompt, "## Inputs").unwrap_or_default(),
         }
+    }
+
+    /// `template` with every known `{{key}}` replaced, in one pass: text that came from the
+    /// requirement is never substituted again, and unknown `{{...}}` stay as written.
+    fn fill(&self, template: &str) -> String {
+        let mut out = String::with_capacity(template.len() + 256);
+        let mut rest = template;
+        while let Some(open) = rest.find("{{") {
+            out.push_str(&rest[..open]);
+            let after = &rest[open + 2..];
+            let known = after
+                .find("}}")
+                .and_then(|close| Some((self.value(&after[..close])?, close)));
+            match known {
+                Some((value, close)) => {
+                    out.push_str(value);
+                    rest = &after[close + 2..];
+                }
+                None => {
+                    out.push('{');
+                    rest = &rest[open + 1..];
+                }
+            }
+        }
+        out.push_str(rest);
+        out
+    }
+
+    fn value(&self, key: &str) -> Option<&str> {
+        if key == "team" { Some(&self.team) } else { self.described.values.get(key).map(String::as_str) }
+    }
+
+    fn prompt_mentions(&self, text: &str) -> bool {
+        self.prompt.contains(text)
     }
 }
 
@@ -654,7 +686,7 @@ impl Described {
         values.insert("feature_map_rows", feature_map_rows(&frs, &entities));
         values.insert("coverage_rows", coverage_rows(&frs));
         values.insert("feature_ops", feature_user_guide(&features, &flags));
-        Described { entity, values: std::sync::Arc::new(values) }
+        Described { entity, values }
     }
 }
 
@@ -662,43 +694,6 @@ impl Described {
 fn requirement_of(prompt: &str) -> String {
     let requirement = strip_markers(requirement_section(prompt));
     if requirement.is_empty() { "An unspecified product".to_string() } else { requirement }
-}
-
-impl Project {
-
-    /// `template` with every known `{{key}}` replaced, in one pass: text that came from the
-    /// requirement is never substituted again, and unknown `{{...}}` stay as written.
-    fn fill(&self, template: &str) -> String {
-        let mut out = String::with_capacity(template.len() + 256);
-        let mut rest = template;
-        while let Some(open) = rest.find("{{") {
-            out.push_str(&rest[..open]);
-            let after = &rest[open + 2..];
-            let known = after
-                .find("}}")
-                .and_then(|close| Some((self.value(&after[..close])?, close)));
-            match known {
-                Some((value, close)) => {
-                    out.push_str(value);
-                    rest = &after[close + 2..];
-                }
-                None => {
-                    out.push('{');
-                    rest = &rest[open + 1..];
-                }
-            }
-        }
-        out.push_str(rest);
-        out
-    }
-
-    fn value(&self, key: &str) -> Option<&str> {
-        if key == "team" { Some(&self.team) } else { self.values.get(key).map(String::as_str) }
-    }
-
-    fn prompt_mentions(&self, text: &str) -> bool {
-        self.prompt.contains(text)
-    }
 }
 
 /// The requirement inside an objective prompt: the lines under the `## Requirement` heading
