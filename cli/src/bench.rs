@@ -30,6 +30,7 @@ use factory_projections::{Projection, ProjectionError};
 use factory_teams::model::{Message, ModelFuture, ModelProvider, ModelRequest};
 use factory_teams::orchestrator::Orchestrator;
 use factory_teams::scripted::ScriptedProvider;
+use factory_teams::tools::Scratch;
 use factory_teams::worker::{Worker, WorkerOptions};
 use factory_teams::{Pipeline, TEAM_IDS};
 use futures::StreamExt;
@@ -39,7 +40,6 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use chrono::Utc;
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::str::FromStr;
 use std::sync::atomic::Ordering;
@@ -60,6 +60,10 @@ pub struct BenchArgs {
     /// 50 with `--quick`). More runs make a longer steady phase, to profile under load.
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub runs: Option<u32>,
+    /// The pipeline's latency phase: how many phase1 runs are made one after the other (20,
+    /// or 5 with `--quick`). More make a longer single-run phase, to profile it.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub single_runs: Option<u32>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -153,6 +157,9 @@ pub async fn run(args: BenchArgs, config: &Config) -> Result<ExitCode> {
         plan.concurrent_runs = runs as usize;
         // The plan's deadline, or a tenth of a second per run when that is longer.
         plan.concurrent_deadline = plan.concurrent_deadline.max(Duration::from_millis(100 * runs as u64));
+    }
+    if let Some(runs) = args.single_runs {
+        plan.single_runs = runs as usize;
     }
     if matches!(args.which, Suite::Store | Suite::All) {
         store_suite(config, plan).await?;
@@ -872,7 +879,7 @@ struct BenchStack {
     /// The bench watches the events stream on another, like any outside reader.
     reader: jetstream::Context,
     topology: Topology,
-    work_dir: PathBuf,
+    work_dir: Scratch,
     relay: RelayOptions,
 }
 
@@ -887,8 +894,12 @@ where
     let components = jetstream::new(stack::connect_nats(config).await?);
     let reader = jetstream::new(stack::connect_nats(config).await?);
     topology.ensure_streams(&components).await?;
-    // Where `up`'s workers make their workspaces, as in production.
-    let work_dir = config.scratch_dir().join(format!("bench-{}-{name}", std::process::id()));
+    // Where `up`'s workers keep their workspaces, as in production (a folder of the bench's
+    // own under a configured directory).
+    let work_dir = match config.scratch() {
+        Scratch::Memory => Scratch::Memory,
+        Scratch::Dir(dir) => Scratch::Dir(dir.join(format!("bench-{}-{name}", std::process::id()))),
+    };
     let stack = BenchStack {
         components: components.clone(),
         reader,
@@ -912,7 +923,8 @@ fn relay_options(config: &Config) -> RelayOptions {
 }
 
 /// Removes the workers' workspace folder, if they made one.
-fn remove_work_dir(work_dir: &std::path::Path) -> Result<()> {
+fn remove_work_dir(work_dir: &Scratch) -> Result<()> {
+    let Scratch::Dir(work_dir) = work_dir else { return Ok(()) };
     if work_dir.exists() {
         std::fs::remove_dir_all(work_dir)
             .with_context(|| format!("removing {}", work_dir.display()))?;
@@ -925,7 +937,7 @@ async fn pipeline_figures(
     js: jetstream::Context,
     reader: jetstream::Context,
     topology: Topology,
-    work_dir: PathBuf,
+    work_dir: Scratch,
     relay_options: RelayOptions,
     plan: Plan,
 ) -> Result<()> {
@@ -1567,7 +1579,7 @@ async fn rebuild_figures(
     js: jetstream::Context,
     reader: jetstream::Context,
     topology: Topology,
-    work_dir: PathBuf,
+    work_dir: Scratch,
     relay_options: RelayOptions,
     plan: Plan,
 ) -> Result<()> {

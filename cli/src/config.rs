@@ -14,12 +14,10 @@ use std::time::Duration;
 pub struct Config {
     pub http_addr: SocketAddr,
     pub data_dir: PathBuf,
-    /// Where workers make each attempt's scratch workspace (removed after the attempt; what
-    /// a team produced is kept as artifacts in PostgreSQL). See [`default_work_dir`]; use
-    /// it through [`Config::scratch_dir`].
-    pub work_dir: PathBuf,
-    /// Whether `work_dir` is the default (not configured).
-    pub work_dir_default: bool,
+    /// Where workers keep each attempt's scratch workspace (dropped after the attempt; what
+    /// a team produced is kept as artifacts in PostgreSQL): the process's memory when unset,
+    /// else a folder per attempt under this directory. Use it through [`Config::scratch`].
+    pub work_dir: Option<PathBuf>,
     pub embedded_nats_port: u16,
     pub embedded_pg_port: u16,
     pub nats_url: Option<String>,
@@ -44,56 +42,6 @@ pub struct Config {
     pub log: Option<String>,
     /// The Python venv holding nats-server and PostgreSQL.
     pub venv: PathBuf,
-}
-
-/// The memory file system scratch workspaces go to by default, where there is one (after
-/// `$XDG_RUNTIME_DIR`).
-const SCRATCH_MEMORY: &str = "/dev/shm";
-
-/// Scratch workspaces live for one attempt and are thrown away, so by default they go to
-/// memory: `<first writable directory of memory>/factory-<digest of the user and data
-/// dir>/work`, one folder per stack (see [`Config::scratch_dir`] for how it is kept
-/// private). Creating and deleting every attempt's files on a disk file system (ext4's
-/// inode allocation among recently deleted inodes) was a fifth of a worker's CPU under
-/// load. With no such directory: `<data_dir>/work`.
-pub fn default_work_dir(data_dir: &Path, memory: &[&Path]) -> PathBuf {
-    let Some(memory) = memory
-        .iter()
-        .find(|dir| std::fs::metadata(dir).is_ok_and(|m| m.is_dir() && !m.permissions().readonly()))
-    else {
-        return data_dir.join("work");
-    };
-    use std::hash::{Hash, Hasher};
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    std::env::var_os("USER").hash(&mut hasher);
-    data_dir.hash(&mut hasher);
-    memory.join(format!("factory-{:08x}", hasher.finish() as u32)).join("work")
-}
-
-/// Makes `folder` private to this user: created with mode 0700 if missing, then checked to
-/// be a directory (not a link) that belongs to this user, and narrowed to 0700 if wider.
-fn private_folder(folder: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
-    match std::fs::DirBuilder::new().mode(0o700).create(folder) {
-        Ok(()) => {}
-        Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => {}
-        Err(error) => return Err(error),
-    }
-    let meta = std::fs::symlink_metadata(folder)?;
-    if !meta.file_type().is_dir() {
-        return Err(std::io::Error::other("it is not a directory"));
-    }
-    // Ours when a file made in it has the folder's owner as its owner.
-    let probe = folder.join(format!(".owner-{}", std::process::id()));
-    let made = std::fs::File::create(&probe).and_then(|file| file.metadata());
-    let _ = std::fs::remove_file(&probe);
-    if made?.uid() != meta.uid() {
-        return Err(std::io::Error::other(format!("it belongs to user id {}", meta.uid())));
-    }
-    if meta.permissions().mode() & 0o077 != 0 {
-        std::fs::set_permissions(folder, std::fs::Permissions::from_mode(0o700))?;
-    }
-    Ok(())
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -226,25 +174,19 @@ impl Config {
             .map(|v| PathBuf::from(&v.text))
             .unwrap_or_else(|| PathBuf::from(".factory"));
         let data_dir = if data_dir.is_absolute() { data_dir } else { home.join(data_dir) };
-        let work_dir_default = get("work_dir").is_none();
         let work_dir = match get("work_dir") {
             Some(v) if v.text.trim().is_empty() => {
                 return Err(ConfigError::BadValue {
                     key: "work_dir".into(),
                     origin: v.origin.clone(),
-                    problem: "is empty; give a directory, or unset it for the default".into(),
+                    problem: "is empty; give a directory, or unset it to keep workspaces in memory".into(),
                 });
             }
             Some(v) => {
                 let dir = PathBuf::from(&v.text);
-                if dir.is_absolute() { dir } else { home.join(dir) }
+                Some(if dir.is_absolute() { dir } else { home.join(dir) })
             }
-            None => {
-                // The user's own runtime directory first (private by definition), then /dev/shm.
-                let runtime = env.iter().find(|(k, _)| k == "XDG_RUNTIME_DIR").map(|(_, v)| PathBuf::from(v));
-                let candidates: Vec<&Path> = runtime.as_deref().into_iter().chain([Path::new(SCRATCH_MEMORY)]).collect();
-                default_work_dir(&data_dir, &candidates)
-            }
+            None => None,
         };
         let mut config = Config {
             http_addr: parse(get("http_addr"), "http_addr", "127.0.0.1:8080".parse().unwrap())?,
@@ -294,7 +236,6 @@ impl Config {
                 .unwrap_or_else(|| home.join(".factory").join("venv")),
             data_dir,
             work_dir,
-            work_dir_default,
         };
         if let Some(demo) = config.demo {
             config.models.demo = Some(demo);
@@ -309,22 +250,11 @@ impl Config {
         Ok(config)
     }
 
-    /// The work dir, ready for workers. The default folder in memory is shared by nobody:
-    /// made private (mode 0700) and checked to be this user's own directory; when it is not,
-    /// `<data_dir>/work` is used instead, with a warning. A configured `work_dir` is used
-    /// as it is.
-    pub fn scratch_dir(&self) -> PathBuf {
-        let fallback = self.data_dir.join("work");
-        if !self.work_dir_default || self.work_dir == fallback {
-            return self.work_dir.clone();
-        }
-        let folder = self.work_dir.parent().unwrap_or(&self.work_dir);
-        match private_folder(folder) {
-            Ok(()) => self.work_dir.clone(),
-            Err(error) => {
-                tracing::warn!(folder = %folder.display(), %error, fallback = %fallback.display(), "the scratch folder in memory cannot be made private; using the data dir");
-                fallback
-            }
+    /// Where workers (and `run rerun`) keep each attempt's workspace.
+    pub fn scratch(&self) -> factory_teams::tools::Scratch {
+        match &self.work_dir {
+            Some(dir) => factory_teams::tools::Scratch::Dir(dir.clone()),
+            None => factory_teams::tools::Scratch::Memory,
         }
     }
 
@@ -455,32 +385,16 @@ mod tests {
     }
 
     #[test]
-    fn scratch_workspaces_go_to_memory_where_there_is_one_else_under_the_data_dir() {
-        let tmp = tempfile::tempdir().unwrap();
-        let data_dir = tmp.path().join(".factory");
-        let missing = tmp.path().join("missing");
-        let in_memory = default_work_dir(&data_dir, &[&missing, tmp.path()]);
-        assert!(in_memory.starts_with(tmp.path()) && in_memory.ends_with("work"), "{}", in_memory.display());
-        assert_ne!(in_memory, default_work_dir(&tmp.path().join("other"), &[tmp.path()]), "one folder per stack");
-        assert_eq!(default_work_dir(&data_dir, &[&missing]), data_dir.join("work"));
+    fn scratch_workspaces_stay_in_memory_unless_a_work_dir_is_configured() {
+        let c = Config::from_sources(&env(&[])).unwrap();
+        assert_eq!(c.scratch(), factory_teams::tools::Scratch::Memory);
         let c = Config::from_sources(&env(&[("FACTORY_WORK_DIR", "/var/tmp/factory-work")])).unwrap();
-        assert_eq!(c.work_dir, PathBuf::from("/var/tmp/factory-work"));
-        assert_eq!(c.scratch_dir(), c.work_dir, "a configured work dir is used as it is");
+        assert_eq!(c.scratch(), factory_teams::tools::Scratch::Dir(PathBuf::from("/var/tmp/factory-work")));
+        let c = Config::from_sources(&env(&[("FACTORY_WORK_DIR", "scratch")])).unwrap();
+        let home = c.data_dir.parent().unwrap().to_path_buf();
+        assert_eq!(c.scratch(), factory_teams::tools::Scratch::Dir(home.join("scratch")), "relative to home");
         let e = Config::from_sources(&env(&[("FACTORY_WORK_DIR", " ")])).unwrap_err();
         assert!(e.to_string().contains("work_dir") && e.to_string().contains("FACTORY_WORK_DIR"), "{e}");
-        // The default folder is made private to this user.
-        let c = Config::from_sources(&env(&[("XDG_RUNTIME_DIR", tmp.path().to_str().unwrap())])).unwrap();
-        assert!(c.work_dir.starts_with(tmp.path()), "the user's runtime dir comes first: {}", c.work_dir.display());
-        let folder = c.work_dir.parent().unwrap().to_path_buf();
-        std::fs::create_dir(&folder).unwrap();
-        std::fs::set_permissions(&folder, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
-        assert_eq!(c.scratch_dir(), c.work_dir);
-        let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&folder).unwrap().permissions());
-        assert_eq!(mode & 0o777, 0o700);
-        // A link where the folder should be is not followed.
-        std::fs::remove_dir(&folder).unwrap();
-        std::os::unix::fs::symlink(tmp.path().join("elsewhere"), &folder).unwrap();
-        assert_eq!(c.scratch_dir(), c.data_dir.join("work"));
     }
 
     #[test]

@@ -162,7 +162,7 @@ fn worker(
     } else {
         teams
     };
-    let options = factory_teams::worker::WorkerOptions::new(teams, config.scratch_dir());
+    let options = factory_teams::worker::WorkerOptions::new(teams, config.scratch());
     factory_teams::worker::Worker::new(store, js, topology, router, options)
 }
 

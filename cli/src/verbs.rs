@@ -188,7 +188,7 @@ pub fn timeline_line(e: &EventEnvelope) -> String {
 
 async fn rerun(config: &Config, run_id: RunId, json: bool) -> Result<ExitCode> {
     let pool = stack::connect_db(config).await?;
-    let scratch = config.scratch_dir();
+    let scratch = config.scratch();
     let services: factory_domain::SharedServices = std::sync::Arc::new(factory_domain::SystemServices);
     let report = match factory_teams::rerun::rerun(&pool, run_id, scratch, services).await {
         Ok(report) => report,

@@ -19,7 +19,7 @@ use crate::model::{ModelError, ModelFuture, ModelProvider, ModelRequest, ModelRe
 use crate::operative::{self, ModelCall};
 use crate::orchestrator::{self, Next, WorkItem};
 use crate::pipeline::{Pipeline, Stage};
-use crate::tools::{ToolRegistry, Workspace, granted_tools};
+use crate::tools::{Scratch, ToolRegistry, granted_tools};
 use crate::worker::{RunContext, artifact_of, artifact_paths, result_commands};
 use cqrs_es::event_sink::EventSink;
 use cqrs_es::{Aggregate, DomainEvent};
@@ -31,7 +31,6 @@ use factory_domain::{
 use factory_nats::EventEnvelope;
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 #[derive(Debug, thiserror::Error)]
@@ -85,8 +84,9 @@ impl RerunReport {
     }
 }
 
-/// Re-runs `run_id` from its recorded events, in scratch workspaces under `scratch`.
-pub async fn rerun(pool: &sqlx::PgPool, run_id: RunId, scratch: PathBuf, services: SharedServices) -> Result<RerunReport, RerunError> {
+/// Re-runs `run_id` from its recorded events, in scratch workspaces (in memory, or in a
+/// folder of their own under a directory).
+pub async fn rerun(pool: &sqlx::PgPool, run_id: RunId, scratch: impl Into<Scratch>, services: SharedServices) -> Result<RerunReport, RerunError> {
     let events = factory_commands::events::run_events(pool, run_id.0, None).await?;
     if events.is_empty() {
         return Err(RerunError::NotFound(run_id));
@@ -99,11 +99,19 @@ pub async fn rerun(pool: &sqlx::PgPool, run_id: RunId, scratch: PathBuf, service
     } else {
         Pipeline::parse(&submitted.pipeline, &submitted.pipeline_definition)?
     };
-    let scratch = scratch.join(format!("rerun-{}", uuid::Uuid::now_v7()));
-    std::fs::create_dir_all(&scratch)?;
+    let scratch = match scratch.into() {
+        Scratch::Memory => Scratch::Memory,
+        Scratch::Dir(dir) => {
+            let dir = dir.join(format!("rerun-{}", uuid::Uuid::now_v7()));
+            std::fs::create_dir_all(&dir)?;
+            Scratch::Dir(dir)
+        }
+    };
     let mut sim = Simulation::new(run_id, recording, pipeline, scratch.clone(), services, pool.clone());
     let outcome = sim.execute().await;
-    let _ = std::fs::remove_dir_all(&scratch);
+    if let Scratch::Dir(dir) = &scratch {
+        let _ = std::fs::remove_dir_all(dir);
+    }
     outcome?;
     let recorded = decisions(&events);
     let rerun = decisions(&sim.log);
@@ -342,7 +350,7 @@ struct Simulation {
     sequences: HashMap<String, i64>,
     services: SharedServices,
     tools: ToolRegistry,
-    scratch: PathBuf,
+    scratch: Scratch,
     pool: sqlx::PgPool,
     /// Artifact contents the re-run produced, by sha256.
     contents: HashMap<String, Vec<u8>>,
@@ -353,7 +361,7 @@ struct Simulation {
 }
 
 impl Simulation {
-    fn new(run_id: RunId, recording: Recording, pipeline: Pipeline, scratch: PathBuf, services: SharedServices, pool: sqlx::PgPool) -> Self {
+    fn new(run_id: RunId, recording: Recording, pipeline: Pipeline, scratch: Scratch, services: SharedServices, pool: sqlx::PgPool) -> Self {
         Self {
             run_id,
             pipeline,
@@ -496,14 +504,13 @@ impl Simulation {
         let granted = granted_tools(team.tools).map_err(|e| RerunError::Record(format!("{}: {e}", item.team)))?;
         // Cut where the run stood when the stage started, as the worker's is.
         let context = RunContext::of(&self.run, objective_id, &self.objectives);
-        let dir = self.scratch.join(objective_id.to_string());
         let mut contents = std::collections::HashMap::new();
         for sha in context.artifacts().values() {
             if let Some(content) = self.content(sha).await? {
                 contents.insert(sha.clone(), content);
             }
         }
-        let workspace = Workspace::with_inputs(&dir, crate::worker::workspace_inputs(context.artifacts(), |sha| contents.get(sha).cloned()))?;
+        let workspace = self.scratch.workspace(&objective_id.to_string(), crate::worker::workspace_inputs(context.artifacts(), |sha| contents.get(sha).cloned()))?;
         let iteration = self.objectives.get(&objective_id).map(|o| o.iterations).unwrap_or(0) + 1;
         let prompt = context.prompt(team, iteration, item.max_iterations);
         let provider = Recorded {
@@ -562,7 +569,9 @@ impl Simulation {
                 }
             },
         }
-        let _ = std::fs::remove_dir_all(&dir);
+        if !workspace.is_in_memory() {
+            let _ = std::fs::remove_dir_all(workspace.root());
+        }
         Ok(())
     }
 

@@ -42,14 +42,49 @@ pub const MAX_TITLE_CHARS: usize = 200;
 // ---------------------------------------------------------------------------------------------
 
 /// The working directory of one objective. All paths given to it are relative to its root.
+///
+/// Its own files are kept in a directory on disk ([`Workspace::new`]) or in the process's
+/// memory ([`Workspace::in_memory`]); the tools answer the same either way.
 #[derive(Debug, Clone)]
 pub struct Workspace {
     root: PathBuf,
+    /// In memory: the files written, by normalised relative path (`None`: on disk, under
+    /// `root`).
+    own: Option<std::sync::Arc<std::sync::Mutex<BTreeMap<String, String>>>>,
     /// Read-only files by normalised relative path (the earlier stages' artifacts), read and
     /// listed like the directory's own until a file is written at the same path. Kept in
     /// memory: writing every earlier artifact into every attempt's directory, and deleting
     /// it after, was a quarter of a worker's CPU under load.
     inputs: std::sync::Arc<BTreeMap<String, String>>,
+}
+
+/// Where the workspaces of attempts keep their own files: in the process's memory (the
+/// default), or in a folder each under a directory. A workspace lives for one attempt, and
+/// what a team produced is kept as artifacts in PostgreSQL either way; in memory, no file is
+/// created, checked, read back or removed (on a disk, that churn was a fifth of a worker's
+/// CPU under load; on tmpfs, still about a tenth).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Scratch {
+    #[default]
+    Memory,
+    Dir(PathBuf),
+}
+
+impl From<PathBuf> for Scratch {
+    fn from(dir: PathBuf) -> Scratch {
+        Scratch::Dir(dir)
+    }
+}
+
+impl Scratch {
+    /// A fresh workspace named `name` (its folder's name, under a directory) with `inputs`
+    /// (see [`Workspace::with_inputs`]).
+    pub fn workspace(&self, name: &str, inputs: BTreeMap<String, String>) -> io::Result<Workspace> {
+        match self {
+            Scratch::Memory => Ok(Workspace::in_memory(inputs)),
+            Scratch::Dir(dir) => Workspace::with_inputs(dir.join(name), inputs),
+        }
+    }
 }
 
 /// Why a path given by a model is refused. Each message says what to give instead.
@@ -129,19 +164,27 @@ impl Workspace {
     pub fn with_inputs(root: impl Into<PathBuf>, inputs: BTreeMap<String, String>) -> io::Result<Workspace> {
         let root = root.into();
         fs::create_dir_all(&root)?;
-        let inputs = inputs
-            .into_iter()
-            // As `read_file` would refuse them from disk: too large, or not text.
-            .filter(|(_, text)| text.len() <= MAX_FILE_BYTES && !text.contains('\0'))
-            .filter_map(|(path, text)| match normalise(&path) {
-                Ok(parts) if !parts.is_empty() => Some((parts.join("/"), text)),
-                _ => None,
-            })
-            .collect();
         Ok(Workspace {
             root: fs::canonicalize(&root)?,
-            inputs: std::sync::Arc::new(inputs),
+            own: None,
+            inputs: std::sync::Arc::new(checked_inputs(inputs)),
         })
+    }
+
+    /// A workspace whose own files live in this process's memory, with `inputs` as for
+    /// [`Workspace::with_inputs`]. Nothing touches the file system: there are no links to
+    /// follow, and confinement is the path check alone. Dropping it (every clone) removes it.
+    pub fn in_memory(inputs: BTreeMap<String, String>) -> Workspace {
+        Workspace {
+            root: PathBuf::new(),
+            own: Some(std::sync::Arc::default()),
+            inputs: std::sync::Arc::new(checked_inputs(inputs)),
+        }
+    }
+
+    /// The files written, when in memory (locked).
+    fn own(&self) -> Option<std::sync::MutexGuard<'_, BTreeMap<String, String>>> {
+        self.own.as_ref().map(|own| own.lock().expect("not poisoned"))
     }
 
     /// The input at a normalised path, if there is one.
@@ -174,6 +217,9 @@ impl Workspace {
     /// neither exists or the path is refused.
     pub fn content(&self, path: &str) -> Option<Vec<u8>> {
         let target = self.confine(path).ok()?;
+        if let Some(own) = self.own() {
+            return own.get(&target.rel).or_else(|| self.input(&target.rel)).map(|text| text.clone().into_bytes());
+        }
         match fs::symlink_metadata(&target.abs) {
             Ok(meta) if meta.is_file() => fs::read(&target.abs).ok(),
             Ok(_) => None,
@@ -181,8 +227,14 @@ impl Workspace {
         }
     }
 
+    /// The directory on disk; empty for a workspace in memory.
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// Whether its own files are kept in memory ([`Workspace::in_memory`]).
+    pub fn is_in_memory(&self) -> bool {
+        self.own.is_some()
     }
 
     /// The absolute path of `path`, a path relative to the root, if it stays inside the root.
@@ -197,6 +249,17 @@ impl Workspace {
 
     fn confine(&self, path: &str) -> Result<Confined, PathError> {
         let parts = normalise(path)?;
+        if let Some(own) = self.own() {
+            // Nothing below a file: as on disk, where a file is not a directory.
+            for i in 1..parts.len() {
+                let above = parts[..i].join("/");
+                if own.contains_key(&above) || self.inputs.contains_key(&above) {
+                    return Err(PathError::NotADirectory { path: path.to_string(), file: above });
+                }
+            }
+            let rel = parts.join("/");
+            return Ok(Confined { abs: PathBuf::from(&rel), rel, parts });
+        }
         let mut abs = self.root.clone();
         for (i, part) in parts.iter().enumerate() {
 
@@ -298,6 +361,13 @@ impl Workspace {
                 bytes: content.len(),
             });
         }
+        if let Some(mut own) = self.own() {
+            if is_dir_in(&own, &self.inputs, &target.rel) {
+                return Err(ToolError::IsDirectory { path: target.rel });
+            }
+            own.insert(target.rel.clone(), content.to_string());
+            return Ok(target.rel);
+        }
         self.create_parents(&target)?;
         match fs::symlink_metadata(&target.abs) {
             Ok(meta) if meta.file_type().is_symlink() => {
@@ -321,6 +391,15 @@ impl Workspace {
     /// The content of the UTF-8 text file at `path`.
     pub fn read_file(&self, path: &str) -> Result<String, ToolError> {
         let target = self.confine_file(path)?;
+        if let Some(own) = self.own() {
+            return match own.get(&target.rel).or_else(|| self.input(&target.rel)) {
+                // Written within the limit (inputs were checked when the workspace was made).
+                Some(text) if text.contains('\0') => Err(ToolError::NotText { path: target.rel }),
+                Some(text) => Ok(text.clone()),
+                None if is_dir_in(&own, &self.inputs, &target.rel) => Err(ToolError::IsDirectory { path: target.rel }),
+                None => Err(ToolError::NotFound { path: target.rel }),
+            };
+        }
         let meta = match fs::symlink_metadata(&target.abs) {
             Ok(meta) => meta,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
@@ -377,6 +456,20 @@ impl Workspace {
         // The inputs below it, then the directory's own files (a file written at an input's
         // path is the same file, listed once).
         let mut files: std::collections::BTreeSet<String> = self.inputs_under(&target.rel).cloned().collect();
+        if let Some(own) = self.own() {
+            if !target.rel.is_empty() && (own.contains_key(&target.rel) || self.input(&target.rel).is_some()) {
+                return Err(ToolError::NotADirectory { path: target.shown() });
+            }
+            let prefix = if target.rel.is_empty() { String::new() } else { format!("{}/", target.rel) };
+            files.extend(own.range(prefix.clone()..).map(|(path, _)| path).take_while(|path| path.starts_with(&prefix)).cloned());
+            if files.is_empty() && !target.rel.is_empty() {
+                return Err(ToolError::NoDirectory { path: target.shown() });
+            }
+            if files.len() > MAX_LISTED_FILES {
+                return Err(ToolError::TooManyFiles { path: target.shown() });
+            }
+            return Ok(files.into_iter().collect());
+        }
         let on_disk = match fs::symlink_metadata(&target.abs) {
             Ok(meta) if meta.is_dir() => true,
             Ok(_) => {
@@ -441,6 +534,19 @@ impl Workspace {
     pub fn record_decision(&self, decision: &Decision) -> Result<(), ToolError> {
         let target = self.confine_file(DECISIONS_PATH)?;
         self.check_against_inputs(&target)?;
+        if let Some(mut own) = self.own() {
+            if is_dir_in(&own, &self.inputs, &target.rel) {
+                return Err(ToolError::NotAFile { path: target.rel });
+            }
+            let existing = own.get(&target.rel).map_or(0, String::len) as u64;
+            let carried = if existing == 0 { self.input(&target.rel).map_or("", String::as_str) } else { "" };
+            let section = decision_section(decision, carried, existing);
+            if existing + section.len() as u64 > MAX_FILE_BYTES as u64 {
+                return Err(ToolError::DecisionsFull { path: target.rel });
+            }
+            own.entry(target.rel).or_default().push_str(&section);
+            return Ok(());
+        }
         self.create_parents(&target)?;
         // An earlier stage's decisions (an input) are carried on: copied, then appended to.
         let mut carried = "";
@@ -460,15 +566,7 @@ impl Workspace {
             }
             Err(source) => return Err(ToolError::io("check", target.rel, source)),
         };
-        // What goes to the end of the file on disk: the carried decisions first, if any.
-        let mut section = carried.to_string();
-        if existing == 0 && carried.is_empty() {
-            section.push_str("# Decisions\n\n");
-        }
-        section.push_str(&format!(
-            "## {}\n\n**Decision:** {}\n\n**Rationale:** {}\n\n",
-            decision.title, decision.decision, decision.rationale
-        ));
+        let section = decision_section(decision, carried, existing);
         if existing + section.len() as u64 > MAX_FILE_BYTES as u64 {
             return Err(ToolError::DecisionsFull { path: target.rel });
         }
@@ -649,6 +747,43 @@ impl ToolError {
             source,
         }
     }
+}
+
+/// What goes to the end of the decisions file (`existing` bytes long): the decisions carried
+/// from an earlier stage first, if any, else a heading for a new file; then the section.
+fn decision_section(decision: &Decision, carried: &str, existing: u64) -> String {
+    let mut section = carried.to_string();
+    if existing == 0 && carried.is_empty() {
+        section.push_str("# Decisions\n\n");
+    }
+    section.push_str(&format!(
+        "## {}\n\n**Decision:** {}\n\n**Rationale:** {}\n\n",
+        decision.title, decision.decision, decision.rationale
+    ));
+    section
+}
+
+/// Inputs a model could name and `read_file` could read: others (too large, not text, a
+/// path refused) are dropped; `./a//b` is kept as `a/b`.
+fn checked_inputs(inputs: BTreeMap<String, String>) -> BTreeMap<String, String> {
+    inputs
+        .into_iter()
+        .filter(|(_, text)| text.len() <= MAX_FILE_BYTES && !text.contains('\0'))
+        .filter_map(|(path, text)| match normalise(&path) {
+            Ok(parts) if !parts.is_empty() => Some((parts.join("/"), text)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// In memory: whether `rel` is a directory (the root, or above a file written or given).
+fn is_dir_in(own: &BTreeMap<String, String>, inputs: &BTreeMap<String, String>, rel: &str) -> bool {
+    if rel.is_empty() {
+        return true;
+    }
+    let prefix = format!("{rel}/");
+    let under = |files: &BTreeMap<String, String>| files.range(prefix.clone()..).next().is_some_and(|(path, _)| path.starts_with(&prefix));
+    under(own) || under(inputs)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1365,6 +1500,91 @@ mod tests {
             "{}",
             out.output
         );
+    }
+
+    /// The tools answer the same whether a workspace keeps its files on disk or in memory:
+    /// one script of calls (writes, reads, listings, decisions, and every refusal that does
+    /// not need a link on disk) on both, with the same inputs, compared call by call, and the
+    /// files they end with compared too.
+    #[test]
+    fn a_workspace_in_memory_answers_every_call_as_one_on_disk() {
+        let inputs = || {
+            BTreeMap::from([
+                ("docs/requirements.md".to_string(), "# Requirements".to_string()),
+                ("./src//lib.rs".to_string(), "pub fn f() {}".to_string()),
+                (DECISIONS_PATH.to_string(), "# Decisions\n\n## Earlier\n\n".to_string()),
+                ("../escape.md".to_string(), "no".to_string()),
+                ("big.txt".to_string(), "x".repeat(MAX_FILE_BYTES + 1)),
+            ])
+        };
+        let tmp = tempfile::tempdir().unwrap();
+        let on_disk = Workspace::with_inputs(tmp.path().join("ws"), inputs()).unwrap();
+        let in_memory = Workspace::in_memory(inputs());
+        assert!(in_memory.is_in_memory() && !on_disk.is_in_memory());
+        let decision = |title: &str| json!({"title": title, "decision": "Do it.", "rationale": "Because."});
+        let script: Vec<(&str, Value)> = vec![
+            ("list_files", json!({})),
+            ("read_file", json!({"path": "docs/requirements.md"})),
+            ("read_file", json!({"path": "src/lib.rs"})),
+            ("read_file", json!({"path": "big.txt"})),
+            ("read_file", json!({"path": "missing.md"})),
+            ("read_file", json!({"path": "docs"})),
+            ("read_file", json!({"path": "."})),
+            ("list_files", json!({"path": "docs"})),
+            ("list_files", json!({"path": "nowhere"})),
+            ("list_files", json!({"path": "src/lib.rs"})),
+            ("write_file", json!({"path": "README.md", "content": "# Shortener\n"})),
+            ("write_file", json!({"path": "./src//main.rs", "content": "fn main() {}\n"})),
+            ("write_file", json!({"path": "src/lib.rs", "content": "pub fn g() {}"})),
+            ("read_file", json!({"path": "src/lib.rs"})),
+            ("write_file", json!({"path": "docs/é.md", "content": "ünïcode"})),
+            ("write_file", json!({"path": "a/b/c/d.txt", "content": "deep"})),
+            ("write_file", json!({"path": "a/b", "content": "onto a directory"})),
+            ("write_file", json!({"path": "README.md/inside.md", "content": "through a file"})),
+            ("write_file", json!({"path": "src/lib.rs/x", "content": "through an input"})),
+            ("write_file", json!({"path": "docs", "content": "onto a directory of inputs"})),
+            ("write_file", json!({"path": "../out.md", "content": "no"})),
+            ("write_file", json!({"path": "/etc/passwd", "content": "no"})),
+            ("write_file", json!({"path": "C:\\x", "content": "no"})),
+            ("write_file", json!({"path": "", "content": "no"})),
+            ("write_file", json!({"path": "huge.txt", "content": "x".repeat(MAX_FILE_BYTES + 1)})),
+            ("write_file", json!({"path": "nul.txt", "content": "a\u{0}b"})),
+            ("read_file", json!({"path": "nul.txt"})),
+            ("read_file", json!({"path": "a/b"})),
+            ("read_file", json!({"path": "README.md/inside.md"})),
+            ("list_files", json!({"path": "a"})),
+            ("list_files", json!({"path": "a/b/c/d.txt"})),
+            ("list_files", json!({"path": "."})),
+            ("record_decision", decision("First here")),
+            ("record_decision", decision("Second here")),
+            ("read_file", json!({"path": DECISIONS_PATH})),
+            ("write_file", json!({"path": "docs/decisions.md/x", "content": "no"})),
+            ("list_files", json!({})),
+        ];
+        for (name, arguments) in &script {
+            let disk = call(&on_disk, name, arguments.clone());
+            let memory = call(&in_memory, name, arguments.clone());
+            assert_eq!(memory, disk, "{name} {arguments}");
+        }
+        for path in call(&on_disk, "list_files", json!({})).output.lines() {
+            assert_eq!(in_memory.content(path), on_disk.content(path), "{path}");
+        }
+        assert_eq!(in_memory.content("missing.md"), None);
+        assert_eq!(in_memory.content("../escape.md"), None);
+    }
+
+    #[test]
+    fn a_decisions_file_in_memory_is_bounded_like_one_on_disk() {
+        let ws = Workspace::in_memory(BTreeMap::new());
+        let long = "x".repeat(MAX_FILE_BYTES / 3);
+        let arguments = json!({"title": "Long", "decision": long, "rationale": "r"});
+        let mut outcomes = Vec::new();
+        for _ in 0..4 {
+            outcomes.push(call(&ws, "record_decision", arguments.clone()));
+        }
+        assert!(outcomes[..2].iter().all(|o| !o.is_error()), "{outcomes:?}");
+        assert!(outcomes[3].is_error() && outcomes[3].output.contains("would grow past"), "{:?}", outcomes[3]);
+        assert!(ws.content(DECISIONS_PATH).unwrap().len() <= MAX_FILE_BYTES);
     }
 
     #[test]

@@ -12,7 +12,7 @@ use crate::handoff::{Attempts, Handed, LocalWork};
 use crate::model::ModelProvider;
 use crate::operative;
 use crate::orchestrator::WorkItem;
-use crate::tools::{ToolRegistry, Workspace, granted_tools};
+use crate::tools::{Scratch, ToolRegistry, Workspace, granted_tools};
 use async_nats::jetstream::{self, AckKind, consumer::pull};
 use factory_commands::store::{ArtifactContent, CommitError};
 use factory_commands::{CommandError, Store};
@@ -22,7 +22,6 @@ use factory_nats::Topology;
 use futures::StreamExt;
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -47,7 +46,8 @@ pub struct WorkerOptions {
     /// The teams this worker serves.
     pub teams: Vec<String>,
     /// Where objectives get their scratch workspaces.
-    pub work_dir: PathBuf,
+    /// Where each attempt's workspace keeps its files (in memory unless a directory).
+    pub work_dir: Scratch,
     pub ack_wait: Duration,
     /// Deliveries of one message before its objective is blocked.
     pub max_deliver: i64,
@@ -56,8 +56,8 @@ pub struct WorkerOptions {
 }
 
 impl WorkerOptions {
-    pub fn new(teams: Vec<String>, work_dir: PathBuf) -> Self {
-        Self { teams, work_dir, ack_wait: Duration::from_secs(30), max_deliver: 5, concurrency: 16 }
+    pub fn new(teams: Vec<String>, work_dir: impl Into<Scratch>) -> Self {
+        Self { teams, work_dir: work_dir.into(), ack_wait: Duration::from_secs(30), max_deliver: 5, concurrency: 16 }
     }
 }
 
@@ -462,12 +462,12 @@ impl Worker {
         let run = RunContext::of(&run, item.objective_id, &objectives);
 
         // A workspace per attempt: two deliveries of one message never share one.
-        let dir = self.options.work_dir.join(format!("{}-{}-{}", item.objective_id, key.replace(':', "-"), uuid::Uuid::now_v7()));
+        let name = format!("{}-{}-{}", item.objective_id, key.replace(':', "-"), uuid::Uuid::now_v7());
         // The earlier stages' artifacts, served from memory (not written into the directory).
         let shas: Vec<&str> = run.artifacts.values().map(String::as_str).collect();
         let contents = self.store.artifact_contents(&shas).await.map_err(store_err)?;
         let workspace =
-            Workspace::with_inputs(&dir, workspace_inputs(&run.artifacts, |sha| contents.get(sha).map(|c| c.as_ref().clone())))?;
+            self.options.work_dir.workspace(&name, workspace_inputs(&run.artifacts, |sha| contents.get(sha).map(|c| c.as_ref().clone())))?;
         let prompt = run.prompt(team, objective.iterations + 1, item.max_iterations);
         // Model calls are recorded as they return, by a task of their own, so that a dying
         // attempt keeps its audit; calls it has not taken when the work ends go into the
@@ -520,7 +520,7 @@ impl Worker {
             outcome = work => outcome,
             _ = cancelled => {
                 tracing::info!(objective = %item.objective_id, "run stopped; work dropped");
-                remove_workspace(dir);
+                remove_workspace(workspace);
                 // The calls made so far are recorded before the message is settled.
                 calls.finish();
                 let _ = recorder.await;
@@ -530,7 +530,7 @@ impl Worker {
         let outcome = match outcome {
             Ok(outcome) => outcome,
             Err(error) => {
-                remove_workspace(dir);
+                remove_workspace(workspace);
                 // Recorded before the message is settled: on the last delivery the objective
                 // is blocked next, and calls recorded after that would be refused (lost).
                 calls.finish();
@@ -556,7 +556,7 @@ impl Worker {
         }
         commands.extend(result_commands(key, outcome));
         let finished = self.finish(item, commands, contents).await;
-        remove_workspace(dir);
+        remove_workspace(workspace);
         finished
     }
 
@@ -692,10 +692,14 @@ impl Worker {
     }
 }
 
-/// Removes an attempt's workspace off the async threads, not waited for: deleting files
-/// blocks, and the task woken by the commit just made (the orchestrator's, told in memory)
-/// would wait for it on this thread.
-fn remove_workspace(dir: PathBuf) {
+/// Removes an attempt's workspace: one in memory is dropped; a folder is deleted off the async
+/// threads, not waited for: deleting files blocks, and the task woken by the commit just made
+/// (the orchestrator's, told in memory) would wait for it on this thread.
+fn remove_workspace(workspace: Workspace) {
+    if workspace.is_in_memory() {
+        return;
+    }
+    let dir = workspace.root().to_path_buf();
     tokio::task::spawn_blocking(move || {
         if let Err(error) = std::fs::remove_dir_all(&dir)
             && error.kind() != std::io::ErrorKind::NotFound

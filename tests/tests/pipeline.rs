@@ -17,7 +17,6 @@ use std::time::Duration;
 pub(crate) struct Factory {
     pub(crate) stack: TestStack,
     pub(crate) store: Arc<Store>,
-    work_dir: tempfile::TempDir,
     pub(crate) tasks: Vec<tokio::task::JoinHandle<()>>,
     router: Arc<Router>,
 }
@@ -39,7 +38,7 @@ impl Factory {
         let stack = TestStack::new().await;
         let store = Arc::new(Store::new(stack.pool.clone(), Arc::new(SystemServices)));
         let router = Arc::new(Router::new(routing, ProviderSettings::default(), Arc::new(ScriptedProvider::new())).unwrap());
-        let mut factory = Self { store, work_dir: tempfile::tempdir().unwrap(), tasks: vec![], stack, router };
+        let mut factory = Self { store, tasks: vec![], stack, router };
         let relay = relay(&factory.stack, factory.stack.js.clone(), 500).with_wake(factory.store.committed());
         factory.tasks.push(tokio::spawn(relay.run()));
         // As `up` wires them: the objectives the orchestrator starts are handed to the worker.
@@ -52,9 +51,10 @@ impl Factory {
     }
 
     pub(crate) fn worker(&self, ack_wait: Duration) -> Worker {
+        // Workspaces in memory, as `up` keeps them by default (two tests below use folders).
         let mut options = WorkerOptions::new(
             factory_teams::TEAM_IDS.iter().map(|t| t.to_string()).collect(),
-            self.work_dir.path().to_path_buf(),
+            factory_teams::tools::Scratch::Memory,
         );
         options.ack_wait = ack_wait;
         Worker::new(self.store.clone(), self.stack.js.clone(), self.stack.topology.clone(), self.router.clone(), options)

@@ -287,6 +287,38 @@ async fn a_begin_dropped_in_flight_leaves_the_pooled_connection_outside_any_tran
     pool.close().await;
 }
 
+/// The pool takes back a connection without a round trip when nothing is outstanding on it
+/// (the vendored sqlx-postgres's ping, vendor/README.md). A connection whose statement was
+/// dropped in flight, or whose rows were left unread, still owes answers: the next borrower
+/// of that connection gets its own answer, never a stale one. On a pool of one connection.
+#[tokio::test]
+async fn a_statement_dropped_in_flight_or_rows_left_unread_do_not_leak_into_the_next_borrowers_answer() {
+    use futures::{FutureExt, StreamExt};
+    let stack = TestStack::new().await;
+    let pool = sqlx::postgres::PgPoolOptions::new().max_connections(1).connect(&stack.app_url()).await.unwrap();
+    let mut dropped_in_flight = 0;
+    for i in 0..20i32 {
+        let mut conn = pool.acquire().await.unwrap();
+        // One poll: the statement is sent and its answer awaited; then the future is dropped.
+        if sqlx::query_scalar::<_, i32>("SELECT -1 FROM pg_sleep(0.01)").fetch_one(&mut *conn).now_or_never().is_none() {
+            dropped_in_flight += 1;
+        }
+        drop(conn);
+        let answer: i32 = sqlx::query_scalar("SELECT $1").bind(i).fetch_one(&pool).await.unwrap();
+        assert_eq!(answer, i, "a dropped statement's answer reached the next borrower");
+        // A result read in part: its other rows are still on the wire when it is given back.
+        {
+            let mut conn = pool.acquire().await.unwrap();
+            let mut rows = sqlx::query_scalar::<_, i32>("SELECT -g FROM generate_series(1, 20000) g").fetch(&mut *conn);
+            assert_eq!(rows.next().await.unwrap().unwrap(), -1);
+        }
+        let answer: i32 = sqlx::query_scalar("SELECT $1").bind(i).fetch_one(&pool).await.unwrap();
+        assert_eq!(answer, i, "rows left unread reached the next borrower");
+    }
+    assert!(dropped_in_flight > 0, "no statement was caught in flight");
+    pool.close().await;
+}
+
 fn assign(run: RunId, objective_id: ObjectiveId) -> factory_domain::ObjectiveCommand {
     factory_domain::ObjectiveCommand::AssignObjective {
         objective_id,

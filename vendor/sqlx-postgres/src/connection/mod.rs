@@ -179,6 +179,18 @@ impl Connection for PgConnection {
         // self.execute("/* SQLx ping */").map_ok(|_| ()).boxed()
 
         Box::pin(async move {
+            // Factory patch (see vendor/README.md): the pool pings every connection it takes
+            // back, a round trip per statement. One with nothing outstanding (no answer
+            // awaited, nothing queued to send, no transaction open) is at a message boundary
+            // and idle, which is all the ping on release makes sure of: it is not pinged.
+            // Anything a dropped future left behind (an answer still owed, a queued ROLLBACK)
+            // counts as outstanding: the round trip below sends and drains it, as before.
+            if self.inner.pending_ready_for_query_count == 0
+                && self.inner.stream.write_buffer_mut().is_empty()
+                && matches!(self.inner.transaction_status, TransactionStatus::Idle)
+            {
+                return Ok(());
+            }
             // The simplest call-and-response that's possible.
             self.write_sync();
             self.wait_until_ready().await
