@@ -985,9 +985,8 @@ async fn pipeline_figures(
     for _ in 0..plan.single_runs {
         let run = run_to_completion(&store, &mut observer, &phase1).await?;
         let events = factory_commands::events::run_events(&pool, run.0, None).await?;
-        let observed = observer.snapshot();
-        let calls = calls.lock().expect("call times").clone();
-        single.add(stage_samples(run.0, &phase1, &events, &observed, &calls)?);
+        let samples = observer.with_seen(|seen| stage_samples(run.0, &phase1, &events, seen, &calls.lock().expect("call times")))?;
+        single.add(samples);
     }
     single.sort();
     print_figure(
@@ -1016,9 +1015,8 @@ async fn pipeline_figures(
         let run = run_to_completion(&store, &mut observer, &full).await?;
         let events = factory_commands::events::run_events(&pool, run.0, None).await?;
         walls_ms.push(run_wall_ms(&events)?);
-        let observed = observer.snapshot();
-        let calls = calls.lock().expect("call times").clone();
-        full_stages.add(stage_samples(run.0, &full, &events, &observed, &calls)?);
+        let samples = observer.with_seen(|seen| stage_samples(run.0, &full, &events, seen, &calls.lock().expect("call times")))?;
+        full_stages.add(samples);
     }
     walls_ms.sort_by(f64::total_cmp);
     print_figure(
@@ -1353,6 +1351,11 @@ impl Observer {
 
     fn snapshot(&self) -> Seen {
         self.seen.lock().expect("seen events").clone()
+    }
+
+    /// `read` of what was seen so far, without copying it (the map grows with every run).
+    fn with_seen<R>(&self, read: impl FnOnce(&Seen) -> R) -> R {
+        read(&self.seen.lock().expect("seen events"))
     }
 }
 
