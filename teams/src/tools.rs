@@ -1,8 +1,9 @@
 //! The tools an operative may call while it works an objective, and the workspace they act in.
 //!
-//! Every objective runs in a [`Workspace`]: one directory on disk, plus the earlier stages'
-//! artifacts served from memory as if they were its files ([`Workspace::with_inputs`]; a
-//! file written at an input's path shadows it). The model names files by
+//! Every objective runs in a [`Workspace`]: its own files, kept in the process's memory
+//! ([`Workspace::in_memory`], the default) or in one directory on disk, plus the earlier
+//! stages' artifacts served from memory as if they were its files ([`Workspace::with_inputs`];
+//! a file written at an input's path shadows it). The model names files by
 //! paths relative to it, and nothing a model writes can reach outside it: absolute paths,
 //! `..`, Windows prefixes, NUL bytes and symbolic links are refused before the file system is
 //! touched (see [`Workspace::resolve`]). Sizes are bounded ([`MAX_FILE_BYTES`],
@@ -32,6 +33,8 @@ pub const MAX_FILE_BYTES: usize = 1024 * 1024;
 pub const MAX_LISTED_FILES: usize = 1000;
 /// The longest path a model may give, in bytes.
 pub const MAX_PATH_BYTES: usize = 1024;
+/// The longest file or directory name in a path, in bytes (as file systems allow).
+pub const MAX_NAME_BYTES: usize = 255;
 /// Where `record_decision` appends, relative to the workspace root.
 pub const DECISIONS_PATH: &str = "docs/decisions.md";
 /// The longest decision title, in characters (it becomes a markdown heading).
@@ -96,6 +99,10 @@ pub enum PathError {
     Empty,
     #[error("the path {0:?} is longer than {MAX_PATH_BYTES} bytes; use a shorter path")]
     TooLong(String),
+    #[error(
+        "the path has a file or directory name longer than {MAX_NAME_BYTES} bytes ({0:?}); use a shorter name"
+    )]
+    NameTooLong(String),
     #[error(
         "the path {0:?} contains a NUL byte; give a plain relative path, such as `docs/notes.md`"
     )]
@@ -184,7 +191,8 @@ impl Workspace {
 
     /// The files written, when in memory (locked).
     fn own(&self) -> Option<std::sync::MutexGuard<'_, BTreeMap<String, String>>> {
-        self.own.as_ref().map(|own| own.lock().expect("not poisoned"))
+        // A panic under the lock (caught by the registry) leaves whole strings behind.
+        self.own.as_ref().map(|own| own.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
     }
 
     /// The input at a normalised path, if there is one.
@@ -237,7 +245,8 @@ impl Workspace {
         self.own.is_some()
     }
 
-    /// The absolute path of `path`, a path relative to the root, if it stays inside the root.
+    /// The absolute path of `path`, a path relative to the root, if it stays inside the root
+    /// (for a workspace in memory, which has no root on disk: the normalised relative path).
     ///
     /// Refused: an empty path, a NUL byte, a backslash or a drive prefix (`C:`), an absolute
     /// path, any `..` component, and any existing component that is a symbolic link (even one
@@ -250,13 +259,9 @@ impl Workspace {
     fn confine(&self, path: &str) -> Result<Confined, PathError> {
         let parts = normalise(path)?;
         if let Some(own) = self.own() {
-            // Nothing below a file: as on disk, where a file is not a directory.
-            for i in 1..parts.len() {
-                let above = parts[..i].join("/");
-                if own.contains_key(&above) || self.inputs.contains_key(&above) {
-                    return Err(PathError::NotADirectory { path: path.to_string(), file: above });
-                }
-            }
+            // Nothing below a file written: as on disk, where a file is not a directory.
+            // (Inputs are not files there: writes check them, reads find nothing below.)
+            file_above(&own, &parts, path)?;
             let rel = parts.join("/");
             return Ok(Confined { abs: PathBuf::from(&rel), rel, parts });
         }
@@ -362,6 +367,8 @@ impl Workspace {
             });
         }
         if let Some(mut own) = self.own() {
+            // Checked again under the lock that the insert holds: a clone may have written.
+            file_above(&own, &target.parts, path)?;
             if is_dir_in(&own, &self.inputs, &target.rel) {
                 return Err(ToolError::IsDirectory { path: target.rel });
             }
@@ -535,11 +542,13 @@ impl Workspace {
         let target = self.confine_file(DECISIONS_PATH)?;
         self.check_against_inputs(&target)?;
         if let Some(mut own) = self.own() {
+            file_above(&own, &target.parts, DECISIONS_PATH)?;
             if is_dir_in(&own, &self.inputs, &target.rel) {
                 return Err(ToolError::NotAFile { path: target.rel });
             }
             let existing = own.get(&target.rel).map_or(0, String::len) as u64;
-            let carried = if existing == 0 { self.input(&target.rel).map_or("", String::as_str) } else { "" };
+            // As on disk: an earlier stage's decisions are carried only into a new file.
+            let carried = if own.contains_key(&target.rel) { "" } else { self.input(&target.rel).map_or("", String::as_str) };
             let section = decision_section(decision, carried, existing);
             if existing + section.len() as u64 > MAX_FILE_BYTES as u64 {
                 return Err(ToolError::DecisionsFull { path: target.rel });
@@ -547,7 +556,6 @@ impl Workspace {
             own.entry(target.rel).or_default().push_str(&section);
             return Ok(());
         }
-        self.create_parents(&target)?;
         // An earlier stage's decisions (an input) are carried on: copied, then appended to.
         let mut carried = "";
         let existing = match fs::symlink_metadata(&target.abs) {
@@ -570,6 +578,8 @@ impl Workspace {
         if existing + section.len() as u64 > MAX_FILE_BYTES as u64 {
             return Err(ToolError::DecisionsFull { path: target.rel });
         }
+        // Only once it is sure to be written: a refused decision leaves no folder behind.
+        self.create_parents(&target)?;
         let mut file = fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -605,6 +615,11 @@ fn normalise(path: &str) -> Result<Vec<String>, PathError> {
         for component in Path::new(path).components() {
             match component {
                 Component::Normal(name) => match name.to_str() {
+                    // Longer names cannot be files on disk, nor exported with `run artifacts`.
+                    Some(name) if name.len() > MAX_NAME_BYTES => {
+                        let shown: String = name.chars().take(40).collect();
+                        return Err(PathError::NameTooLong(format!("{shown}...")));
+                    }
                     Some(name) => parts.push(name.to_string()),
                     // Unreachable: `path` is a `&str`, so its components are UTF-8.
                     None => return Err(PathError::Nul(path.to_string())),
@@ -774,6 +789,17 @@ fn checked_inputs(inputs: BTreeMap<String, String>) -> BTreeMap<String, String> 
             _ => None,
         })
         .collect()
+}
+
+/// In memory: refused when a file written is at a directory of `parts` (`path` as given).
+fn file_above(own: &BTreeMap<String, String>, parts: &[String], path: &str) -> Result<(), PathError> {
+    for i in 1..parts.len() {
+        let above = parts[..i].join("/");
+        if own.contains_key(&above) {
+            return Err(PathError::NotADirectory { path: path.to_string(), file: above });
+        }
+    }
+    Ok(())
 }
 
 /// In memory: whether `rel` is a directory (the root, or above a file written or given).
@@ -1533,6 +1559,11 @@ mod tests {
             ("list_files", json!({"path": "docs"})),
             ("list_files", json!({"path": "nowhere"})),
             ("list_files", json!({"path": "src/lib.rs"})),
+            // Below an input file: nothing there to read or list; no writing through it.
+            ("read_file", json!({"path": "docs/requirements.md/x"})),
+            ("list_files", json!({"path": "docs/requirements.md/x"})),
+            ("write_file", json!({"path": "./docs//requirements.md/x", "content": "through an input"})),
+            ("write_file", json!({"path": format!("{}/x.md", "n".repeat(MAX_NAME_BYTES + 1)), "content": "a name too long"})),
             ("write_file", json!({"path": "README.md", "content": "# Shortener\n"})),
             ("write_file", json!({"path": "./src//main.rs", "content": "fn main() {}\n"})),
             ("write_file", json!({"path": "src/lib.rs", "content": "pub fn g() {}"})),
@@ -1555,6 +1586,11 @@ mod tests {
             ("list_files", json!({"path": "a"})),
             ("list_files", json!({"path": "a/b/c/d.txt"})),
             ("list_files", json!({"path": "."})),
+            ("write_file", json!({"path": "./README.md//inside.md", "content": "through a file, as given"})),
+            ("list_files", json!({"path": "README.md/inside"})),
+            ("read_file", json!({"path": "./README.md//inside"})),
+            // A refused first decision makes nothing: no `docs` folder of its own.
+            ("record_decision", json!({"title": "Huge", "decision": "x".repeat(MAX_FILE_BYTES), "rationale": "r"})),
             ("record_decision", decision("First here")),
             ("record_decision", decision("Second here")),
             ("read_file", json!({"path": DECISIONS_PATH})),
@@ -1571,6 +1607,28 @@ mod tests {
         }
         assert_eq!(in_memory.content("missing.md"), None);
         assert_eq!(in_memory.content("../escape.md"), None);
+    }
+
+    /// Emptied by a write, the decisions file stays the team's own: the earlier stages'
+    /// decisions are carried only into a new file, on disk and in memory alike; and a huge
+    /// first decision, refused, leaves no folder behind on disk.
+    #[test]
+    fn decisions_are_carried_only_into_a_new_file_on_disk_and_in_memory() {
+        let inputs = || BTreeMap::from([(DECISIONS_PATH.to_string(), "# Decisions\n\n## Earlier\n\n".to_string())]);
+        let tmp = tempfile::tempdir().unwrap();
+        let on_disk = Workspace::with_inputs(tmp.path().join("ws"), inputs()).unwrap();
+        let in_memory = Workspace::in_memory(inputs());
+        let empty = Workspace::with_inputs(tmp.path().join("empty"), BTreeMap::new()).unwrap();
+        let huge = json!({"title": "Huge", "decision": "x".repeat(MAX_FILE_BYTES), "rationale": "r"});
+        assert!(call(&empty, "record_decision", huge).is_error());
+        assert!(!tmp.path().join("empty/docs").exists(), "a refused decision made a folder");
+        for ws in [&on_disk, &in_memory] {
+            assert!(!call(ws, "write_file", json!({"path": DECISIONS_PATH, "content": ""})).is_error());
+            assert!(!call(ws, "record_decision", json!({"title": "Mine", "decision": "d", "rationale": "r"})).is_error());
+        }
+        let text = String::from_utf8(on_disk.content(DECISIONS_PATH).unwrap()).unwrap();
+        assert!(!text.contains("Earlier") && text.contains("## Mine"), "{text}");
+        assert_eq!(in_memory.content(DECISIONS_PATH), on_disk.content(DECISIONS_PATH));
     }
 
     #[test]

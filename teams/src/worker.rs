@@ -45,7 +45,6 @@ const CLAIM_CHECK: Duration = Duration::from_millis(500);
 pub struct WorkerOptions {
     /// The teams this worker serves.
     pub teams: Vec<String>,
-    /// Where objectives get their scratch workspaces.
     /// Where each attempt's workspace keeps its files (in memory unless a directory).
     pub work_dir: Scratch,
     pub ack_wait: Duration,

@@ -654,3 +654,45 @@ async fn a_unit_whose_caller_went_away_while_it_was_queued_is_not_appended() {
     start(runs[4]).await.unwrap();
     assert_eq!(sequences(&stack, &runs[4].to_string()).await, [1, 2]);
 }
+
+/// A caller appending alone (in its own task) that goes away while its statement waits in
+/// the database gives its statement place on: the units queued behind it are appended by a
+/// task of their own, not left waiting for ever. (The abandoned statements were sent; the
+/// database may still commit them, as it would any statement whose client stopped
+/// listening: their outcome is unknown, and the store's chains stay whole either way.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_that_went_away_mid_statement_hand_their_places_to_the_units_queued_behind_them() {
+    let stack = TestStack::new().await;
+    let store = store(&stack).await;
+    let runs = submitted_runs(&store, 7).await;
+    let start = |run: RunId| start_first_stage(store.clone(), run);
+    let held = hold_appends(&stack).await;
+    // Four in flight, each appending alone in its caller's task (held in the database).
+    let mut in_flight: Vec<_> = runs[..4].iter().map(|&run| Box::pin(start(run))).collect();
+    for unit in &mut in_flight {
+        assert!(futures::poll!(unit.as_mut()).is_pending(), "appends are held");
+    }
+    // Three queue behind them.
+    let mut queued: Vec<_> = runs[4..].iter().map(|&run| Box::pin(start(run))).collect();
+    for unit in &mut queued {
+        assert!(futures::poll!(unit.as_mut()).is_pending(), "every place is taken");
+    }
+    // The four callers go away mid-statement.
+    drop(in_flight);
+    held.rollback().await.unwrap();
+    let outcomes = tokio::time::timeout(std::time::Duration::from_secs(10), futures::future::join_all(queued))
+        .await
+        .expect("the queued units were appended, not left waiting");
+    for outcome in outcomes {
+        outcome.unwrap();
+    }
+    for run in &runs[4..] {
+        assert_eq!(sequences(&stack, &run.to_string()).await, [1, 2]);
+    }
+    // Whatever became of the abandoned statements, every chain is whole.
+    assert!(audit::verify(&stack.pool).await.unwrap().broken.is_empty());
+    // And the store goes on: a new unit on a run nobody touched.
+    let [fresh] = submitted_runs(&store, 1).await[..] else { unreachable!() };
+    start(fresh).await.unwrap();
+    assert_eq!(sequences(&stack, &fresh.to_string()).await, [1, 2]);
+}
