@@ -250,7 +250,7 @@ impl Config {
         Ok(config)
     }
 
-    /// Where workers (and `run rerun`) keep each attempt's workspace.
+    /// Where workers (and `replay rerun`) keep each attempt's workspace.
     pub fn scratch(&self) -> factory_teams::tools::Scratch {
         match &self.work_dir {
             Some(dir) => factory_teams::tools::Scratch::Dir(dir.clone()),
