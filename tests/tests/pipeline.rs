@@ -19,6 +19,8 @@ pub(crate) struct Factory {
     pub(crate) store: Arc<Store>,
     pub(crate) tasks: Vec<tokio::task::JoinHandle<()>>,
     router: Arc<Router>,
+    /// The worker's side of the in-memory handoff (set by `start_with`).
+    local: Option<Arc<factory_teams::handoff::LocalWork>>,
 }
 
 /// Demo routing with short backoffs, so that fallbacks take milliseconds.
@@ -38,13 +40,14 @@ impl Factory {
         let stack = TestStack::new().await;
         let store = Arc::new(Store::new(stack.pool.clone(), Arc::new(SystemServices)));
         let router = Arc::new(Router::new(routing, ProviderSettings::default(), Arc::new(ScriptedProvider::new())).unwrap());
-        let mut factory = Self { store, tasks: vec![], stack, router };
+        let mut factory = Self { store, tasks: vec![], stack, router, local: None };
         let relay = relay(&factory.stack, factory.stack.js.clone(), 500).with_wake(factory.store.committed());
         factory.tasks.push(tokio::spawn(relay.run()));
         // As `up` wires them: the objectives the orchestrator starts are handed to the worker.
         let worker = factory.worker(Duration::from_secs(30));
         let orchestrator = Orchestrator::new(factory.store.clone(), factory.stack.js.clone(), factory.stack.topology.clone())
             .with_local_work(worker.local_work());
+        factory.local = Some(worker.local_work());
         factory.tasks.push(tokio::spawn(orchestrator.run()));
         factory.tasks.push(tokio::spawn(worker.run()));
         factory
@@ -535,6 +538,14 @@ async fn a_redelivered_work_message_of_a_finished_objective_queues_the_stages_it
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn objectives_started_in_a_process_are_handed_to_its_worker_in_memory_and_their_messages_only_acked() {
     let factory = Factory::start().await;
+    // Objectives are claimed only once the worker's presence is announced (it starts with
+    // the worker's task): submitted before that, the first would go through the queue.
+    let local = factory.local.clone().expect("the worker's handoff");
+    wait_for("the worker's presence to be announced", Duration::from_secs(10), || {
+        let local = local.clone();
+        async move { local.claims_hold().then_some(()) }
+    })
+    .await;
     let run = factory.submit("Build a URL shortener", "phase1", true).await;
     factory.wait_status(run, RunStatus::Completed).await;
     let assigned: Vec<Option<String>> = sqlx::query_scalar(
