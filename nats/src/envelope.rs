@@ -40,32 +40,32 @@ impl EventEnvelope<JsonText> {
     /// would give, field for field in the same order, with the payload and metadata written
     /// as the store's text.
     pub fn to_body(&self) -> Vec<u8> {
-        fn json<T: Serialize + ?Sized>(out: &mut Vec<u8>, value: &T) {
+        /// `,"name":` (no comma before the first field) and the value as serde writes it.
+        fn field<T: Serialize + ?Sized>(out: &mut Vec<u8>, name: &str, value: &T) {
+            out.push(if out.is_empty() { b'{' } else { b',' });
+            serde_json::to_writer(&mut *out, name).expect("strings serialise to memory");
+            out.push(b':');
             serde_json::to_writer(out, value).expect("strings, numbers and times serialise to memory");
         }
+        /// The same with the value's JSON text as it is.
+        fn raw(out: &mut Vec<u8>, name: &str, text: &str) {
+            out.push(b',');
+            serde_json::to_writer(&mut *out, name).expect("strings serialise to memory");
+            out.push(b':');
+            out.extend_from_slice(text.as_bytes());
+        }
         let mut out = Vec::with_capacity(self.payload.0.len() + self.metadata.0.len() + 384);
-        out.extend_from_slice(b"{\"position\":");
-        json(&mut out, &self.position);
-        out.extend_from_slice(b",\"aggregate_type\":");
-        json(&mut out, &self.aggregate_type);
-        out.extend_from_slice(b",\"aggregate_id\":");
-        json(&mut out, &self.aggregate_id);
-        out.extend_from_slice(b",\"sequence\":");
-        json(&mut out, &self.sequence);
-        out.extend_from_slice(b",\"event_type\":");
-        json(&mut out, &self.event_type);
-        out.extend_from_slice(b",\"event_version\":");
-        json(&mut out, &self.event_version);
-        out.extend_from_slice(b",\"run_id\":");
-        json(&mut out, &self.run_id);
-        out.extend_from_slice(b",\"recorded_at\":");
-        json(&mut out, &self.recorded_at);
-        out.extend_from_slice(b",\"payload\":");
-        out.extend_from_slice(self.payload.0.as_bytes());
-        out.extend_from_slice(b",\"metadata\":");
-        out.extend_from_slice(self.metadata.0.as_bytes());
-        out.extend_from_slice(b",\"hash\":");
-        json(&mut out, &self.hash);
+        field(&mut out, "position", &self.position);
+        field(&mut out, "aggregate_type", &self.aggregate_type);
+        field(&mut out, "aggregate_id", &self.aggregate_id);
+        field(&mut out, "sequence", &self.sequence);
+        field(&mut out, "event_type", &self.event_type);
+        field(&mut out, "event_version", &self.event_version);
+        field(&mut out, "run_id", &self.run_id);
+        field(&mut out, "recorded_at", &self.recorded_at);
+        raw(&mut out, "payload", &self.payload.0);
+        raw(&mut out, "metadata", &self.metadata.0);
+        field(&mut out, "hash", &self.hash);
         out.push(b'}');
         out
     }

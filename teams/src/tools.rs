@@ -1528,13 +1528,20 @@ mod tests {
         );
     }
 
+    /// Two workspaces with the same `inputs`: one at `<tmp>/ws` on disk, one in memory.
+    fn on_disk_and_in_memory(inputs: BTreeMap<String, String>) -> (TempDir, Workspace, Workspace) {
+        let tmp = tempfile::tempdir().unwrap();
+        let on_disk = Workspace::with_inputs(tmp.path().join("ws"), inputs.clone()).unwrap();
+        (tmp, on_disk, Workspace::in_memory(inputs))
+    }
+
     /// The tools answer the same whether a workspace keeps its files on disk or in memory:
     /// one script of calls (writes, reads, listings, decisions, and every refusal that does
     /// not need a link on disk) on both, with the same inputs, compared call by call, and the
     /// files they end with compared too.
     #[test]
     fn a_workspace_in_memory_answers_every_call_as_one_on_disk() {
-        let inputs = || {
+        let inputs = {
             BTreeMap::from([
                 ("docs/requirements.md".to_string(), "# Requirements".to_string()),
                 ("./src//lib.rs".to_string(), "pub fn f() {}".to_string()),
@@ -1543,9 +1550,7 @@ mod tests {
                 ("big.txt".to_string(), "x".repeat(MAX_FILE_BYTES + 1)),
             ])
         };
-        let tmp = tempfile::tempdir().unwrap();
-        let on_disk = Workspace::with_inputs(tmp.path().join("ws"), inputs()).unwrap();
-        let in_memory = Workspace::in_memory(inputs());
+        let (_tmp, on_disk, in_memory) = on_disk_and_in_memory(inputs);
         assert!(in_memory.is_in_memory() && !on_disk.is_in_memory());
         let decision = |title: &str| json!({"title": title, "decision": "Do it.", "rationale": "Because."});
         let script: Vec<(&str, Value)> = vec![
@@ -1614,10 +1619,8 @@ mod tests {
     /// first decision, refused, leaves no folder behind on disk.
     #[test]
     fn decisions_are_carried_only_into_a_new_file_on_disk_and_in_memory() {
-        let inputs = || BTreeMap::from([(DECISIONS_PATH.to_string(), "# Decisions\n\n## Earlier\n\n".to_string())]);
-        let tmp = tempfile::tempdir().unwrap();
-        let on_disk = Workspace::with_inputs(tmp.path().join("ws"), inputs()).unwrap();
-        let in_memory = Workspace::in_memory(inputs());
+        let inputs = BTreeMap::from([(DECISIONS_PATH.to_string(), "# Decisions\n\n## Earlier\n\n".to_string())]);
+        let (tmp, on_disk, in_memory) = on_disk_and_in_memory(inputs);
         let empty = Workspace::with_inputs(tmp.path().join("empty"), BTreeMap::new()).unwrap();
         let huge = json!({"title": "Huge", "decision": "x".repeat(MAX_FILE_BYTES), "rationale": "r"});
         assert!(call(&empty, "record_decision", huge).is_error());

@@ -542,16 +542,26 @@ async fn start_first_stage(store: Arc<Store>, run: RunId) -> Result<(), factory_
     unit.commit().await
 }
 
+/// A unit per run (see [`start_first_stage`]), each polled once: with appends held, the
+/// first four are then appending (each alone, waiting in the database), the rest queued.
+async fn polled_once(
+    store: &Arc<Store>,
+    runs: &[RunId],
+) -> Vec<std::pin::Pin<Box<impl Future<Output = Result<(), factory_commands::store::CommitError>> + use<>>>> {
+    let mut units: Vec<_> = runs.iter().map(|&run| Box::pin(start_first_stage(store.clone(), run))).collect();
+    for unit in &mut units {
+        assert!(futures::poll!(unit.as_mut()).is_pending(), "appends are held");
+    }
+    units
+}
+
 /// A unit per run (a run twice, twice), each starting its first stage on what `store`
 /// remembers, all committed at once: how many committed and how many met a conflict.
 async fn start_all_at_once(stack: &TestStack, store: &Arc<Store>, runs: &[RunId]) -> (usize, usize) {
     // Appends held back while each unit is polled once: the first four start appending
     // alone (and wait in the database), the rest queue behind them. Then all end.
     let held = hold_appends(stack).await;
-    let mut units: Vec<_> = runs.iter().map(|&run| Box::pin(start_first_stage(store.clone(), run))).collect();
-    for unit in &mut units {
-        assert!(futures::poll!(unit.as_mut()).is_pending(), "appends are held");
-    }
+    let units = polled_once(store, runs).await;
     held.rollback().await.unwrap();
     let outcomes = futures::future::join_all(units).await;
     let (mut committed, mut conflicts) = (0, 0);
@@ -636,10 +646,7 @@ async fn a_unit_whose_caller_went_away_while_it_was_queued_is_not_appended() {
     // Four units in flight, each appending alone (held in the database): every statement
     // place is taken.
     let held = hold_appends(&stack).await;
-    let mut in_flight: Vec<_> = runs[..4].iter().map(|&run| Box::pin(start(run))).collect();
-    for unit in &mut in_flight {
-        assert!(futures::poll!(unit.as_mut()).is_pending(), "appends are held");
-    }
+    let in_flight = polled_once(&store, &runs[..4]).await;
     let before = store.group_commit_stats();
     // A fifth queues; its caller gives up before any statement takes it.
     assert!(start(runs[4]).now_or_never().is_none());
@@ -668,15 +675,9 @@ async fn callers_that_went_away_mid_statement_hand_their_places_to_the_units_que
     let start = |run: RunId| start_first_stage(store.clone(), run);
     let held = hold_appends(&stack).await;
     // Four in flight, each appending alone in its caller's task (held in the database).
-    let mut in_flight: Vec<_> = runs[..4].iter().map(|&run| Box::pin(start(run))).collect();
-    for unit in &mut in_flight {
-        assert!(futures::poll!(unit.as_mut()).is_pending(), "appends are held");
-    }
+    let in_flight = polled_once(&store, &runs[..4]).await;
     // Three queue behind them.
-    let mut queued: Vec<_> = runs[4..].iter().map(|&run| Box::pin(start(run))).collect();
-    for unit in &mut queued {
-        assert!(futures::poll!(unit.as_mut()).is_pending(), "every place is taken");
-    }
+    let queued = polled_once(&store, &runs[4..]).await;
     // The four callers go away mid-statement.
     drop(in_flight);
     held.rollback().await.unwrap();
