@@ -385,3 +385,89 @@ async fn a_bad_models_table_names_the_key() {
     std::fs::write(cli.home.path().join("factory.toml"), "[models.aliases]\n\"factory/coder\" = [\"nowhere:x\"]\n").unwrap();
     assert_exit(&cli.run(&["schema", "events"]).await, 2, "`nowhere:x` is not a target");
 }
+
+/// A `factory up` against the test's stack (its banner discarded, its warnings shown);
+/// killed when dropped.
+fn start_up(cli: &Cli, stack: &TestStack) -> tokio::process::Child {
+    cli.command(&["up"])
+        .env("FACTORY_HTTP_ADDR", "127.0.0.1:0")
+        // Migrations run as an owner of the schema (all applied already: a no-op).
+        .env("FACTORY_DATABASE_ADMIN_URL", stack.superuser_url())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_factory_killed_with_work_handed_over_in_memory_has_it_taken_over_by_the_next_one() {
+    use factory_testkit::wait_for;
+    let stack = TestStack::new().await;
+    let cli = Cli::for_stack(&stack);
+    let mut first = start_up(&cli, &stack);
+    wait_for("the first factory's worker to announce itself", Duration::from_secs(60), || async {
+        let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM worker_instances").fetch_one(&stack.pool).await.unwrap();
+        (rows > 0).then_some(())
+    })
+    .await;
+    let id = submit(&cli, "Build a todo app #slow=1000").await;
+    let run = uuid::Uuid::parse_str(&id).unwrap();
+    // Its first objective is claimed by the first factory and worked there, in memory; no
+    // work message exists for it. Killed mid-call (SIGKILL: nothing is taken back).
+    let claimant: String = wait_for("the first objective to be claimed", Duration::from_secs(60), || async {
+        sqlx::query_scalar(
+            "SELECT payload->'ObjectiveAssigned'->>'claimed_by' FROM events WHERE run_id = $1 AND event_type = 'ObjectiveAssigned'",
+        )
+        .bind(run)
+        .fetch_optional(&stack.pool)
+        .await
+        .unwrap()
+        .flatten()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    first.start_kill().unwrap();
+    first.wait().await.unwrap();
+    let mut work = stack.js.get_stream(&stack.topology.work_stream).await.unwrap();
+    assert_eq!(work.info().await.unwrap().state.last_sequence, 0, "nothing was queued for the claimed objective");
+
+    // The next factory finds the first one gone (its presence expired, its row stale), queues
+    // the claimed work, and the run goes on to the end; every objective done once.
+    let mut second = start_up(&cli, &stack);
+    wait_for("the run to reach its review", Duration::from_secs(150), || async {
+        let out = cli.run(&["run", "show", &id, "--json"]).await;
+        let shown: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        (shown["status"] == "AWAITING_REVIEW").then_some(())
+    })
+    .await;
+    let count = |event_type: &'static str| {
+        let pool = stack.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM events WHERE run_id = $1 AND event_type = $2")
+                .bind(run)
+                .bind(event_type)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(count("TaskResultRecorded").await, 5);
+    assert_eq!(count("ObjectiveCompleted").await, 5);
+    let first_key: String = sqlx::query_scalar(
+        "SELECT payload->'TaskResultRecorded'->>'idempotency_key' FROM events
+          WHERE run_id = $1 AND event_type = 'TaskResultRecorded' ORDER BY position LIMIT 1",
+    )
+    .bind(run)
+    .fetch_one(&stack.pool)
+    .await
+    .unwrap();
+    assert!(first_key.starts_with("work:"), "the first objective was worked from the swept message: {first_key}");
+    let kept: i64 = sqlx::query_scalar("SELECT count(*) FROM worker_instances WHERE instance = $1")
+        .bind(&claimant)
+        .fetch_one(&stack.pool)
+        .await
+        .unwrap();
+    assert_eq!(kept, 0, "the dead factory's row is gone");
+    second.start_kill().unwrap();
+    second.wait().await.unwrap();
+}

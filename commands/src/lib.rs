@@ -6,6 +6,7 @@
 //! (PostgreSQL -> JetStream) and [`audit`] (verifying the hash chains).
 
 pub mod audit;
+pub mod claims;
 pub mod db;
 pub mod events;
 pub mod group_commit;

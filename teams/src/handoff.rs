@@ -3,31 +3,38 @@
 //! that worker in memory, the moment its assignment commits, instead of after a round trip
 //! through `FACTORY_WORK`.
 //!
-//! The work message is still published, as for any objective: the queue holds every
-//! objective, and it is what brings the work back after a crash. What makes the handoff
-//! safe is the claim. The assignment that hands an objective over names this worker process
-//! (`ObjectiveAssigned.claimed_by`, its instance id), in the same commit, so every reader of
-//! the store knows who works it:
+//! No work message is queued for an objective handed over: the claim and the sweep keep its
+//! work from being lost. The assignment that hands an objective over names this worker
+//! process (`ObjectiveAssigned.claimed_by`, its instance id), in the same commit, so every
+//! reader of the store knows who works it:
 //!
-//! - The message reaching this process finds the attempt in flight here
-//!   ([`LocalWork::in_flight`]) and is held, with in-progress acks, until the attempt ends;
-//!   then it is settled as usual (an attempt that was abandoned is worked from the message).
-//! - The message reaching a worker of another process: that worker leaves the objective to
-//!   its claimant while the claimant's process is alive (its key in the workers bucket,
-//!   renewed every few seconds, expiring after `WORKER_PRESENCE_TTL`), holding the message
-//!   with in-progress acks, and acks it once there is nothing left to work. Should the
-//!   claimant's process die, its key expires and that worker works the objective itself.
-//! - A local attempt that fails (or panics) is retried here, as a redelivery would be, up
-//!   to `max_deliver` attempts; then the objective is blocked.
+//! - While this process lives it works the objective. A local attempt that fails (or
+//!   panics) is retried here, as a redelivery would be, up to `max_deliver` attempts; then
+//!   the objective is blocked. Attempts that end abandoned (see [`Attempts::Abandoned`])
+//!   queue the objective's work message before they let go of the claim.
+//! - Each worker process renews, every few seconds, its key in the workers bucket (its
+//!   presence, expiring after `WORKER_PRESENCE_TTL`) and its row in `worker_instances`
+//!   (migration 0009), which says from which event position its claims may still be open
+//!   ([`LocalWork::mark`]). Should the process die, both go stale; every other worker
+//!   process sweeps for such rows, queues the work of the dead process's claims that are
+//!   still open, and deletes the row (`Worker::sweep`). A process that stops on purpose
+//!   takes both back at once, so the sweep need not wait for them to expire.
+//! - A work message for a claimed objective can still exist (a redelivered event queues the
+//!   stages in progress again, the sweep queues a dead claimant's work). Reaching this
+//!   process, it finds the attempt in flight here ([`LocalWork::in_flight`]) and is held,
+//!   with in-progress acks, until the attempt ends; then it is settled as usual. Reaching a
+//!   worker of another process, it is left to its claimant while the claimant's presence
+//!   lasts, held likewise, and acked once there is nothing left to work; the claimant gone,
+//!   that worker works the objective itself.
 //!
 //! An objective is claimed only when its team has a free slot here (at most
 //! `WorkerOptions::concurrency` local attempts per team) and this process's presence is
-//! announced; otherwise its work goes through the queue as before.
+//! announced; otherwise its work goes through the queue.
 
 use crate::orchestrator::WorkItem;
 use factory_domain::ObjectiveId;
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 
@@ -38,7 +45,8 @@ pub enum Attempts {
     /// or dropped because the run ended.
     Ended,
     /// Dropped, or given up with the objective finished and its follow-up perhaps not
-    /// queued: its message is worked as if nothing had been handed over.
+    /// queued: its work is queued, and its message worked as if nothing had been handed
+    /// over.
     Abandoned,
 }
 
@@ -57,21 +65,49 @@ pub struct LocalWork {
     in_flight: std::sync::Mutex<HashMap<ObjectiveId, watch::Receiver<bool>>>,
     /// Objectives whose local attempts were abandoned, until their message settles here.
     abandoned: std::sync::Mutex<std::collections::HashSet<ObjectiveId>>,
+    /// The claims held, to say from which position the open ones may begin.
+    book: Arc<Mutex<Book>>,
 }
+
+/// The claims a process holds, numbered as taken, and the marks that turn them into an event
+/// position (see [`LocalWork::mark`]).
+#[derive(Debug, Default)]
+struct Book {
+    next: u64,
+    open: BTreeSet<u64>,
+    /// Marks not yet passed, oldest first: the last position read, and the number of the
+    /// next claim when it was read.
+    marks: VecDeque<(i64, u64)>,
+    /// The last mark passed: every claim assigned at a position <= this has ended.
+    since: Option<i64>,
+}
+
+/// Marks waiting at most (one per renewal; more wait only while an attempt runs for
+/// minutes): past this the newest is replaced, which only makes the position lag.
+const MARKS_KEPT: usize = 1024;
 
 /// Abandoned objectives remembered at most (their messages may have gone elsewhere).
 const ABANDONED_KEPT: usize = 10_000;
 
-/// A free slot of a team, taken for an objective about to be assigned to this process.
+/// A free slot of a team, taken for an objective about to be assigned to this process; open
+/// until dropped (its commit failed, or the objective's local attempts ended).
 pub struct Claim {
-    permit: OwnedSemaphorePermit,
+    _permit: OwnedSemaphorePermit,
+    number: u64,
+    book: Arc<Mutex<Book>>,
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        self.book.lock().expect("not poisoned").open.remove(&self.number);
+    }
 }
 
 /// An objective handed over, for the worker's local attempts.
 pub(crate) struct Handed {
     pub(crate) item: WorkItem,
-    /// Held while the attempts run.
-    pub(crate) _permit: OwnedSemaphorePermit,
+    /// Held while the attempts run (and their work, if abandoned, is queued).
+    pub(crate) _claim: Claim,
     /// Told `true` when they have ended.
     pub(crate) done: watch::Sender<bool>,
 }
@@ -88,6 +124,7 @@ impl LocalWork {
             sender,
             in_flight: std::sync::Mutex::default(),
             abandoned: std::sync::Mutex::default(),
+            book: Arc::default(),
         };
         (Arc::new(local), receiver)
     }
@@ -121,19 +158,58 @@ impl LocalWork {
             return None;
         }
         let permit = self.slots.get(team)?.clone().try_acquire_owned().ok()?;
-        Some(Claim { permit })
+        let mut book = self.book.lock().expect("not poisoned");
+        let number = book.next;
+        book.next += 1;
+        book.open.insert(number);
+        Some(Claim { _permit: permit, number, book: self.book.clone() })
     }
 
-    /// Gives the claimed objective to this process's worker. Registered in flight before it
-    /// returns, so that the objective's work message, whenever it arrives here, finds it.
-    pub fn hand_off(&self, claim: Claim, item: WorkItem) {
+    /// A position before every claim still open, from `last_position`, the highest event
+    /// position drawn as read just now (read BEFORE this is called): every claim assigned
+    /// at a position <= the answer has ended. `None` until the first mark is passed.
+    ///
+    /// Why it holds: a claim is taken before the commit that assigns its objective, so one
+    /// taken after the mark was made draws its position after `last_position` was read,
+    /// above it. Once every claim taken before the mark has ended, every claim still open
+    /// was taken after it, and `last_position` is below all of them.
+    pub(crate) fn mark(&self, last_position: i64) -> Option<i64> {
+        let mut book = self.book.lock().expect("not poisoned");
+        let next = book.next;
+        match book.marks.back_mut() {
+            // No claim taken since the newest mark: the same mark with a later position.
+            Some(newest) if newest.1 == next => newest.0 = newest.0.max(last_position),
+            _ => {
+                if book.marks.len() >= MARKS_KEPT {
+                    book.marks.pop_back();
+                }
+                book.marks.push_back((last_position, next));
+            }
+        }
+        let oldest_open = book.open.first().copied().unwrap_or(u64::MAX);
+        while let Some(&(position, taken_before)) = book.marks.front() {
+            if oldest_open < taken_before {
+                break;
+            }
+            book.since = Some(book.since.map_or(position, |since| since.max(position)));
+            book.marks.pop_front();
+        }
+        book.since
+    }
+
+    /// Gives the claimed objective to this process's worker; whether it took it. Registered
+    /// in flight before it returns, so that a work message of the objective, whenever it
+    /// arrives here, finds it. Not taken (the worker has stopped), its work must be queued.
+    #[must_use]
+    pub fn hand_off(&self, claim: Claim, item: WorkItem) -> bool {
         let (done, finished) = watch::channel(false);
         self.in_flight.lock().expect("not poisoned").insert(item.objective_id, finished);
         let objective_id = item.objective_id;
-        if self.sender.send(Handed { item, _permit: claim.permit, done }).is_err() {
-            // The worker has stopped: the queued message brings the work to whoever serves it.
+        if self.sender.send(Handed { item, _claim: claim, done }).is_err() {
             self.in_flight.lock().expect("not poisoned").remove(&objective_id);
+            return false;
         }
+        true
     }
 
     /// The local attempts at `objective_id` in flight, if any, to wait for their end
@@ -169,5 +245,76 @@ pub async fn until_ended(mut ended: watch::Receiver<bool>) {
         if ended.changed().await.is_err() {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn local() -> Arc<LocalWork> {
+        let (local, _handed) = LocalWork::new(&["backend-engineering".to_string()], 4);
+        local.renewed(Instant::now());
+        local
+    }
+
+    #[test]
+    fn the_position_passes_a_mark_once_every_claim_taken_before_it_has_ended() {
+        let local = local();
+        assert_eq!(local.mark(10), Some(10), "no claim yet: the first mark passes at once");
+        let first = local.try_claim("backend-engineering").unwrap();
+        assert_eq!(local.mark(20), Some(10), "the claim taken before it is open");
+        let second = local.try_claim("backend-engineering").unwrap();
+        assert_eq!(local.mark(30), Some(10));
+        drop(first);
+        // The mark at 20 was made with only the first claim taken: passed. The one at 30
+        // waits for the second.
+        assert_eq!(local.mark(40), Some(20));
+        drop(second);
+        assert_eq!(local.mark(50), Some(50), "nothing open: every mark passes");
+        assert_eq!(local.mark(45), Some(50), "it never moves back");
+    }
+
+    #[test]
+    fn a_claim_taken_after_a_mark_does_not_hold_it_back() {
+        let local = local();
+        local.mark(5);
+        let held = local.try_claim("backend-engineering").unwrap();
+        local.mark(10);
+        let later = local.try_claim("backend-engineering").unwrap();
+        drop(held);
+        // The mark at 10 was made before `later` was taken: it passes with `later` open.
+        assert_eq!(local.mark(12), Some(10));
+        drop(later);
+        assert_eq!(local.mark(15), Some(15));
+    }
+
+    #[test]
+    fn marks_made_while_an_attempt_runs_for_long_stay_bounded() {
+        let local = local();
+        local.mark(0);
+        let long = local.try_claim("backend-engineering").unwrap();
+        for position in 1..=5_000 {
+            let short = local.try_claim("backend-engineering").unwrap();
+            assert_eq!(local.mark(position), Some(0));
+            drop(short);
+        }
+        assert!(local.book.lock().unwrap().marks.len() <= MARKS_KEPT);
+        drop(long);
+        assert_eq!(local.mark(5_001), Some(5_001));
+    }
+
+    #[test]
+    fn no_claim_without_a_recent_presence_or_a_free_slot() {
+        let (local, _handed) = LocalWork::new(&["backend-engineering".to_string()], 1);
+        assert!(local.try_claim("backend-engineering").is_none(), "not announced yet");
+        local.renewed(Instant::now());
+        let only = local.try_claim("backend-engineering").unwrap();
+        assert!(local.try_claim("backend-engineering").is_none(), "its one slot is taken");
+        assert!(local.try_claim("qa-engineering").is_none(), "a team it does not serve");
+        drop(only);
+        assert!(local.try_claim("backend-engineering").is_some());
+        local.withdraw();
+        assert!(local.try_claim("backend-engineering").is_none(), "withdrawn");
     }
 }

@@ -491,6 +491,8 @@ pub(crate) struct Dispatch {
     pub(crate) queued_again: bool,
     /// Claimed for this process's worker: handed to it in memory once committed.
     pub(crate) claim: Option<Claim>,
+    /// Handed over in memory ([`hand_over`]): no work message is queued for it.
+    pub(crate) handed: bool,
 }
 
 /// Stages the run's next step into `changes` (see [`Orchestrator::step`] and [`stage_end`]), listing the
@@ -532,7 +534,7 @@ pub(crate) async fn plan(
                             .execute_objective(objective_id, run_id, assignment(run_id, objective_id, stage, claimed_by))
                             .await
                             .map_err(store_err)?;
-                        dispatches.push(Dispatch { objective_id, stage: stage.clone(), queued_again: false, claim });
+                        dispatches.push(Dispatch { objective_id, stage: stage.clone(), queued_again: false, claim, handed: false });
                     }
                     Err(CommandError::Refused(RunError::StageAlreadyStarted(_))) => {
                         // Started by another handling of this event (another orchestrator,
@@ -542,7 +544,7 @@ pub(crate) async fn plan(
                             changes.run(run_id).await.map_err(store_err)?.stages.get(&stage.name)
                             && !requeue
                         {
-                            dispatches.push(Dispatch { objective_id: *objective_id, stage: stage.clone(), queued_again: true, claim: None });
+                            dispatches.push(Dispatch::again(*objective_id, stage));
                         }
                     }
                     Err(CommandError::Refused(RunError::StageFinished(_))) => {}
@@ -561,32 +563,62 @@ pub(crate) async fn plan(
 /// Hands the objectives claimed for this process's worker to it (see [`crate::handoff`]).
 /// Called right after the commit that claimed them, before anything that can fail: a claim
 /// committed and never handed over would leave the objective to a worker that does not
-/// know of it.
+/// know of it (until the sweep took this process for dead).
 pub(crate) fn hand_over(run_id: RunId, dispatches: &mut [Dispatch], handoff: Option<&LocalWork>) {
     for dispatch in dispatches.iter_mut() {
         if let (Some(claim), Some(local)) = (dispatch.claim.take(), handoff) {
-            local.hand_off(claim, WorkItem::new(run_id, dispatch.objective_id, &dispatch.stage));
+            dispatch.handed = local.hand_off(claim, WorkItem::new(run_id, dispatch.objective_id, &dispatch.stage));
         }
     }
 }
 
-/// Puts the objectives' work on their teams' queues (`Nats-Msg-Id` = objective id, so a
-/// repeat is dropped), every publish in flight at once. Objectives claimed for this
-/// process's worker go too (after [`hand_over`]): the queue holds every objective.
+/// Puts the objectives' work on their teams' queues, all but those handed over in memory
+/// (after [`hand_over`]; see [`crate::handoff`]).
 pub(crate) async fn queue(js: &jetstream::Context, topology: &Topology, run_id: RunId, dispatches: &[Dispatch]) -> Result<(), OrchestratorError> {
-    let mut acks = Vec::with_capacity(dispatches.len());
-    for dispatch in dispatches {
-        let item = WorkItem::new(run_id, dispatch.objective_id, &dispatch.stage);
+    let items: Vec<WorkItem> = dispatches
+        .iter()
+        .filter(|dispatch| !dispatch.handed)
+        .map(|dispatch| WorkItem::new(run_id, dispatch.objective_id, &dispatch.stage))
+        .collect();
+    publish(js, topology, &items).await
+}
+
+/// Puts work items on their teams' queues (`Nats-Msg-Id` = objective id, so a repeat is
+/// dropped), every publish in flight at once.
+pub(crate) async fn publish(js: &jetstream::Context, topology: &Topology, items: &[WorkItem]) -> Result<(), OrchestratorError> {
+    let mut acks = Vec::with_capacity(items.len());
+    for item in items {
         let mut headers = async_nats::HeaderMap::new();
-        headers.insert("Nats-Msg-Id", dispatch.objective_id.to_string().as_str());
-        let body = serde_json::to_vec(&item).map_err(stream_err)?;
-        let subject = topology.work_subject(&dispatch.stage.team);
+        headers.insert("Nats-Msg-Id", item.objective_id.to_string().as_str());
+        let body = serde_json::to_vec(item).map_err(stream_err)?;
+        let subject = topology.work_subject(&item.team);
         acks.push(js.publish_with_headers(subject, headers, body.into()).await.map_err(stream_err)?);
     }
     for ack in acks {
         ack.await.map_err(stream_err)?;
     }
     Ok(())
+}
+
+impl Dispatch {
+    /// A stage started earlier, to queue again.
+    fn again(objective_id: ObjectiveId, stage: &crate::pipeline::Stage) -> Self {
+        Self { objective_id, stage: stage.clone(), queued_again: true, claim: None, handed: false }
+    }
+}
+
+/// The work item of `objective_id` while it works `stage` of a run not ended (the sweep
+/// queues a dead claimant's work with it); `None` once the stage moved on or the run ended.
+pub(crate) fn work_of(run_id: RunId, run: &factory_domain::Run, stage: &str, objective_id: ObjectiveId) -> Option<WorkItem> {
+    if run.status.is_terminal() {
+        return None;
+    }
+    match run.stages.get(stage) {
+        Some(StageState::InProgress { objective_id: working, .. }) if *working == objective_id => {}
+        _ => return None,
+    }
+    let pipeline = run_pipeline(run).ok()?;
+    Some(WorkItem::new(run_id, objective_id, pipeline.stage(stage)?))
 }
 
 /// The stages in progress, to queue again (see [`Orchestrator::step`]).
@@ -596,7 +628,7 @@ pub(crate) fn in_progress(run: &factory_domain::Run, pipeline: &Pipeline) -> Vec
         .filter_map(|(stage_name, state)| match state {
             StageState::InProgress { objective_id, .. } => pipeline
                 .stage(stage_name)
-                .map(|stage| Dispatch { objective_id: *objective_id, stage: stage.clone(), queued_again: true, claim: None }),
+                .map(|stage| Dispatch::again(*objective_id, stage)),
             _ => None,
         })
         .collect()

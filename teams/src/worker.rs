@@ -14,6 +14,7 @@ use crate::operative;
 use crate::orchestrator::WorkItem;
 use crate::tools::{Scratch, ToolRegistry, Workspace, granted_tools};
 use async_nats::jetstream::{self, AckKind, consumer::pull};
+use factory_commands::claims;
 use factory_commands::store::{ArtifactContent, CommitError};
 use factory_commands::{CommandError, Store};
 use factory_domain::objective::{ArtifactProduced, ObjectiveStatus};
@@ -162,8 +163,10 @@ impl Worker {
         drop(tasks);
     }
 
-    /// Keeps this process's presence in the workers bucket while it runs; objectives are
-    /// claimed for it only while the last renewal is recent (see [`LocalWork::claims_hold`]).
+    /// Keeps this process's presence (its key in the workers bucket and its row in
+    /// `worker_instances`) while it runs; objectives are claimed for it only while the last
+    /// renewal is recent (see [`LocalWork::claims_hold`]). After each renewal, sweeps for
+    /// processes that have gone ([`Worker::sweep`]).
     async fn announce(self) {
         // Stopped (the worker dropped, the process shutting down): the presence is taken
         // back at once, so that other processes take over its claims without waiting for it
@@ -173,12 +176,13 @@ impl Worker {
             fn drop(&mut self) {
                 self.0.local.withdraw();
                 if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                    let (js, bucket, instance) =
-                        (self.0.js.clone(), self.0.topology.workers_bucket.clone(), self.0.local.instance().to_string());
+                    let worker = self.0.clone();
                     runtime.spawn(async move {
-                        if let Ok(bucket) = js.get_key_value(&bucket).await {
-                            let _ = bucket.delete(&instance).await;
+                        let instance = worker.local.instance();
+                        if let Ok(bucket) = worker.js.get_key_value(&worker.topology.workers_bucket).await {
+                            let _ = bucket.delete(instance).await;
                         }
+                        let _ = claims::withdraw(worker.store.pool(), instance).await;
                     });
                 }
             }
@@ -187,20 +191,73 @@ impl Worker {
         let mut renewal = tokio::time::interval(PRESENCE_RENEWAL);
         loop {
             renewal.tick().await;
-            // Stamped before the put: the key lives from about then.
+            // Stamped before the renewal: the presence lives from about then.
             let started = std::time::Instant::now();
-            let announced = match self.js.get_key_value(&self.topology.workers_bucket).await {
-                Ok(bucket) => bucket.put(self.local.instance(), "alive".into()).await.is_ok(),
-                Err(_) => false,
-            };
-            if announced {
-                self.local.renewed(started);
-            } else {
+            match self.renew().await {
+                Ok(()) => self.local.renewed(started),
                 // New claims stop once the last renewal is nearly due to expire; work goes
                 // through the queue meanwhile.
-                tracing::warn!("the worker's presence could not be renewed");
+                Err(error) => tracing::warn!(%error, "the worker's presence could not be renewed"),
+            }
+            match self.sweep().await {
+                Ok(0) => {}
+                Ok(queued) => tracing::info!(queued, "queued the open claims of worker processes that have gone"),
+                Err(error) => tracing::warn!(%error, "the sweep for worker processes that have gone failed; trying again"),
             }
         }
+    }
+
+    /// One renewal of the presence: the row (with where the open claims begin), then the key.
+    async fn renew(&self) -> Result<(), WorkerError> {
+        let pool = self.store.pool();
+        // Read before the mark is made (see `LocalWork::mark`).
+        let last_position = claims::last_position(pool).await.map_err(store_err)?;
+        let since = self.local.mark(last_position).unwrap_or(0);
+        claims::renew(pool, self.local.instance(), since).await.map_err(store_err)?;
+        let bucket = self.js.get_key_value(&self.topology.workers_bucket).await.map_err(stream_err)?;
+        bucket.put(self.local.instance(), "alive".into()).await.map_err(stream_err)?;
+        Ok(())
+    }
+
+    /// Queues the work of every open claim of the worker processes that have gone: whose row
+    /// was not renewed for longer than a presence lasts and whose key is absent. Then their
+    /// rows are deleted. How many objectives it queued. (Every worker process sweeps; two
+    /// sweeping at once queue each objective once, by its message id.)
+    pub async fn sweep(&self) -> Result<usize, WorkerError> {
+        let pool = self.store.pool();
+        let ttl = factory_nats::WORKER_PRESENCE_TTL;
+        let mut queued = 0;
+        for gone in claims::stale(pool, ttl).await.map_err(store_err)? {
+            // This process's own row is stale only while it cannot renew it: its claims are
+            // its own to finish.
+            if gone.instance == self.local.instance() || self.present(&gone.instance).await? {
+                continue;
+            }
+            let mut items = Vec::new();
+            for claimed in claims::claimed_since(pool, &gone.instance, gone.since_position).await.map_err(store_err)? {
+                let (Ok(objective_id), Some(run_id)) = (claimed.objective_id.parse::<ObjectiveId>(), claimed.run_id) else {
+                    continue;
+                };
+                let objective = self.store.load_objective(objective_id).await.map_err(store_err)?;
+                if objective.status != ObjectiveStatus::Assigned || objective.last_result == Some(TaskStatus::NeedsClarification) {
+                    continue;
+                }
+                let run = self.store.load_run(factory_domain::RunId(run_id)).await.map_err(store_err)?;
+                items.extend(crate::orchestrator::work_of(factory_domain::RunId(run_id), &run, &objective.stage, objective_id));
+            }
+            crate::orchestrator::publish(&self.js, &self.topology, &items).await.map_err(store_err)?;
+            tracing::info!(instance = %gone.instance, queued = items.len(), "a worker process has gone; its open claims are queued");
+            queued += items.len();
+            claims::forget(pool, &gone.instance, ttl).await.map_err(store_err)?;
+        }
+        Ok(queued)
+    }
+
+    /// Whether `instance`'s presence is in the workers bucket.
+    async fn present(&self, instance: &str) -> Result<bool, WorkerError> {
+        let bucket = self.js.get_key_value(&self.topology.workers_bucket).await.map_err(stream_err)?;
+        let entry = bucket.entry(instance).await.map_err(stream_err)?;
+        Ok(entry.is_some_and(|entry| entry.operation == jetstream::kv::Operation::Put))
     }
 
     /// Works the objectives handed over in memory, each as its own task (dropped with this).
@@ -256,6 +313,22 @@ impl Worker {
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
             }
+        }
+        if told.how == Attempts::Abandoned {
+            // No message holds the objective's work (it was handed over, not queued): one is
+            // queued before the claim is let go, and worked as the abandoned attempts' message.
+            self.queue_for_good(item).await;
+        }
+    }
+
+    /// Queues an objective's work, retrying while JetStream fails (the claim is held
+    /// meanwhile, so the sweep would find it should this process die).
+    async fn queue_for_good(&self, item: &WorkItem) {
+        let mut pause = Duration::from_secs(1);
+        while let Err(error) = crate::orchestrator::publish(&self.js, &self.topology, std::slice::from_ref(item)).await {
+            tracing::warn!(objective = %item.objective_id, %error, "the abandoned objective's work could not be queued; retrying");
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(30));
         }
     }
 
@@ -584,17 +657,11 @@ impl Worker {
                 {
                     return Some(run);
                 }
-                Ok(_) => {
-                    let present = match self.js.get_key_value(&self.topology.workers_bucket).await {
-                        Ok(bucket) => bucket.entry(claimant).await.map(|entry| entry.map(|e| e.operation)).map_err(|e| e.to_string()),
-                        Err(error) => Err(error.to_string()),
-                    };
-                    match present {
-                        Ok(Some(jetstream::kv::Operation::Put)) => {}
-                        Ok(_) => return None,
-                        Err(error) => tracing::warn!(%error, "the claimant's presence cannot be read; it counts as present"),
-                    }
-                }
+                Ok(_) => match self.present(claimant).await {
+                    Ok(true) => {}
+                    Ok(false) => return None,
+                    Err(error) => tracing::warn!(%error, "the claimant's presence cannot be read; it counts as present"),
+                },
                 Err(error) => tracing::warn!(%error, "the claimed objective cannot be read; waiting"),
             }
             tokio::time::sleep(CLAIM_CHECK).await;

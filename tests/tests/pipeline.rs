@@ -536,7 +536,7 @@ async fn a_redelivered_work_message_of_a_finished_objective_queues_the_stages_it
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn objectives_started_in_a_process_are_handed_to_its_worker_in_memory_and_their_messages_only_acked() {
+async fn objectives_started_in_a_process_are_handed_to_its_worker_in_memory_without_a_work_message() {
     let factory = Factory::start().await;
     // Objectives are claimed only once the worker's presence is announced (it starts with
     // the worker's task): submitted before that, the first would go through the queue.
@@ -566,14 +566,20 @@ async fn objectives_started_in_a_process_are_handed_to_its_worker_in_memory_and_
     .await
     .unwrap();
     assert_eq!(keys, vec![format!("claim:{claimant}"); 5], "each worked once, by the handed-over attempt");
-    // The work messages were still queued, for durability, and each was acked once its
-    // attempt had ended: the work queue is empty.
-    wait_for("every work message to be acked", Duration::from_secs(30), || async {
-        let mut stream = factory.stack.js.get_stream(&factory.stack.topology.work_stream).await.ok()?;
-        let state = &stream.info().await.ok()?.state;
-        (state.last_sequence >= 5 && state.messages == 0).then_some(())
-    })
-    .await;
+    // No work message was queued for them: the work queue never held one.
+    let mut stream = factory.stack.js.get_stream(&factory.stack.topology.work_stream).await.unwrap();
+    let state = &stream.info().await.unwrap().state;
+    assert_eq!((state.last_sequence, state.messages), (0, 0), "no work message published");
+    // The process's row says its claims have all ended: every claim was at or before it.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let (since, last): (i64, i64) = sqlx::query_as(
+        "SELECT since_position, (SELECT max(position) FROM events) FROM worker_instances WHERE instance = $1",
+    )
+    .bind(&claimant)
+    .fetch_one(&factory.stack.pool)
+    .await
+    .unwrap();
+    assert!(since >= last, "since_position {since} is past the last event {last}");
 }
 
 /// Real NATS and PostgreSQL with the streams made and a store on them; nothing runs.
@@ -740,4 +746,79 @@ async fn an_event_the_orchestrator_can_never_act_on_is_terminated_not_redelivere
     let mut consumer = stream.get_consumer::<async_nats::jetstream::consumer::pull::Config>("orchestrator").await.unwrap();
     let info = consumer.info().await.unwrap();
     assert_eq!((settled, info.num_redelivered, info.num_ack_pending), (0, 0, 0), "terminated at its first delivery");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sweep_queues_the_open_claims_of_a_process_that_has_gone_and_only_those() {
+    use factory_commands::claims;
+    let (stack, store) = idle_stack().await;
+    let pool = &stack.pool;
+    let presence = stack.js.get_key_value(&stack.topology.workers_bucket).await.unwrap();
+    let age = |instance: &'static str| async move {
+        sqlx::query("UPDATE worker_instances SET seen_at = now() - interval '1 minute' WHERE instance = $1")
+            .bind(instance)
+            .execute(pool)
+            .await
+            .unwrap();
+    };
+
+    // A claim the dead process's row says had ended before its last renewal: not looked at.
+    let (_, before) = claimed_objective(&store, "worker-dead").await;
+    claims::renew(pool, "worker-dead", claims::last_position(pool).await.unwrap()).await.unwrap();
+    // After it: one still open, one answered with a question, one completed, one whose run
+    // was cancelled. Only the first is work left to do.
+    let (open_item, open) = claimed_objective(&store, "worker-dead").await;
+    let (item, asked) = claimed_objective(&store, "worker-dead").await;
+    let question = factory_domain::ObjectiveCommand::RecordTaskResult { idempotency_key: "claim:worker-dead".into(), result: question() };
+    store.execute_objective(asked, item.run_id, question).await.unwrap();
+    let (item, done) = claimed_objective(&store, "worker-dead").await;
+    store
+        .execute_objective_all(done, item.run_id, vec![
+            factory_domain::ObjectiveCommand::RecordTaskResult { idempotency_key: "claim:worker-dead".into(), result: crate::support::completed_result() },
+            factory_domain::ObjectiveCommand::CompleteObjective,
+        ])
+        .await
+        .unwrap();
+    let (item, _) = claimed_objective(&store, "worker-dead").await;
+    store.execute_run(item.run_id, RunCommand::CancelRun { reason: "no".into(), cancelled_by: "tester".into() }).await.unwrap();
+    // A process whose row is stale but whose presence lasts (it cannot reach the store, say),
+    // and one whose row is fresh: both are left alone.
+    let (_, lagging) = claimed_objective(&store, "worker-lagging").await;
+    claims::renew(pool, "worker-lagging", 0).await.unwrap();
+    presence.put("worker-lagging", "alive".into()).await.unwrap();
+    let (_, fresh) = claimed_objective(&store, "worker-fresh").await;
+    claims::renew(pool, "worker-fresh", 0).await.unwrap();
+    age("worker-dead").await;
+    age("worker-lagging").await;
+
+    // A worker of another process (its own store, nothing remembered).
+    let worker = Worker::new(
+        Arc::new(Store::new(pool.clone(), Arc::new(SystemServices))),
+        stack.js.clone(),
+        stack.topology.clone(),
+        Arc::new(ScriptedProvider::new()),
+        WorkerOptions::new(factory_teams::TEAM_IDS.iter().map(|t| t.to_string()).collect(), factory_teams::tools::Scratch::Memory),
+    );
+    assert_eq!(worker.sweep().await.unwrap(), 1);
+    let team = open_item.team.clone();
+    assert_eq!(queued_objectives(&stack, &team).await, [open.to_string()], "only the open claim is queued");
+    let rows: Vec<String> = sqlx::query_scalar("SELECT instance FROM worker_instances ORDER BY instance").fetch_all(pool).await.unwrap();
+    assert_eq!(rows, ["worker-fresh", "worker-lagging"], "the dead process's row is gone, the others kept");
+    assert_eq!(worker.sweep().await.unwrap(), 0, "nothing is queued twice");
+
+    for untouched in [before, lagging, fresh] {
+        assert!(results_of(&stack, untouched).await.is_empty());
+    }
+
+    // The queued work is taken by the worker (the claimant has no presence) and done once.
+    let running = tokio::spawn(worker.clone().run());
+    wait_for("the dead process's open objective to be completed", Duration::from_secs(60), || async {
+        let status = store.load_objective(open).await.unwrap().status;
+        (status == factory_domain::objective::ObjectiveStatus::Completed).then_some(())
+    })
+    .await;
+    running.abort();
+    assert_eq!(results_of(&stack, open).await, ["work:1"], "worked from the swept message");
+    assert_eq!(results_of(&stack, asked).await, ["claim:worker-dead"], "the question is not worked again");
+    assert_eq!(results_of(&stack, done).await, ["claim:worker-dead"]);
 }
