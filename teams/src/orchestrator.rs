@@ -3,8 +3,8 @@
 //! pick up where another stopped. Every decision is recomputed from the run's aggregate.
 //!
 //! * A submitted run, a completed or skipped stage, a revision: start the stages whose
-//!   inputs are done (each an objective, assigned and put on `FACTORY_WORK` for its team),
-//!   or finish the run (review gate, or completed with `auto_approve`).
+//!   inputs are done (each an objective, assigned and put on `FACTORY_WORK` for its team,
+//!   or handed to this process's worker in memory, see [`crate::handoff`]), or finish the run (review gate, or completed with `auto_approve`).
 //! * A completed objective completes its stage; a blocked one blocks the run; a
 //!   NEEDS_CLARIFICATION answer pauses the run.
 //!
