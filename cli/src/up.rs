@@ -76,6 +76,7 @@ async fn serve(config: &Config, embedded: &stack::Embedded) -> Result<ExitCode> 
             .run(),
     );
     let projections = crate::projections::spawn_runners(&pool, &js, &topology, &factory_projections::Projection::ALL);
+    let stopping = worker.clone();
     let worker = tokio::spawn(worker.run());
 
     let app = factory_gateway::router(factory_gateway::Health::new(pool.clone(), nats, metrics));
@@ -103,6 +104,9 @@ async fn serve(config: &Config, embedded: &stack::Embedded) -> Result<ExitCode> 
     orchestrator.abort();
     worker.abort();
     projections.iter().for_each(|p| p.abort());
+    // Its work in flight is dropped: the presence taken back, the next sweep of another
+    // process (or of the next `up`) queues that work without waiting 15 s.
+    stopping.withdraw().await;
     pool.close().await;
     println!("stopped");
     Ok(ExitCode::SUCCESS)
@@ -178,10 +182,14 @@ pub async fn worker_only(config: &Config, teams: Vec<String>) -> Result<ExitCode
     let router = model_router(config, &pool)?;
     let store = std::sync::Arc::new(factory_commands::Store::new(pool, std::sync::Arc::new(factory_domain::SystemServices)));
     eprintln!("{}", models_banner(&router));
+    let worker = worker(config, store, js, topology, teams, router);
     tokio::select! {
-        _ = worker(config, store, js, topology, teams, router).run() => {}
+        _ = worker.clone().run() => {}
         _ = shutdown_signal() => {}
     }
+    // Its open claims are the others' at their next sweep (a `worker` alone claims none, but
+    // its presence goes at once).
+    worker.withdraw().await;
     Ok(ExitCode::SUCCESS)
 }
 

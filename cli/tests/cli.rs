@@ -386,15 +386,16 @@ async fn a_bad_models_table_names_the_key() {
     assert_exit(&cli.run(&["schema", "events"]).await, 2, "`nowhere:x` is not a target");
 }
 
-/// A `factory up` against the test's stack (its banner discarded, its warnings shown);
+/// A `factory up` against the test's stack, its banner discarded, its log to `stderr`;
 /// killed when dropped.
-fn start_up(cli: &Cli, stack: &TestStack) -> tokio::process::Child {
+fn start_up(cli: &Cli, stack: &TestStack, stderr: std::process::Stdio) -> tokio::process::Child {
     cli.command(&["up"])
         .env("FACTORY_HTTP_ADDR", "127.0.0.1:0")
         // Migrations run as an owner of the schema (all applied already: a no-op).
         .env("FACTORY_DATABASE_ADMIN_URL", stack.superuser_url())
+        .env("FACTORY_LOG", "info")
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::inherit())
+        .stderr(stderr)
         .spawn()
         .unwrap()
 }
@@ -404,12 +405,15 @@ async fn a_factory_killed_with_work_handed_over_in_memory_has_it_taken_over_by_t
     use factory_testkit::wait_for;
     let stack = TestStack::new().await;
     let cli = Cli::for_stack(&stack);
-    let mut first = start_up(&cli, &stack);
+    let mut first = start_up(&cli, &stack, std::process::Stdio::null());
+    // Claims hold once its presence is in the bucket (renewed right after the put).
+    let presence = stack.js.get_key_value(&stack.topology.workers_bucket).await.unwrap();
     wait_for("the first factory's worker to announce itself", Duration::from_secs(60), || async {
-        let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM worker_instances").fetch_one(&stack.pool).await.unwrap();
-        (rows > 0).then_some(())
+        let mut keys = presence.keys().await.ok()?;
+        futures::StreamExt::next(&mut keys).await.and_then(Result::ok).map(|_| ())
     })
     .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
     let id = submit(&cli, "Build a todo app #slow=1000").await;
     let run = uuid::Uuid::parse_str(&id).unwrap();
     // Its first objective is claimed by the first factory and worked there, in memory; no
@@ -433,7 +437,8 @@ async fn a_factory_killed_with_work_handed_over_in_memory_has_it_taken_over_by_t
 
     // The next factory finds the first one gone (its presence expired, its row stale), queues
     // the claimed work, and the run goes on to the end; every objective done once.
-    let mut second = start_up(&cli, &stack);
+    let log = cli.home.path().join("second-up.log");
+    let mut second = start_up(&cli, &stack, std::fs::File::create(&log).unwrap().into());
     wait_for("the run to reach its review", Duration::from_secs(150), || async {
         let out = cli.run(&["run", "show", &id, "--json"]).await;
         let shown: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
@@ -461,13 +466,21 @@ async fn a_factory_killed_with_work_handed_over_in_memory_has_it_taken_over_by_t
     .fetch_one(&stack.pool)
     .await
     .unwrap();
-    assert!(first_key.starts_with("work:"), "the first objective was worked from the swept message: {first_key}");
-    let kept: i64 = sqlx::query_scalar("SELECT count(*) FROM worker_instances WHERE instance = $1")
-        .bind(&claimant)
-        .fetch_one(&stack.pool)
-        .await
-        .unwrap();
-    assert_eq!(kept, 0, "the dead factory's row is gone");
+    assert!(first_key.starts_with("work:"), "the first objective was worked from a message: {first_key}");
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert!(log.contains("a worker process has gone; its open claims are queued"), "the sweep queued it: {log}");
+    assert!(log.contains(&claimant), "naming the dead factory's worker: {log}");
+    // Its row is kept for a grace (a statement it sent may commit late), swept past its claim.
+    let (since, claimed_at): (i64, i64) = sqlx::query_as(
+        "SELECT since_position, (SELECT min(position) FROM events WHERE run_id = $2 AND event_type = 'ObjectiveAssigned')
+           FROM worker_instances WHERE instance = $1",
+    )
+    .bind(&claimant)
+    .bind(run)
+    .fetch_one(&stack.pool)
+    .await
+    .unwrap();
+    assert!(since >= claimed_at, "the dead factory's row is swept past its claim: {since} < {claimed_at}");
     second.start_kill().unwrap();
     second.wait().await.unwrap();
 }

@@ -11,14 +11,15 @@
 //! - While this process lives it works the objective. A local attempt that fails (or
 //!   panics) is retried here, as a redelivery would be, up to `max_deliver` attempts; then
 //!   the objective is blocked. Attempts that end abandoned (see [`Attempts::Abandoned`])
-//!   queue the objective's work message before they let go of the claim.
+//!   queue the run's stages in progress again before they let go of the claim.
 //! - Each worker process renews, every few seconds, its key in the workers bucket (its
 //!   presence, expiring after `WORKER_PRESENCE_TTL`) and its row in `worker_instances`
 //!   (migration 0009), which says from which event position its claims may still be open
 //!   ([`LocalWork::mark`]). Should the process die, both go stale; every other worker
-//!   process sweeps for such rows, queues the work of the dead process's claims that are
-//!   still open, and deletes the row (`Worker::sweep`). A process that stops on purpose
-//!   takes both back at once, so the sweep need not wait for them to expire.
+//!   process sweeps for such rows and queues the work of the dead process's claims that are
+//!   still open (`Worker::sweep`), again for a minute in case a statement it sent commits
+//!   late, then deletes the row. A process that stops on purpose takes both back at once,
+//!   so the sweep need not wait for them to expire.
 //! - A work message for a claimed objective can still exist (a redelivered event queues the
 //!   stages in progress again, the sweep queues a dead claimant's work). Reaching this
 //!   process, it finds the attempt in flight here ([`LocalWork::in_flight`]) and is held,
@@ -44,9 +45,9 @@ pub enum Attempts {
     /// Ended as a message's attempt would: finished, blocked, waiting for a clarification,
     /// or dropped because the run ended.
     Ended,
-    /// Dropped, or given up with the objective finished and its follow-up perhaps not
-    /// queued: its work is queued, and its message worked as if nothing had been handed
-    /// over.
+    /// Dropped (the worker stopping: the sweep takes over its claim), or given up with the
+    /// objective finished and its follow-up perhaps not queued (the run's stages in progress
+    /// are queued again); a message of it is worked as if nothing had been handed over.
     Abandoned,
 }
 

@@ -459,7 +459,14 @@ impl Orchestrator {
                 Err(CommitError::Conflict) if self.store.pause_after_conflict(attempt).await => {
                     tracing::debug!(%run_id, attempt, "concurrent write; deciding again on fresh state");
                 }
-                Err(error) => return Err(store_err(CommandError::<RunError>::from(error))),
+                Err(error) => {
+                    // The outcome is not known: the append may have committed. What it
+                    // claimed is handed over all the same, so that no objective stays claimed
+                    // by this live process with nobody working it; an attempt whose
+                    // objective shows no assignment ends without working it.
+                    hand_over(run_id, &mut dispatches, self.handoff.as_deref());
+                    return Err(store_err(CommandError::<RunError>::from(error)));
+                }
             }
         };
         hand_over(run_id, &mut dispatches, self.handoff.as_deref());

@@ -38,6 +38,17 @@ const CANCEL_CHECK: Duration = Duration::from_millis(500);
 /// `WORKER_PRESENCE_TTL`).
 const PRESENCE_RENEWAL: Duration = Duration::from_secs(5);
 
+/// How often a worker process sweeps for worker processes that have gone.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(5);
+
+/// How long the row of a worker process that has gone is kept, and swept again, after it
+/// went stale: a statement it sent before it died may still commit a claim meanwhile.
+pub const GONE_GRACE: Duration = Duration::from_secs(60);
+
+/// How long a local attempt handed over after a commit whose outcome was not known waits for
+/// its objective's assignment to show, before taking it for never made.
+const DOUBTFUL_ASSIGNMENT_WAIT: Duration = Duration::from_secs(30);
+
 /// How often a worker holding the message of an objective another process claimed looks
 /// whether it has ended, or its claimant has gone.
 const CLAIM_CHECK: Duration = Duration::from_millis(500);
@@ -148,6 +159,7 @@ impl Worker {
             })
             .collect();
         tasks.push(tokio::spawn(self.clone().announce()));
+        tasks.push(tokio::spawn(self.clone().sweeps()));
         if let Some(handed) = self.handed.lock().expect("not poisoned").take() {
             tasks.push(tokio::spawn(self.clone().work_handed(handed)));
         }
@@ -165,25 +177,17 @@ impl Worker {
 
     /// Keeps this process's presence (its key in the workers bucket and its row in
     /// `worker_instances`) while it runs; objectives are claimed for it only while the last
-    /// renewal is recent (see [`LocalWork::claims_hold`]). After each renewal, sweeps for
-    /// processes that have gone ([`Worker::sweep`]).
+    /// renewal is recent (see [`LocalWork::claims_hold`]).
     async fn announce(self) {
-        // Stopped (the worker dropped, the process shutting down): the presence is taken
-        // back at once, so that other processes take over its claims without waiting for it
-        // to expire.
+        // Stopped (the worker dropped): the presence is taken back, when the runtime lets
+        // that run (`up` and `worker` call [`Worker::withdraw`] before they close the pool).
         struct Withdraw(Worker);
         impl Drop for Withdraw {
             fn drop(&mut self) {
                 self.0.local.withdraw();
                 if let Ok(runtime) = tokio::runtime::Handle::try_current() {
                     let worker = self.0.clone();
-                    runtime.spawn(async move {
-                        let instance = worker.local.instance();
-                        if let Ok(bucket) = worker.js.get_key_value(&worker.topology.workers_bucket).await {
-                            let _ = bucket.delete(instance).await;
-                        }
-                        let _ = claims::withdraw(worker.store.pool(), instance).await;
-                    });
+                    runtime.spawn(async move { worker.withdraw().await });
                 }
             }
         }
@@ -198,11 +202,6 @@ impl Worker {
                 // New claims stop once the last renewal is nearly due to expire; work goes
                 // through the queue meanwhile.
                 Err(error) => tracing::warn!(%error, "the worker's presence could not be renewed"),
-            }
-            match self.sweep().await {
-                Ok(0) => {}
-                Ok(queued) => tracing::info!(queued, "queued the open claims of worker processes that have gone"),
-                Err(error) => tracing::warn!(%error, "the sweep for worker processes that have gone failed; trying again"),
             }
         }
     }
@@ -219,38 +218,94 @@ impl Worker {
         Ok(())
     }
 
+    /// Takes this process's presence back: no claim is made from now on, its key is deleted
+    /// and its row made stale, so that the others' next sweep takes over its open claims
+    /// without waiting for them to expire. For a process that stops; best effort.
+    pub async fn withdraw(&self) {
+        self.local.withdraw();
+        let instance = self.local.instance();
+        if let Ok(bucket) = self.js.get_key_value(&self.topology.workers_bucket).await {
+            let _ = bucket.delete(instance).await;
+        }
+        let _ = claims::withdraw(self.store.pool(), instance, factory_nats::WORKER_PRESENCE_TTL).await;
+    }
+
+    /// Sweeps for worker processes that have gone, every few seconds, in a task of its own
+    /// (a long sweep must not hold up the renewals).
+    async fn sweeps(self) {
+        let mut interval = tokio::time::interval(SWEEP_INTERVAL);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            interval.tick().await;
+            match self.sweep().await {
+                Ok(0) => {}
+                Ok(queued) => tracing::info!(queued, "queued the open claims of worker processes that have gone"),
+                Err(error) => tracing::warn!(%error, "the sweep for worker processes that have gone failed; trying again"),
+            }
+        }
+    }
+
     /// Queues the work of every open claim of the worker processes that have gone: whose row
-    /// was not renewed for longer than a presence lasts and whose key is absent. Then their
-    /// rows are deleted. How many objectives it queued. (Every worker process sweeps; two
-    /// sweeping at once queue each objective once, by its message id.)
+    /// was not renewed for longer than a presence lasts and whose key is absent. How many
+    /// objectives it queued. (Every worker process sweeps; two sweeping at once queue each
+    /// objective once, by its message id.) A process that fails to be swept is left for the
+    /// next sweep; the others are swept all the same.
     pub async fn sweep(&self) -> Result<usize, WorkerError> {
         let pool = self.store.pool();
-        let ttl = factory_nats::WORKER_PRESENCE_TTL;
         let mut queued = 0;
-        for gone in claims::stale(pool, ttl).await.map_err(store_err)? {
+        for gone in claims::stale(pool, factory_nats::WORKER_PRESENCE_TTL, GONE_GRACE).await.map_err(store_err)? {
             // This process's own row is stale only while it cannot renew it: its claims are
             // its own to finish.
-            if gone.instance == self.local.instance() || self.present(&gone.instance).await? {
+            if gone.instance == self.local.instance() {
                 continue;
             }
-            let mut items = Vec::new();
-            for claimed in claims::claimed_since(pool, &gone.instance, gone.since_position).await.map_err(store_err)? {
-                let (Ok(objective_id), Some(run_id)) = (claimed.objective_id.parse::<ObjectiveId>(), claimed.run_id) else {
-                    continue;
-                };
-                let objective = self.store.load_objective(objective_id).await.map_err(store_err)?;
-                if objective.status != ObjectiveStatus::Assigned || objective.last_result == Some(TaskStatus::NeedsClarification) {
+            match self.present(&gone.instance).await {
+                Ok(false) => {}
+                Ok(true) => continue,
+                Err(error) => {
+                    tracing::warn!(instance = %gone.instance, %error, "a stale worker's presence cannot be read; it counts as present");
                     continue;
                 }
-                let run = self.store.load_run(factory_domain::RunId(run_id)).await.map_err(store_err)?;
-                items.extend(crate::orchestrator::work_of(factory_domain::RunId(run_id), &run, &objective.stage, objective_id));
             }
-            crate::orchestrator::publish(&self.js, &self.topology, &items).await.map_err(store_err)?;
-            tracing::info!(instance = %gone.instance, queued = items.len(), "a worker process has gone; its open claims are queued");
-            queued += items.len();
-            claims::forget(pool, &gone.instance, ttl).await.map_err(store_err)?;
+            match self.sweep_gone(&gone).await {
+                Ok(count) => queued += count,
+                Err(error) => tracing::warn!(instance = %gone.instance, %error, "a worker process that has gone could not be swept; trying again"),
+            }
         }
         Ok(queued)
+    }
+
+    /// One gone process: the work of its open claims after its row's position queued, then
+    /// the position moved up to what was settled before they were read, so that the next
+    /// sweep reads only what committed since (a statement it sent before dying). Its row is
+    /// deleted once it has been gone for longer than [`GONE_GRACE`] and a sweep found nothing.
+    async fn sweep_gone(&self, gone: &claims::Stale) -> Result<usize, WorkerError> {
+        let pool = self.store.pool();
+        let (position, settled) = claims::settled_position(pool).await.map_err(store_err)?;
+        let mut items = Vec::new();
+        for claimed in claims::claimed_since(pool, &gone.instance, gone.since_position).await.map_err(store_err)? {
+            let (Ok(objective_id), Some(run_id)) = (claimed.objective_id.parse::<ObjectiveId>(), claimed.run_id) else {
+                continue;
+            };
+            let objective = self.store.load_objective(objective_id).await.map_err(store_err)?;
+            if objective.status != ObjectiveStatus::Assigned || objective.last_result == Some(TaskStatus::NeedsClarification) {
+                continue;
+            }
+            let run_id = factory_domain::RunId(run_id);
+            let run = self.store.load_run(run_id).await.map_err(store_err)?;
+            items.extend(crate::orchestrator::work_of(run_id, &run, &objective.stage, objective_id));
+        }
+        crate::orchestrator::publish(&self.js, &self.topology, &items).await.map_err(stream_err)?;
+        if !items.is_empty() {
+            tracing::info!(instance = %gone.instance, queued = items.len(), "a worker process has gone; its open claims are queued");
+        }
+        if settled {
+            claims::advance(pool, &gone.instance, position).await.map_err(store_err)?;
+            if gone.expired && items.is_empty() {
+                claims::forget(pool, &gone.instance, factory_nats::WORKER_PRESENCE_TTL, GONE_GRACE).await.map_err(store_err)?;
+            }
+        }
+        Ok(items.len())
     }
 
     /// Whether `instance`'s presence is in the workers bucket.
@@ -315,18 +370,27 @@ impl Worker {
             }
         }
         if told.how == Attempts::Abandoned {
-            // No message holds the objective's work (it was handed over, not queued): one is
-            // queued before the claim is let go, and worked as the abandoned attempts' message.
-            self.queue_for_good(item).await;
+            // Given up with the objective finished (or never assigned): what its end started
+            // may not be queued, and no message of its own would do it. The run's stages in
+            // progress are queued again before the claim is let go.
+            self.queue_in_progress_for_good(item.run_id).await;
         }
     }
 
-    /// Queues an objective's work, retrying while JetStream fails (the claim is held
-    /// meanwhile, so the sweep would find it should this process die).
-    async fn queue_for_good(&self, item: &WorkItem) {
+    /// Queues the run's stages in progress again, retrying while the store or JetStream
+    /// fails (the claim is held meanwhile, so the sweep would find it should this process
+    /// die).
+    async fn queue_in_progress_for_good(&self, run_id: factory_domain::RunId) {
         let mut pause = Duration::from_secs(1);
-        while let Err(error) = crate::orchestrator::publish(&self.js, &self.topology, std::slice::from_ref(item)).await {
-            tracing::warn!(objective = %item.objective_id, %error, "the abandoned objective's work could not be queued; retrying");
+        loop {
+            let queued = async {
+                let run = self.store.load_run(run_id).await.map_err(store_err)?;
+                self.queue_in_progress(run_id, &run).await
+            };
+            match queued.await {
+                Ok(()) => return,
+                Err(error) => tracing::warn!(%run_id, %error, "the stages in progress could not be queued again; retrying"),
+            }
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_secs(30));
         }
@@ -487,6 +551,19 @@ impl Worker {
 
     async fn work_on(&self, item: &WorkItem, key: &str, redelivered: bool, path: Path) -> Result<(), WorkerError> {
         let (mut run, mut objective) = self.states(item, redelivered || path == Path::Abandoned).await?;
+        if path == Path::Local && objective.status == ObjectiveStatus::New {
+            // Handed over after a commit whose outcome was not known: worked if its
+            // assignment shows, else it was never made.
+            let deadline = tokio::time::Instant::now() + DOUBTFUL_ASSIGNMENT_WAIT;
+            while objective.status == ObjectiveStatus::New && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(CLAIM_CHECK).await;
+                (run, objective) = self.states(item, true).await?;
+            }
+            if objective.status == ObjectiveStatus::New {
+                tracing::info!(objective = %item.objective_id, "its assignment never committed; nothing to work");
+                return Ok(());
+            }
+        }
         // Queued again after it ended: a redelivery may be the retry of work whose commit
         // started the next stages and whose process died (or whose queueing failed) before
         // queueing them; a repeat is dropped by its id.
@@ -743,7 +820,12 @@ impl Worker {
                 // Another writer of the run (a parallel stage's end, say) came first: decided
                 // again on fresh state.
                 Err(CommitError::Conflict) if self.store.pause_after_conflict(attempt).await => {}
-                Err(error) => return Err(store_err(CommandError::<ObjectiveError>::from(error))),
+                Err(error) => {
+                    // The outcome is not known (see `Orchestrator::step`): what it claimed is
+                    // handed over all the same.
+                    crate::orchestrator::hand_over(item.run_id, &mut dispatches, Some(&self.local));
+                    return Err(store_err(CommandError::<ObjectiveError>::from(error)));
+                }
             }
         };
         // Committed. The message is settled once the work it started is queued; should the

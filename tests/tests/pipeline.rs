@@ -570,16 +570,19 @@ async fn objectives_started_in_a_process_are_handed_to_its_worker_in_memory_with
     let mut stream = factory.stack.js.get_stream(&factory.stack.topology.work_stream).await.unwrap();
     let state = &stream.info().await.unwrap().state;
     assert_eq!((state.last_sequence, state.messages), (0, 0), "no work message published");
-    // The process's row says its claims have all ended: every claim was at or before it.
-    tokio::time::sleep(Duration::from_secs(6)).await;
-    let (since, last): (i64, i64) = sqlx::query_as(
-        "SELECT since_position, (SELECT max(position) FROM events) FROM worker_instances WHERE instance = $1",
-    )
-    .bind(&claimant)
-    .fetch_one(&factory.stack.pool)
-    .await
-    .unwrap();
-    assert!(since >= last, "since_position {since} is past the last event {last}");
+    // The process's row comes to say that its claims have all ended: at a renewal, every
+    // claim is at or below its position.
+    wait_for("the row's position to pass every claim", Duration::from_secs(30), || async {
+        let (since, last): (i64, i64) = sqlx::query_as(
+            "SELECT since_position, (SELECT max(position) FROM events) FROM worker_instances WHERE instance = $1",
+        )
+        .bind(&claimant)
+        .fetch_one(&factory.stack.pool)
+        .await
+        .unwrap();
+        (since >= last).then_some(())
+    })
+    .await;
 }
 
 /// Real NATS and PostgreSQL with the streams made and a store on them; nothing runs.
@@ -754,9 +757,10 @@ async fn the_sweep_queues_the_open_claims_of_a_process_that_has_gone_and_only_th
     let (stack, store) = idle_stack().await;
     let pool = &stack.pool;
     let presence = stack.js.get_key_value(&stack.topology.workers_bucket).await.unwrap();
-    let age = |instance: &'static str| async move {
-        sqlx::query("UPDATE worker_instances SET seen_at = now() - interval '1 minute' WHERE instance = $1")
+    let age = |instance: &'static str, by: &'static str| async move {
+        sqlx::query("UPDATE worker_instances SET seen_at = now() - $2::interval WHERE instance = $1")
             .bind(instance)
+            .bind(by)
             .execute(pool)
             .await
             .unwrap();
@@ -788,8 +792,13 @@ async fn the_sweep_queues_the_open_claims_of_a_process_that_has_gone_and_only_th
     presence.put("worker-lagging", "alive".into()).await.unwrap();
     let (_, fresh) = claimed_objective(&store, "worker-fresh").await;
     claims::renew(pool, "worker-fresh", 0).await.unwrap();
-    age("worker-dead").await;
-    age("worker-lagging").await;
+    // One gone for longer than the grace, its one claim ended: its row goes at the first sweep.
+    let (item, long_done) = claimed_objective(&store, "worker-long-gone").await;
+    store.execute_objective(long_done, item.run_id, factory_domain::ObjectiveCommand::BlockObjective { reason: "gave up".into() }).await.unwrap();
+    claims::renew(pool, "worker-long-gone", 0).await.unwrap();
+    age("worker-dead", "1 minute").await;
+    age("worker-lagging", "1 minute").await;
+    age("worker-long-gone", "10 minutes").await;
 
     // A worker of another process (its own store, nothing remembered).
     let worker = Worker::new(
@@ -802,23 +811,36 @@ async fn the_sweep_queues_the_open_claims_of_a_process_that_has_gone_and_only_th
     assert_eq!(worker.sweep().await.unwrap(), 1);
     let team = open_item.team.clone();
     assert_eq!(queued_objectives(&stack, &team).await, [open.to_string()], "only the open claim is queued");
-    let rows: Vec<String> = sqlx::query_scalar("SELECT instance FROM worker_instances ORDER BY instance").fetch_all(pool).await.unwrap();
-    assert_eq!(rows, ["worker-fresh", "worker-lagging"], "the dead process's row is gone, the others kept");
+    let rows = || async {
+        sqlx::query_scalar::<_, String>("SELECT instance FROM worker_instances ORDER BY instance").fetch_all(pool).await.unwrap()
+    };
+    assert_eq!(rows().await, ["worker-dead", "worker-fresh", "worker-lagging"], "the long-gone row is deleted, the dead one kept for its grace");
     assert_eq!(worker.sweep().await.unwrap(), 0, "nothing is queued twice");
-
+    // A statement the dead process sent before it died commits late: the next sweep finds it.
+    let (late_item, late) = claimed_objective(&store, "worker-dead").await;
+    assert_eq!(worker.sweep().await.unwrap(), 1);
+    assert_eq!(queued_objectives(&stack, &late_item.team).await, [open.to_string(), late.to_string()]);
+    assert_eq!(worker.sweep().await.unwrap(), 0);
+    // Past its grace, with nothing found, its row goes too.
+    age("worker-dead", "10 minutes").await;
+    assert_eq!(worker.sweep().await.unwrap(), 0);
+    assert_eq!(rows().await, ["worker-fresh", "worker-lagging"]);
     for untouched in [before, lagging, fresh] {
         assert!(results_of(&stack, untouched).await.is_empty());
     }
 
     // The queued work is taken by the worker (the claimant has no presence) and done once.
     let running = tokio::spawn(worker.clone().run());
-    wait_for("the dead process's open objective to be completed", Duration::from_secs(60), || async {
-        let status = store.load_objective(open).await.unwrap().status;
-        (status == factory_domain::objective::ObjectiveStatus::Completed).then_some(())
-    })
-    .await;
+    for objective in [open, late] {
+        wait_for("the dead process's open objectives to be completed", Duration::from_secs(60), || async {
+            let status = store.load_objective(objective).await.unwrap().status;
+            (status == factory_domain::objective::ObjectiveStatus::Completed).then_some(())
+        })
+        .await;
+    }
     running.abort();
-    assert_eq!(results_of(&stack, open).await, ["work:1"], "worked from the swept message");
+    assert_eq!(results_of(&stack, open).await, ["work:1"], "worked from the swept messages");
+    assert_eq!(results_of(&stack, late).await, ["work:2"]);
     assert_eq!(results_of(&stack, asked).await, ["claim:worker-dead"], "the question is not worked again");
     assert_eq!(results_of(&stack, done).await, ["claim:worker-dead"]);
 }
