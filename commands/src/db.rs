@@ -24,7 +24,7 @@ pub enum DbError {
 /// The migrations in `migrations/`, compiled into the binary so that it can migrate a
 /// database from anywhere.
 pub fn migrator() -> Migrator {
-    let files: [(i64, &str, &str); 9] = [
+    let files: [(i64, &str, &str); 10] = [
         (1, "event store", include_str!("../../migrations/0001_event_store.sql")),
         (2, "artifacts", include_str!("../../migrations/0002_artifacts.sql")),
         (3, "model routing", include_str!("../../migrations/0003_model_routing.sql")),
@@ -34,6 +34,7 @@ pub fn migrator() -> Migrator {
         (7, "inline payloads", include_str!("../../migrations/0007_inline_payloads.sql")),
         (8, "statement wake", include_str!("../../migrations/0008_statement_wake.sql")),
         (9, "worker claims", include_str!("../../migrations/0009_worker_claims.sql")),
+        (10, "uncompressed contents", include_str!("../../migrations/0010_uncompressed_contents.sql")),
     ];
     Migrator {
         migrations: Cow::Owned(
