@@ -107,7 +107,7 @@ fn respond(request: &ModelRequest, markers: &Markers) -> ModelResponse {
     let output_chars = content.chars().count()
         + tool_calls
             .iter()
-            .map(|call| call.name.len() + call.arguments.to_string().chars().count())
+            .map(|call| call.name.len() + json_text_len(&call.arguments).chars)
             .sum::<usize>();
     ModelResponse {
         content,
@@ -181,6 +181,31 @@ fn tokens(chars: usize) -> u64 {
     (chars / 4) as u64
 }
 
+/// The length of a JSON value's compact text (`Value::to_string`), counted as serde writes
+/// it, without building the text.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct TextLen {
+    bytes: usize,
+    chars: usize,
+}
+
+fn json_text_len(value: &serde_json::Value) -> TextLen {
+    impl std::io::Write for TextLen {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.bytes += buf.len();
+            // Every byte but a UTF-8 continuation byte (0b10xx_xxxx) starts a character.
+            self.chars += buf.iter().filter(|&&b| (b & 0xC0) != 0x80).count();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut len = TextLen::default();
+    serde_json::to_writer(&mut len, value).expect("a JSON value always serializes");
+    len
+}
+
 fn request_chars(request: &ModelRequest) -> usize {
     let messages: usize = request
         .messages
@@ -194,7 +219,7 @@ fn request_chars(request: &ModelRequest) -> usize {
                 content.chars().count()
                     + tool_calls
                         .iter()
-                        .map(|call| call.name.len() + call.arguments.to_string().chars().count())
+                        .map(|call| call.name.len() + json_text_len(&call.arguments).chars)
                         .sum::<usize>()
             }
         })
@@ -203,7 +228,7 @@ fn request_chars(request: &ModelRequest) -> usize {
         .tools
         .iter()
         .map(|tool| {
-            tool.name.len() + tool.description.chars().count() + tool.parameters.to_string().len()
+            tool.name.len() + tool.description.chars().count() + json_text_len(&tool.parameters).bytes
         })
         .sum();
     request.system.chars().count() + messages + tools
@@ -4561,4 +4586,12 @@ mod tests {
         let error = parse_task_result(&cut_off(&json)).unwrap_err();
         assert!(error.to_string().contains("cut off"), "{error}");
     }
+
+    #[test]
+    fn a_json_values_text_is_counted_as_to_string_would_write_it() {
+        let value = serde_json::json!({"path": "src/é.rs", "content": "naïve \"quoted\"\n 日本", "n": [1, 2.5, null, true]});
+        let text = value.to_string();
+        assert_eq!(super::json_text_len(&value), super::TextLen { bytes: text.len(), chars: text.chars().count() });
+    }
+
 }
