@@ -189,18 +189,19 @@ struct TextLen {
     chars: usize,
 }
 
-fn json_text_len(value: &serde_json::Value) -> TextLen {
-    impl std::io::Write for TextLen {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.bytes += buf.len();
-            // Every byte but a UTF-8 continuation byte (0b10xx_xxxx) starts a character.
-            self.chars += buf.iter().filter(|&&b| (b & 0xC0) != 0x80).count();
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
+impl std::io::Write for TextLen {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.bytes += buf.len();
+        // Every byte but a UTF-8 continuation byte (0b10xx_xxxx) starts a character.
+        self.chars += buf.iter().filter(|&&b| (b & 0xC0) != 0x80).count();
+        Ok(buf.len())
     }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn json_text_len(value: &serde_json::Value) -> TextLen {
     let mut len = TextLen::default();
     serde_json::to_writer(&mut len, value).expect("a JSON value always serializes");
     len

@@ -38,6 +38,9 @@ const CANCEL_CHECK: Duration = Duration::from_millis(500);
 /// `WORKER_PRESENCE_TTL`).
 const PRESENCE_RENEWAL: Duration = Duration::from_secs(5);
 
+/// How long a stopping worker waits for its presence to be taken back.
+const WITHDRAW_WAIT: Duration = Duration::from_secs(3);
+
 /// How often a worker process sweeps for worker processes that have gone.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -221,13 +224,20 @@ impl Worker {
     /// Takes this process's presence back: no claim is made from now on, its key is deleted
     /// and its row made stale, so that the others' next sweep takes over its open claims
     /// without waiting for them to expire. For a process that stops; best effort.
+    /// Waits at most [`WITHDRAW_WAIT`] (a server that does not answer must not hold up a
+    /// stop: the presence then expires as after a crash).
     pub async fn withdraw(&self) {
         self.local.withdraw();
         let instance = self.local.instance();
-        if let Ok(bucket) = self.js.get_key_value(&self.topology.workers_bucket).await {
-            let _ = bucket.delete(instance).await;
+        let taken_back = async {
+            if let Ok(bucket) = self.js.get_key_value(&self.topology.workers_bucket).await {
+                let _ = bucket.delete(instance).await;
+            }
+            let _ = claims::withdraw(self.store.pool(), instance, factory_nats::WORKER_PRESENCE_TTL).await;
+        };
+        if tokio::time::timeout(WITHDRAW_WAIT, taken_back).await.is_err() {
+            tracing::warn!("the worker's presence could not be taken back in time; it expires instead");
         }
-        let _ = claims::withdraw(self.store.pool(), instance, factory_nats::WORKER_PRESENCE_TTL).await;
     }
 
     /// Sweeps for worker processes that have gone, every few seconds, in a task of its own
