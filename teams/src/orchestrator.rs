@@ -620,12 +620,11 @@ pub(crate) fn work_of(run_id: RunId, run: &factory_domain::Run, stage: &str, obj
     if run.status.is_terminal() {
         return None;
     }
-    match run.stages.get(stage) {
-        Some(StageState::InProgress { objective_id: working, .. }) if *working == objective_id => {}
-        _ => return None,
-    }
     let pipeline = run_pipeline(run).ok()?;
-    Some(WorkItem::new(run_id, objective_id, pipeline.stage(stage)?))
+    in_progress(run, &pipeline)
+        .into_iter()
+        .find(|dispatch| dispatch.objective_id == objective_id && dispatch.stage.name == stage)
+        .map(|dispatch| WorkItem::new(run_id, objective_id, &dispatch.stage))
 }
 
 /// The stages in progress, to queue again (see [`Orchestrator::step`]).

@@ -121,6 +121,8 @@ pub struct Worker {
     /// Objectives handed over in memory (see [`crate::handoff`]).
     local: Arc<LocalWork>,
     handed: Arc<std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<Handed>>>>,
+    /// The workers bucket, looked up once (every renewal and presence check uses it).
+    bucket: Arc<tokio::sync::OnceCell<jetstream::kv::Store>>,
 }
 
 impl Worker {
@@ -133,7 +135,8 @@ impl Worker {
     ) -> Self {
         let (local, handed) = LocalWork::new(&options.teams, options.concurrency);
         let handed = Arc::new(std::sync::Mutex::new(Some(handed)));
-        Self { store, js, topology, provider, tools: Arc::new(ToolRegistry::standard()), options, local, handed }
+        let bucket = Arc::default();
+        Self { store, js, topology, provider, tools: Arc::new(ToolRegistry::standard()), options, local, handed, bucket }
     }
 
     /// This worker as the code that starts objectives sees it, to hand them over in memory
@@ -216,8 +219,7 @@ impl Worker {
         let last_position = claims::last_position(pool).await.map_err(store_err)?;
         let since = self.local.mark(last_position).unwrap_or(0);
         claims::renew(pool, self.local.instance(), since).await.map_err(store_err)?;
-        let bucket = self.js.get_key_value(&self.topology.workers_bucket).await.map_err(stream_err)?;
-        bucket.put(self.local.instance(), "alive".into()).await.map_err(stream_err)?;
+        self.bucket().await?.put(self.local.instance(), "alive".into()).await.map_err(stream_err)?;
         Ok(())
     }
 
@@ -230,7 +232,7 @@ impl Worker {
         self.local.withdraw();
         let instance = self.local.instance();
         let taken_back = async {
-            if let Ok(bucket) = self.js.get_key_value(&self.topology.workers_bucket).await {
+            if let Ok(bucket) = self.bucket().await {
                 let _ = bucket.delete(instance).await;
             }
             let _ = claims::withdraw(self.store.pool(), instance, factory_nats::WORKER_PRESENCE_TTL).await;
@@ -320,9 +322,15 @@ impl Worker {
 
     /// Whether `instance`'s presence is in the workers bucket.
     async fn present(&self, instance: &str) -> Result<bool, WorkerError> {
-        let bucket = self.js.get_key_value(&self.topology.workers_bucket).await.map_err(stream_err)?;
-        let entry = bucket.entry(instance).await.map_err(stream_err)?;
+        let entry = self.bucket().await?.entry(instance).await.map_err(stream_err)?;
         Ok(entry.is_some_and(|entry| entry.operation == jetstream::kv::Operation::Put))
+    }
+
+    /// The workers bucket (looked up on first use; a failed lookup is tried again next time).
+    async fn bucket(&self) -> Result<&jetstream::kv::Store, WorkerError> {
+        self.bucket
+            .get_or_try_init(|| async { self.js.get_key_value(&self.topology.workers_bucket).await.map_err(stream_err) })
+            .await
     }
 
     /// Works the objectives handed over in memory, each as its own task (dropped with this).

@@ -619,6 +619,29 @@ async fn claimed_objective(store: &Store, claimant: &str) -> (factory_teams::orc
     (factory_teams::orchestrator::WorkItem::new(run, objective, &plan.stages()[0]), objective)
 }
 
+/// A worker of another process than the one whose store made the test's commits (its own
+/// store: nothing remembered).
+fn other_process_worker(stack: &TestStack, scratch: impl Into<factory_teams::tools::Scratch>) -> Worker {
+    Worker::new(
+        Arc::new(Store::new(stack.pool.clone(), Arc::new(SystemServices))),
+        stack.js.clone(),
+        stack.topology.clone(),
+        Arc::new(ScriptedProvider::new()),
+        WorkerOptions::new(factory_teams::TEAM_IDS.iter().map(|t| t.to_string()).collect(), scratch),
+    )
+}
+
+/// The objective completed as its claimant records it (`idempotency_key`).
+async fn complete_as(store: &Store, objective: factory_domain::ObjectiveId, run: RunId, idempotency_key: &str) {
+    store
+        .execute_objective_all(objective, run, vec![
+            factory_domain::ObjectiveCommand::RecordTaskResult { idempotency_key: idempotency_key.into(), result: crate::support::completed_result() },
+            factory_domain::ObjectiveCommand::CompleteObjective,
+        ])
+        .await
+        .unwrap();
+}
+
 /// A NEEDS_CLARIFICATION answer.
 fn question() -> factory_domain::TaskResult {
     factory_domain::TaskResult {
@@ -643,13 +666,7 @@ async fn a_worker_leaves_an_objective_to_the_live_process_that_claimed_it_and_ta
     let (stack, store) = idle_stack().await;
     let work_dir = tempfile::tempdir().unwrap();
     // A worker of another process than the claimant's (its own store: nothing remembered).
-    let worker = Worker::new(
-        Arc::new(Store::new(stack.pool.clone(), Arc::new(SystemServices))),
-        stack.js.clone(),
-        stack.topology.clone(),
-        Arc::new(ScriptedProvider::new()),
-        WorkerOptions::new(factory_teams::TEAM_IDS.iter().map(|t| t.to_string()).collect(), work_dir.path().to_path_buf()),
-    );
+    let worker = other_process_worker(&stack, work_dir.path().to_path_buf());
     let presence = stack.js.get_key_value(&stack.topology.workers_bucket).await.unwrap();
 
     // The claimant lives: its work message is held, nothing is worked, until it ends there.
@@ -662,13 +679,7 @@ async fn a_worker_leaves_an_objective_to_the_live_process_that_claimed_it_and_ta
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert!(!held.is_finished(), "held while the claimant works it");
     assert!(results_of(&stack, objective).await.is_empty(), "and not worked here");
-    store
-        .execute_objective_all(objective, item.run_id, vec![
-            factory_domain::ObjectiveCommand::RecordTaskResult { idempotency_key: "claim:worker-alive".into(), result: crate::support::completed_result() },
-            factory_domain::ObjectiveCommand::CompleteObjective,
-        ])
-        .await
-        .unwrap();
+    complete_as(&store, objective, item.run_id, "claim:worker-alive").await;
     tokio::time::timeout(Duration::from_secs(10), held).await.expect("settled once it ended").unwrap().unwrap();
     assert_eq!(results_of(&stack, objective).await, ["claim:worker-alive"], "the claimant's result only");
 
@@ -776,13 +787,7 @@ async fn the_sweep_queues_the_open_claims_of_a_process_that_has_gone_and_only_th
     let question = factory_domain::ObjectiveCommand::RecordTaskResult { idempotency_key: "claim:worker-dead".into(), result: question() };
     store.execute_objective(asked, item.run_id, question).await.unwrap();
     let (item, done) = claimed_objective(&store, "worker-dead").await;
-    store
-        .execute_objective_all(done, item.run_id, vec![
-            factory_domain::ObjectiveCommand::RecordTaskResult { idempotency_key: "claim:worker-dead".into(), result: crate::support::completed_result() },
-            factory_domain::ObjectiveCommand::CompleteObjective,
-        ])
-        .await
-        .unwrap();
+    complete_as(&store, done, item.run_id, "claim:worker-dead").await;
     let (item, _) = claimed_objective(&store, "worker-dead").await;
     store.execute_run(item.run_id, RunCommand::CancelRun { reason: "no".into(), cancelled_by: "tester".into() }).await.unwrap();
     // A process whose row is stale but whose presence lasts (it cannot reach the store, say),
@@ -801,13 +806,7 @@ async fn the_sweep_queues_the_open_claims_of_a_process_that_has_gone_and_only_th
     age("worker-long-gone", "10 minutes").await;
 
     // A worker of another process (its own store, nothing remembered).
-    let worker = Worker::new(
-        Arc::new(Store::new(pool.clone(), Arc::new(SystemServices))),
-        stack.js.clone(),
-        stack.topology.clone(),
-        Arc::new(ScriptedProvider::new()),
-        WorkerOptions::new(factory_teams::TEAM_IDS.iter().map(|t| t.to_string()).collect(), factory_teams::tools::Scratch::Memory),
-    );
+    let worker = other_process_worker(&stack, factory_teams::tools::Scratch::Memory);
     assert_eq!(worker.sweep().await.unwrap(), 1);
     let team = open_item.team.clone();
     assert_eq!(queued_objectives(&stack, &team).await, [open.to_string()], "only the open claim is queued");
