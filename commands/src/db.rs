@@ -24,7 +24,7 @@ pub enum DbError {
 /// The migrations in `migrations/`, compiled into the binary so that it can migrate a
 /// database from anywhere.
 pub fn migrator() -> Migrator {
-    let files: [(i64, &str, &str); 10] = [
+    let files: [(i64, &str, &str); 11] = [
         (1, "event store", include_str!("../../migrations/0001_event_store.sql")),
         (2, "artifacts", include_str!("../../migrations/0002_artifacts.sql")),
         (3, "model routing", include_str!("../../migrations/0003_model_routing.sql")),
@@ -35,6 +35,7 @@ pub fn migrator() -> Migrator {
         (8, "statement wake", include_str!("../../migrations/0008_statement_wake.sql")),
         (9, "worker claims", include_str!("../../migrations/0009_worker_claims.sql")),
         (10, "uncompressed contents", include_str!("../../migrations/0010_uncompressed_contents.sql")),
+        (11, "payload text", include_str!("../../migrations/0011_payload_text.sql")),
     ];
     Migrator {
         migrations: Cow::Owned(

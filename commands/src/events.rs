@@ -16,12 +16,29 @@ pub(crate) const ENVELOPE_COLUMNS: &str = "position, aggregate_type, aggregate_i
 
 /// The store keeps cqrs-es's externally tagged form `{"EventType": {..}}`; readers get the
 /// inner object.
-fn untag(event_type: &str, payload: serde_json::Value) -> serde_json::Value {
+pub(crate) fn untag(event_type: &str, payload: serde_json::Value) -> serde_json::Value {
     match payload {
         serde_json::Value::Object(mut map) if map.len() == 1 && map.contains_key(event_type) => {
             map.remove(event_type).unwrap_or_default()
         }
         other => other,
+    }
+}
+
+/// [`untag`] on JSON text: the inner object's text, sliced out of the stored text without
+/// building it (the relay's read). Anything but a one-key object whose plain key is the
+/// event type goes through [`untag`] on the parsed value, so the answer is the same.
+pub(crate) fn untag_text(event_type: &str, payload: String) -> String {
+    if let Ok(map) = serde_json::from_str::<std::collections::BTreeMap<&str, &serde_json::value::RawValue>>(&payload) {
+        return match map.get(event_type) {
+            Some(inner) if map.len() == 1 => inner.get().to_owned(),
+            _ => payload,
+        };
+    }
+    // A key written with escapes (no writer of ours does that), or not an object at all.
+    match serde_json::from_str(&payload) {
+        Ok(value) => untag(event_type, value).to_string(),
+        Err(_) => payload,
     }
 }
 
@@ -119,8 +136,8 @@ pub async fn range<'e>(
     Ok(events)
 }
 
-/// As [`stored_range`], with payload and metadata as the store's JSON text (untagged in
-/// SQL as [`untag`] does), for the relay to publish without parsing them.
+/// As [`stored_range`], with payload and metadata as the store's JSON text (the payload
+/// untagged by [`untag_text`]), for the relay to publish as text, never built into values.
 pub async fn stored_range_raw<'e>(
     db: impl PgExecutor<'e>,
     after: i64,
@@ -129,9 +146,7 @@ pub async fn stored_range_raw<'e>(
 ) -> Result<Vec<RawEnvelope>, sqlx::Error> {
     const SQL: &str = "SELECT position, aggregate_type, aggregate_id, sequence, event_type, event_version, \
             run_id, recorded_at, hash, metadata::text AS metadata, \
-            (CASE WHEN jsonb_typeof(payload) <> 'object' THEN payload \
-                  WHEN payload ? event_type AND (SELECT count(*) FROM jsonb_object_keys(payload)) = 1 \
-                  THEN payload -> event_type ELSE payload END)::text AS payload \
+            payload::text AS payload \
        FROM events WHERE position > $1 AND position <= $2 ORDER BY position LIMIT $3";
     sqlx::query(SQL)
         .bind(after)
@@ -142,16 +157,17 @@ pub async fn stored_range_raw<'e>(
         .iter()
         .map(|row| {
             let hash: Vec<u8> = row.try_get("hash")?;
+            let event_type: String = row.try_get("event_type")?;
             Ok(RawEnvelope {
                 position: row.try_get("position")?,
                 aggregate_type: row.try_get("aggregate_type")?,
                 aggregate_id: row.try_get("aggregate_id")?,
                 sequence: row.try_get("sequence")?,
-                event_type: row.try_get("event_type")?,
+                payload: JsonText(untag_text(&event_type, row.try_get("payload")?)),
+                event_type,
                 event_version: row.try_get("event_version")?,
                 run_id: row.try_get::<Option<Uuid>, _>("run_id")?,
                 recorded_at: row.try_get::<DateTime<Utc>, _>("recorded_at")?,
-                payload: JsonText(row.try_get("payload")?),
                 metadata: JsonText(row.try_get("metadata")?),
                 hash: hex(&hash),
             })
@@ -206,6 +222,28 @@ mod tests {
         assert_eq!(untag("StageStarted", tagged), serde_json::json!({"stage": "ba"}));
         let other = serde_json::json!({"Other": {"stage": "ba"}});
         assert_eq!(untag("StageStarted", other.clone()), other);
+    }
+
+    #[test]
+    fn untag_text_answers_as_untag_does() {
+        let cases = [
+            ("StageStarted", r#"{"StageStarted":{"stage":"ba","n":[1,2]}}"#),
+            ("StageStarted", r#"{"StageStarted": {"stage": "ba"}}"#),
+            ("StageStarted", r#"{"StageStarted":{"stage":"ba"},"other":1}"#),
+            ("StageStarted", r#"{"Other":{"stage":"ba"}}"#),
+            ("StageStarted", r#"{"StageStarted":{"stage":"ba"}}"#),
+            ("StageStarted", r#"{"StageStarted":"text"}"#),
+            ("StageStarted", r#"[1,2]"#),
+            ("StageStarted", r#""text""#),
+            ("StageStarted", r#"{}"#),
+        ];
+        for (event_type, text) in cases {
+            let by_value = untag(event_type, serde_json::from_str(text).unwrap());
+            let by_text: serde_json::Value = serde_json::from_str(&untag_text(event_type, text.to_string())).unwrap();
+            assert_eq!(by_text, by_value, "{text}");
+        }
+        // The common case is sliced as stored, not rewritten.
+        assert_eq!(untag_text("A", r#"{"A": {"b": 1.50}}"#.into()), r#"{"b": 1.50}"#);
     }
 
     #[test]

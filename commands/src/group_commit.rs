@@ -445,8 +445,8 @@ struct Columns<'a> {
     sequences: Vec<i64>,
     event_types: Vec<&'a str>,
     event_versions: Vec<&'a str>,
-    payloads: Vec<&'a serde_json::Value>,
-    metadata: Vec<&'a serde_json::Value>,
+    payloads: Vec<&'a str>,
+    metadata: Vec<&'a str>,
 }
 
 impl<'a> Columns<'a> {
@@ -456,8 +456,8 @@ impl<'a> Columns<'a> {
         self.sequences.extend(rows.sequences.iter().copied());
         self.event_types.extend(rows.event_types.iter().map(String::as_str));
         self.event_versions.extend(rows.event_versions.iter().map(String::as_str));
-        self.payloads.extend(rows.payloads.iter());
-        self.metadata.extend(rows.metadata.iter());
+        self.payloads.extend(rows.payloads.iter().map(String::as_str));
+        self.metadata.extend(rows.metadata.iter().map(String::as_str));
     }
 }
 
@@ -480,8 +480,8 @@ impl<'a> ArtifactColumns<'a> {
 /// that order, and each event's hash chains onto the one before it in its aggregate.
 const APPEND: &str = "INSERT INTO events \
     (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) \
-    SELECT e.aggregate_type, e.aggregate_id, e.sequence, e.event_type, e.event_version, e.payload, e.metadata \
-      FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::jsonb[], $7::jsonb[]) \
+    SELECT e.aggregate_type, e.aggregate_id, e.sequence, e.event_type, e.event_version, e.payload::json, e.metadata::json \
+      FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::text[], $7::text[]) \
            WITH ORDINALITY AS e(aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata, n) \
      ORDER BY e.n";
 
@@ -491,8 +491,8 @@ const APPEND_WITH_ARTIFACTS: &str = "WITH stored AS (\
     SELECT * FROM unnest($8::text[], $9::bytea[], $10::bigint[]) ON CONFLICT (sha256) DO NOTHING) \
     INSERT INTO events \
     (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) \
-    SELECT e.aggregate_type, e.aggregate_id, e.sequence, e.event_type, e.event_version, e.payload, e.metadata \
-      FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::jsonb[], $7::jsonb[]) \
+    SELECT e.aggregate_type, e.aggregate_id, e.sequence, e.event_type, e.event_version, e.payload::json, e.metadata::json \
+      FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::text[], $7::text[]) \
            WITH ORDINALITY AS e(aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata, n) \
      ORDER BY e.n";
 
@@ -509,8 +509,8 @@ mod tests {
             rows.sequences.push(sequence);
             rows.event_types.push("StageStarted".into());
             rows.event_versions.push("1".into());
-            rows.payloads.push(serde_json::json!({}));
-            rows.metadata.push(serde_json::json!({}));
+            rows.payloads.push("{}".into());
+            rows.metadata.push("{}".into());
             rows.run_ids.push(factory_domain::RunId::new());
         }
         let (answer, answered) = oneshot::channel();

@@ -151,8 +151,17 @@ pub struct Committed {
     pub sequence: i64,
     pub run_id: RunId,
     pub event_type: String,
+    /// The payload's JSON text as stored: cqrs-es's tagged form, `{"<event_type>": {...}}`.
+    /// Parsed only by a consumer that wants it ([`Committed::payload`]): most events a
+    /// process commits are wanted by nobody in it.
+    pub stored_payload: String,
+}
+
+impl Committed {
     /// The event's own fields (the inner object, as in an `EventEnvelope`).
-    pub payload: serde_json::Value,
+    pub fn payload(&self) -> Result<serde_json::Value, serde_json::Error> {
+        Ok(crate::events::untag(&self.event_type, serde_json::from_str(&self.stored_payload)?))
+    }
 }
 
 /// Committed events buffered per in-process receiver before it starts missing some.
@@ -681,8 +690,9 @@ pub(crate) struct Rows {
     pub sequences: Vec<i64>,
     pub event_types: Vec<String>,
     pub event_versions: Vec<String>,
-    pub payloads: Vec<serde_json::Value>,
-    pub metadata: Vec<serde_json::Value>,
+    /// JSON text, written straight from the events (no `serde_json::Value` in between).
+    pub payloads: Vec<String>,
+    pub metadata: Vec<String>,
     pub run_ids: Vec<RunId>,
 }
 
@@ -696,8 +706,8 @@ impl Rows {
         self.sequences.push((entry.base + *next) as i64);
         self.event_types.push(event.event_type());
         self.event_versions.push(event.event_version());
-        self.payloads.push(serde_json::to_value(event).map_err(|e| CommitError::Store(Box::new(e)))?);
-        self.metadata.push(serde_json::json!({ "run_id": entry.run_id.to_string() }));
+        self.payloads.push(serde_json::to_string(event).map_err(|e| CommitError::Store(Box::new(e)))?);
+        self.metadata.push(metadata_text(entry.run_id));
         self.run_ids.push(entry.run_id);
         Ok(())
     }
@@ -710,16 +720,22 @@ impl Rows {
     fn into_committed(self) -> impl Iterator<Item = Committed> {
         let columns = self.aggregate_types.into_iter().zip(self.aggregate_ids).zip(self.sequences).zip(self.run_ids);
         columns.zip(self.event_types.into_iter().zip(self.payloads)).map(
-            |((((aggregate_type, aggregate_id), sequence), run_id), (event_type, mut payload))| {
-                // cqrs-es tags payloads by event type; the envelope carries the inner object.
-                let payload = match payload.get_mut(&event_type) {
-                    Some(inner) => inner.take(),
-                    None => payload,
-                };
-                Committed { aggregate_type: aggregate_type.to_string(), aggregate_id, sequence, run_id, event_type, payload }
+            |((((aggregate_type, aggregate_id), sequence), run_id), (event_type, stored_payload))| Committed {
+                aggregate_type: aggregate_type.to_string(),
+                aggregate_id,
+                sequence,
+                run_id,
+                event_type,
+                stored_payload,
             },
         )
     }
+}
+
+/// An event's metadata as stored: the run it belongs to (the insert trigger reads `run_id`
+/// from it). A UUID's text needs no escaping.
+fn metadata_text(run_id: RunId) -> String {
+    format!(r#"{{"run_id":"{run_id}"}}"#)
 }
 
 fn store_error<E: std::error::Error + 'static>(e: AggregateError<E>) -> CommandError<E> {

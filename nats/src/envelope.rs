@@ -30,7 +30,7 @@ pub struct EventEnvelope<P = serde_json::Value> {
 /// An envelope whose payload and metadata are JSON text, as the relay publishes it.
 pub type RawEnvelope = EventEnvelope<JsonText>;
 
-/// JSON text as the store gives it (its jsonb's text form, so valid JSON), kept as text: the
+/// JSON text as the store gives it (valid JSON: the column's type checks it), kept as text: the
 /// relay publishes it without parsing it, not even to check it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JsonText(pub String);

@@ -138,15 +138,16 @@ impl<'a> From<&'a EventEnvelope> for Seen<'a> {
     }
 }
 
-impl<'a> From<&'a Committed> for Seen<'a> {
-    fn from(e: &'a Committed) -> Self {
+impl<'a> Seen<'a> {
+    /// An event committed in this process, with its payload parsed by the caller.
+    fn committed(e: &'a Committed, payload: &'a serde_json::Value) -> Self {
         Self {
             run_id: Some(e.run_id),
             aggregate_type: &e.aggregate_type,
             aggregate_id: &e.aggregate_id,
             sequence: e.sequence,
             event_type: &e.event_type,
-            payload: &e.payload,
+            payload,
         }
     }
 }
@@ -221,7 +222,7 @@ impl Orchestrator {
                             tracing::warn!(error = %error, "event not settled; it will be redelivered");
                         }
                     }
-                    Delivery::Local(event) => match self.react(Seen::from(&*event), Delivered::InMemory).await {
+                    Delivery::Local(event) => match self.react_committed(&event).await {
                         Ok(()) => {
                             if handled_in_memory.len() >= HANDLED_IN_MEMORY {
                                 handled_in_memory.clear();
@@ -336,6 +337,13 @@ impl Orchestrator {
     /// What one event from the stream causes.
     pub async fn handle(&self, event: &EventEnvelope) -> Result<(), OrchestratorError> {
         self.react(Seen::from(event), Delivered::Stream).await
+    }
+
+    /// What one event committed in this process causes (its payload parsed only now: the
+    /// store tells every event, this takes the few it reacts to).
+    async fn react_committed(&self, event: &Committed) -> Result<(), OrchestratorError> {
+        let payload = event.payload().map_err(|e| OrchestratorError::Malformed(e.to_string()))?;
+        self.react(Seen::committed(event, &payload), Delivered::InMemory).await
     }
 
     /// What one event causes.

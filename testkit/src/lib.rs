@@ -163,6 +163,12 @@ pub struct TestStack {
 
 impl TestStack {
     pub async fn new() -> Self {
+        Self::migrated_to(None).await
+    }
+
+    /// A stack whose database has the migrations up to `version` only (all with `None`):
+    /// for what a store written by an earlier release must still do after an upgrade.
+    pub async fn migrated_to(version: Option<i64>) -> Self {
         let servers = servers();
         ensure_app_role(servers).await;
         let id = uuid::Uuid::now_v7().simple().to_string();
@@ -171,7 +177,11 @@ impl TestStack {
         sqlx::query(&format!("CREATE DATABASE {database}")).execute(&server).await.expect("create database");
         server.close().await;
         let admin = factory_commands::connect(&servers.superuser_url(&database), 8).await.expect("admin pool");
-        factory_commands::migrate(&admin).await.expect("migrations apply");
+        let mut migrator = factory_commands::db::migrator();
+        if let Some(version) = version {
+            migrator.migrations = migrator.migrations.iter().filter(|m| m.version <= version).cloned().collect::<Vec<_>>().into();
+        }
+        migrator.run(&admin).await.expect("migrations apply");
         let pool = factory_commands::connect(&servers.app_url(&database), 16).await.expect("app pool");
         let nats = async_nats::connect(&servers.nats_url).await.expect("nats connects");
         let js = async_nats::jetstream::new(nats.clone());

@@ -180,7 +180,7 @@ async fn audit_names_the_tampered_event() {
 
     as_attacker(
         &stack,
-        "UPDATE events SET payload = jsonb_set(payload, '{StageStarted,team}', '\"security-engineering\"') \
+        "UPDATE events SET payload = jsonb_set(payload::jsonb, '{StageStarted,team}', '\"security-engineering\"') \
          WHERE aggregate_id = $1 AND sequence = 2",
         run,
     )
@@ -696,4 +696,75 @@ async fn callers_that_went_away_mid_statement_hand_their_places_to_the_units_que
     let [fresh] = submitted_runs(&store, 1).await[..] else { unreachable!() };
     start(fresh).await.unwrap();
     assert_eq!(sequences(&stack, &fresh.to_string()).await, [1, 2]);
+}
+
+/// Every hash recomputed outside the database by the recipe of docs/architecture.md ("The
+/// hash chain"): the recipe's query, the ten fields joined by 0x1F, the previous raw hash
+/// prepended within an aggregate, SHA-256. Returns how many rows were checked.
+async fn recompute_every_hash_outside_the_database(pool: &sqlx::PgPool) -> usize {
+    use sha2::{Digest, Sha256};
+    type Recipe = (String, String, i64, String, String, i64, i64, String, String, String, String);
+    let rows: Vec<Recipe> = sqlx::query_as(
+        "SELECT aggregate_type, aggregate_id, sequence, event_type, event_version, position, \
+                (extract(epoch FROM recorded_at) * 1000000)::bigint, coalesce(run_id::text, ''), \
+                payload::text, metadata::text, encode(hash, 'hex') \
+           FROM events ORDER BY aggregate_type, aggregate_id, sequence",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    let mut previous: Option<(String, String, Vec<u8>)> = None;
+    for row in &rows {
+        let (aggregate_type, aggregate_id, sequence, event_type, event_version, position, micros, run_id, payload, metadata, stored) = row;
+        let fields = [aggregate_type.clone(), aggregate_id.clone(), sequence.to_string(), event_type.clone(), event_version.clone(), position.to_string(), micros.to_string(), run_id.clone(), payload.clone(), metadata.clone()];
+        let mut hasher = Sha256::new();
+        if let Some((t, id, hash)) = &previous
+            && (t, id) == (aggregate_type, aggregate_id)
+        {
+            hasher.update(hash);
+        }
+        hasher.update(fields.join("\u{1f}").as_bytes());
+        let hash = hasher.finalize().to_vec();
+        assert_eq!(&factory_commands::events::hex(&hash), stored, "{aggregate_type}/{aggregate_id} #{sequence}");
+        previous = Some((aggregate_type.clone(), aggregate_id.clone(), hash));
+    }
+    rows.len()
+}
+
+#[tokio::test]
+async fn chains_written_before_payloads_were_stored_as_text_hold_after_it_and_go_on() {
+    // A store as the release before migration 0011 left it: payloads in jsonb.
+    let stack = TestStack::migrated_to(Some(10)).await;
+    let store = store(&stack).await;
+    let run = run_with_two_stages(&store).await;
+    let jsonb_text: String = sqlx::query_scalar("SELECT payload::text FROM events WHERE aggregate_id = $1 AND sequence = 2")
+        .bind(run.to_string())
+        .fetch_one(&stack.pool)
+        .await
+        .unwrap();
+    assert!(jsonb_text.contains("\": "), "jsonb's text form: {jsonb_text}");
+
+    factory_commands::migrate(&stack.admin).await.unwrap();
+    // The same aggregate's chain goes on; a new one starts.
+    let store = self::store(&stack).await;
+    store
+        .execute_run(run, RunCommand::StartStage { stage: "be".into(), team: "backend".into(), objective_id: ObjectiveId::new() })
+        .await
+        .unwrap();
+    run_with_two_stages(&store).await;
+
+    let (old_text, new_text): (String, String) = sqlx::query_as(
+        "SELECT (SELECT payload::text FROM events WHERE aggregate_id = $1 AND sequence = 2), \
+                (SELECT payload::text FROM events WHERE aggregate_id = $1 AND sequence = 4)",
+    )
+    .bind(run.to_string())
+    .fetch_one(&stack.pool)
+    .await
+    .unwrap();
+    assert_eq!(old_text, jsonb_text, "a row stored before keeps its text");
+    assert!(new_text.starts_with("{\"StageStarted\":{"), "a row stored after keeps the writer's text: {new_text}");
+
+    let report = audit::verify(&stack.pool).await.unwrap();
+    assert_eq!((report.events, report.aggregates, report.broken.len()), (7, 2, 0), "{:?}", report.broken);
+    assert_eq!(recompute_every_hash_outside_the_database(&stack.pool).await, 7);
 }
