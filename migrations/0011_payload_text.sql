@@ -15,16 +15,19 @@
 -- after keeps the writer's text, which is what the trigger hashes. Queries by field
 -- (`payload -> 'StageStarted' ->> 'stage'`) work on `json` as they did.
 --
--- The conversion rewrites the table under an exclusive lock: appends and reads wait for
--- it (2.1 s for 100,000 events of demo runs, 122 MB, on the development machine).
+-- Processes must be restarted after it (docs/operations.md): a statement a connection
+-- prepared before that returns these columns is refused after ("cached plan must not change
+-- result type"). The conversion rewrites the table under an exclusive lock: appends and
+-- reads wait for it (2.1 s for 100,000 events of demo runs, 122 MB, on the development machine).
 
+-- A change of type resets the column's storage to the type's default; set again in the
+-- same statement (applied before the rewrite), payloads stay uncompressed out of line as
+-- migration 0010 set them. The rewrite stores every row that way, the ones compressed
+-- before migration 0010 included.
 ALTER TABLE events
     ALTER COLUMN payload TYPE json USING payload::text::json,
-    ALTER COLUMN metadata TYPE json USING metadata::text::json;
-
--- A change of type resets the column's storage to the type's default; keep payloads
--- uncompressed out of line as migration 0010 set them.
-ALTER TABLE events ALTER COLUMN payload SET STORAGE EXTERNAL;
+    ALTER COLUMN metadata TYPE json USING metadata::text::json,
+    ALTER COLUMN payload SET STORAGE EXTERNAL;
 
 -- The audit's function, over the new column types: the same expression, so the same bytes.
 -- (Left over `jsonb`, a call with `json` columns would not resolve, or worse, a cast would
@@ -44,8 +47,8 @@ $$;
 -- The insert trigger, again as migration 0008 left it, word for word. Sessions that ran it
 -- before the change of type hold its plans prepared for jsonb, and PostgreSQL refuses to
 -- run those on json ("type of parameter ... does not match that when preparing the plan"):
--- replacing the function makes every session compile it afresh on its next call, so the
--- pools of processes running through the upgrade go on appending.
+-- replacing the function makes every session compile it afresh on its next call, so that
+-- appends of a session that lived through the change work at once.
 CREATE OR REPLACE FUNCTION events_before_insert() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
     previous bytea;

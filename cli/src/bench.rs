@@ -333,7 +333,7 @@ async fn store_suite(config: &Config, plan: Plan) -> Result<()> {
 
 async fn store_figures(pool: PgPool, plan: Plan) -> Result<()> {
     sqlx::query(
-        "CREATE TABLE bench_raw (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, payload jsonb NOT NULL)",
+        "CREATE TABLE bench_raw (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, payload json NOT NULL)",
     )
     .execute(&pool)
     .await?;
@@ -379,7 +379,7 @@ async fn store_figures(pool: PgPool, plan: Plan) -> Result<()> {
     Ok(())
 }
 
-/// The baseline: one jsonb row per autocommitted statement, with a payload shaped and
+/// The baseline: one json row per autocommitted statement, with a payload shaped and
 /// sized like a `RequirementSubmitted` event as the store keeps it.
 async fn raw_inserts_per_s(pool: &PgPool, writers: usize, duration: Duration) -> Result<f64> {
     let payload = json!({"RequirementSubmitted": {
@@ -618,8 +618,8 @@ async fn insert_backlog(pool: &PgPool, events: i64) -> Result<i64> {
         sqlx::query(
             "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) \
              SELECT 'bench', 'agg-' || g, 1, 'BenchEvent', '1', \
-                    jsonb_build_object('BenchEvent', jsonb_build_object('n', g, 'pad', repeat('x', 200))), \
-                    jsonb_build_object('run_id', $3::text) \
+                    json_build_object('BenchEvent', json_build_object('n', g, 'pad', repeat('x', 200))), \
+                    json_build_object('run_id', $3::text) \
                FROM generate_series($1::bigint, $2::bigint) g",
         )
         .bind(first)
@@ -1953,7 +1953,7 @@ async fn copy_runs(pool: &PgPool, templates: &[TemplateRun], events: i64) -> Res
         // predecessor in its aggregate must be in before it (the hash chain).
         sqlx::query(
             "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) \
-             SELECT a, i, s, t, v, p::jsonb, m::jsonb \
+             SELECT a, i, s, t, v, p::json, m::json \
                FROM unnest($1::text[], $2::text[], $3::int8[], $4::text[], $5::text[], $6::text[], $7::text[]) \
                     WITH ORDINALITY AS u(a, i, s, t, v, p, m, n) \
               ORDER BY n",

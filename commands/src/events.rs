@@ -25,20 +25,17 @@ pub(crate) fn untag(event_type: &str, payload: serde_json::Value) -> serde_json:
     }
 }
 
-/// [`untag`] on JSON text: the inner object's text, sliced out of the stored text without
-/// building it (the relay's read). Anything but a one-key object whose plain key is the
-/// event type goes through [`untag`] on the parsed value, so the answer is the same.
+/// [`untag`] on JSON text: the inner value's text, sliced out of the stored text without
+/// building it (the relay's read). Whatever is not a one-key object keyed by the event type
+/// comes back as stored, byte for byte.
 pub(crate) fn untag_text(event_type: &str, payload: String) -> String {
-    if let Ok(map) = serde_json::from_str::<std::collections::BTreeMap<&str, &serde_json::value::RawValue>>(&payload) {
-        return match map.get(event_type) {
-            Some(inner) if map.len() == 1 => inner.get().to_owned(),
-            _ => payload,
-        };
-    }
-    // A key written with escapes (no writer of ours does that), or not an object at all.
-    match serde_json::from_str(&payload) {
-        Ok(value) => untag(event_type, value).to_string(),
-        Err(_) => payload,
+    // Keys as `String` (unescaped), values borrowed: one pass over the text, no tree.
+    match serde_json::from_str::<std::collections::BTreeMap<String, &serde_json::value::RawValue>>(&payload) {
+        Ok(map) if map.len() == 1 => match map.get(event_type) {
+            Some(inner) => inner.get().to_owned(),
+            None => payload,
+        },
+        _ => payload,
     }
 }
 
@@ -242,8 +239,10 @@ mod tests {
             let by_text: serde_json::Value = serde_json::from_str(&untag_text(event_type, text.to_string())).unwrap();
             assert_eq!(by_text, by_value, "{text}");
         }
-        // The common case is sliced as stored, not rewritten.
+        // Sliced or kept as stored, not rewritten.
         assert_eq!(untag_text("A", r#"{"A": {"b": 1.50}}"#.into()), r#"{"b": 1.50}"#);
+        assert_eq!(untag_text("A", r#"[1.50, 2]"#.into()), r#"[1.50, 2]"#);
+        assert_eq!(untag_text("A", r#"{"B": 1.50}"#.into()), r#"{"B": 1.50}"#);
     }
 
     #[test]

@@ -285,7 +285,7 @@ mod tests {
         let text = serde_json::to_string(event).unwrap();
         let from_text: E = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{text}: {e}"));
         assert_eq!(&from_text, event, "{text}");
-        // The event store keeps events as JSON values (jsonb), not text.
+        // Consumers (the relay's readers, replay) work on parsed JSON values, not the text.
         let value = serde_json::to_value(event).unwrap();
         let from_value: E = serde_json::from_value(value.clone()).unwrap_or_else(|e| panic!("{value}: {e}"));
         assert_eq!(&from_value, event, "{value}");
