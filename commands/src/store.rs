@@ -769,3 +769,30 @@ fn rand_below(n: u64) -> u64 {
         .unwrap_or(0);
     nanos % n.max(1)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_committed_events_payload_is_its_own_fields_untagged_from_the_stored_text() {
+        let event = Committed {
+            aggregate_type: "run".into(),
+            aggregate_id: "r".into(),
+            sequence: 2,
+            run_id: RunId::new(),
+            event_type: "StageStarted".into(),
+            stored_payload: r#"{"StageStarted":{"stage":"ba","team":"business-analysis"}}"#.into(),
+        };
+        assert_eq!(event.payload().unwrap(), serde_json::json!({"stage": "ba", "team": "business-analysis"}));
+        let broken = Committed { stored_payload: "{".into(), ..event };
+        assert!(broken.payload().is_err());
+    }
+
+    #[test]
+    fn metadata_is_written_as_the_trigger_reads_it() {
+        let run = RunId::new();
+        let metadata: serde_json::Value = serde_json::from_str(&metadata_text(run)).unwrap();
+        assert_eq!(metadata, serde_json::json!({ "run_id": run.to_string() }));
+    }
+}

@@ -311,3 +311,41 @@ async fn the_stream_carries_each_event_as_the_store_holds_it() {
     assert_eq!(published, stored, "what the stream carries, parsed, is what the store holds");
     task.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_checkpoints_skipped_flush_stays_with_its_own_transaction() {
+    // Two pooled connections, one of which the relay's LISTEN keeps: every other statement
+    // of the relay, the checkpoint included, and this test's check run on the same session.
+    // (The test server runs with synchronous_commit off; these sessions set it on.)
+    let stack = TestStack::new().await;
+    let options: sqlx::postgres::PgConnectOptions = stack.app_url().parse().unwrap();
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .connect_with(options.options([("synchronous_commit", "on")]))
+        .await
+        .unwrap();
+    let relay = factory_commands::relay::Relay::new(
+        pool.clone(),
+        stack.js.clone(),
+        stack.topology.clone(),
+        factory_commands::relay::RelayOptions { poll_interval: Duration::from_millis(50), ..Default::default() },
+    );
+    let task = tokio::spawn(relay.run());
+    let store = Store::new(stack.pool.clone(), Arc::new(SystemServices));
+    let run = RunId::new();
+    store
+        .execute_run(run, RunCommand::SubmitRequirement { title: None, requirement: "Build a URL shortener".into(), pipeline: "phase1".into(), pipeline_definition: String::new(), auto_approve: true, submitted_by: "tester".into() })
+        .await
+        .unwrap();
+    wait_for("the checkpoint past the event", DEADLINE, || async {
+        let checkpoint: Option<i64> = sqlx::query_scalar("SELECT position FROM relay_checkpoints WHERE name = 'relay'")
+            .fetch_optional(&pool)
+            .await
+            .unwrap();
+        checkpoint.filter(|&p| p > 0)
+    })
+    .await;
+    let setting: String = sqlx::query_scalar("SHOW synchronous_commit").fetch_one(&pool).await.unwrap();
+    assert_eq!(setting, "on", "the session the checkpoint ran on commits as configured");
+    task.abort();
+}

@@ -748,7 +748,7 @@ async fn chains_written_before_payloads_were_stored_as_text_hold_after_it_and_go
     // Restarted on this release (docs/operations.md): a fresh pool, so that no statement
     // prepared for jsonb is reused. The same aggregate's chain goes on; a new one starts.
     let pool = factory_commands::connect(&stack.app_url(), 4).await.unwrap();
-    let store = Arc::new(Store::new(pool, Arc::new(SystemServices)));
+    let store = Arc::new(Store::new(pool.clone(), Arc::new(SystemServices)));
     store
         .execute_run(run, RunCommand::StartStage { stage: "be".into(), team: "backend".into(), objective_id: ObjectiveId::new() })
         .await
@@ -760,13 +760,13 @@ async fn chains_written_before_payloads_were_stored_as_text_hold_after_it_and_go
                 (SELECT payload::text FROM events WHERE aggregate_id = $1 AND sequence = 4)",
     )
     .bind(run.to_string())
-    .fetch_one(&stack.pool)
+    .fetch_one(&pool)
     .await
     .unwrap();
     assert_eq!(old_text, jsonb_text, "a row stored before keeps its text");
     assert!(new_text.starts_with("{\"StageStarted\":{"), "a row stored after keeps the writer's text: {new_text}");
 
-    let report = audit::verify(&stack.pool).await.unwrap();
+    let report = audit::verify(&pool).await.unwrap();
     assert_eq!((report.events, report.aggregates, report.broken.len()), (7, 2, 0), "{:?}", report.broken);
-    assert_eq!(recompute_every_hash_outside_the_database(&stack.pool).await, 7);
+    assert_eq!(recompute_every_hash_outside_the_database(&pool).await, 7);
 }
