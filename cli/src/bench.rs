@@ -1370,6 +1370,10 @@ struct TimedProvider {
 }
 
 impl ModelProvider for TimedProvider {
+    fn answers_in_process(&self) -> bool {
+        self.inner.answers_in_process()
+    }
+
     fn complete<'a>(&'a self, request: &'a ModelRequest) -> ModelFuture<'a> {
         Box::pin(async move {
             let started = Utc::now();

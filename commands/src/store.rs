@@ -423,6 +423,15 @@ pub struct ArtifactContent {
     pub content: Vec<u8>,
 }
 
+/// What a unit of work writes once committed ([`Changes::staged`]), by aggregate id and
+/// by digest.
+#[derive(Debug, Default, Clone)]
+pub struct Staged {
+    pub runs: HashMap<String, Run>,
+    pub objectives: HashMap<String, Objective>,
+    pub contents: HashMap<String, Arc<Vec<u8>>>,
+}
+
 /// Why a unit of work was not committed. Nothing of it was written.
 #[derive(Debug, thiserror::Error)]
 pub enum CommitError {
@@ -552,6 +561,19 @@ impl<'s> Changes<'s> {
         // would otherwise deadlock on the digests' unique index.
         self.artifacts.sort_by(|a, b| a.sha256.cmp(&b.sha256));
         self.artifacts.dedup_by(|a, b| a.sha256 == b.sha256);
+    }
+
+    /// What this unit writes once committed: the state of each aggregate it changes, its
+    /// staged events applied, and the artifact contents it stores. For work started while
+    /// its commit is in flight (teams' `handoff`, "Work started ahead of its commit" in
+    /// docs/architecture.md): none of it is in the store, nor remembered, until the commit
+    /// succeeds, and none of it ever is if the commit fails.
+    pub fn staged(&self) -> Staged {
+        Staged {
+            runs: self.runs.iter().filter(|e| !e.staged.is_empty()).map(|e| (e.id.clone(), e.state.clone())).collect(),
+            objectives: self.objectives.iter().filter(|e| !e.staged.is_empty()).map(|e| (e.id.clone(), e.state.clone())).collect(),
+            contents: self.artifacts.iter().map(|a| (a.sha256.clone(), Arc::new(a.content.clone()))).collect(),
+        }
     }
 
     /// Whether anything is staged.

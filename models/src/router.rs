@@ -216,4 +216,13 @@ impl ModelProvider for Router {
     fn complete<'a>(&'a self, request: &'a ModelRequest) -> ModelFuture<'a> {
         Box::pin(self.route(request))
     }
+
+    /// In demo mode, unless a run-time chain names a provider that can be called here
+    /// other than the scripted one.
+    fn answers_in_process(&self) -> bool {
+        self.demo
+            && self.overrides.read().expect("overrides lock").values().flatten().all(|target| {
+                target.provider == ProviderKind::Scripted || !self.available(target)
+            })
+    }
 }

@@ -1,7 +1,9 @@
 //! The in-process handoff of work: an objective started by this process (a worker's final
 //! commit, or the orchestrator's step) for a team this process's worker serves is given to
-//! that worker in memory, the moment its assignment commits, instead of after a round trip
-//! through `FACTORY_WORK`.
+//! that worker in memory as its assignment is committed, instead of after a round trip
+//! through `FACTORY_WORK`. Its work starts while that commit is in flight, from what the
+//! commit writes, and waits for its outcome before it writes, queues or calls anything
+//! outside the process ([`Ahead`]).
 //!
 //! No work message is queued for an objective handed over: the claim and the sweep keep its
 //! work from being lost. The assignment that hands an objective over names this worker
@@ -33,7 +35,8 @@
 //! announced; otherwise its work goes through the queue.
 
 use crate::orchestrator::WorkItem;
-use factory_domain::ObjectiveId;
+use factory_commands::store::Staged;
+use factory_domain::{Objective, ObjectiveId, Run, RunId};
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -104,9 +107,78 @@ impl Drop for Claim {
     }
 }
 
+/// How the commit that an objective was handed over ahead of ended (see [`Ahead`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Committed: the objective is assigned, the work stands.
+    Committed,
+    /// Refused (a conflict): nothing of it was written, the objective does not exist.
+    Refused,
+    /// Not known (the store failed while it was in flight): the store must be asked.
+    Unknown,
+}
+
+/// An objective handed over while the commit that assigns it is still in flight: what that
+/// commit writes, for the work to start from, and its outcome, which the work waits for
+/// before it writes anything, calls anything outside the process, or queues anything
+/// (architecture.md, "Work started ahead of its commit").
+pub struct Ahead {
+    staged: Staged,
+    outcome: watch::Receiver<Option<Outcome>>,
+}
+
+/// Tells the objectives handed over ahead of a commit how it ended; dropped untold, it
+/// tells them the outcome is not known.
+pub struct Tell(watch::Sender<Option<Outcome>>);
+
+impl Tell {
+    pub fn tell(self, outcome: Outcome) {
+        let _ = self.0.send(Some(outcome));
+    }
+}
+
+impl Ahead {
+    /// For work handed over ahead of the commit of a unit that stages `staged`
+    /// ([`factory_commands::store::Changes::staged`]); the committer tells the outcome.
+    pub fn new(staged: Staged) -> (Arc<Self>, Tell) {
+        let (sender, outcome) = watch::channel(None);
+        (Arc::new(Self { staged, outcome }), Tell(sender))
+    }
+
+    /// How the commit ended, once it has.
+    pub async fn outcome(&self) -> Outcome {
+        let mut outcome = self.outcome.clone();
+        loop {
+            if let Some(known) = *outcome.borrow_and_update() {
+                return known;
+            }
+            if outcome.changed().await.is_err() {
+                return Outcome::Unknown;
+            }
+        }
+    }
+
+    /// The run as the commit leaves it, if it changes it.
+    pub(crate) fn run(&self, run_id: RunId) -> Option<&Run> {
+        self.staged.runs.get(&run_id.to_string())
+    }
+
+    /// An objective as the commit leaves it, if it changes it.
+    pub(crate) fn objective(&self, objective_id: ObjectiveId) -> Option<&Objective> {
+        self.staged.objectives.get(&objective_id.to_string())
+    }
+
+    /// An artifact content the commit stores.
+    pub(crate) fn content(&self, sha256: &str) -> Option<&Arc<Vec<u8>>> {
+        self.staged.contents.get(sha256)
+    }
+}
+
 /// An objective handed over, for the worker's local attempts.
 pub(crate) struct Handed {
     pub(crate) item: WorkItem,
+    /// Handed over ahead of the commit that assigns it (for its first attempt).
+    pub(crate) ahead: Option<Arc<Ahead>>,
     /// Held while the attempts run (and their work, if abandoned, is queued).
     pub(crate) _claim: Claim,
     /// Told `true` when they have ended.
@@ -201,12 +273,14 @@ impl LocalWork {
     /// Gives the claimed objective to this process's worker; whether it took it. Registered
     /// in flight before it returns, so that a work message of the objective, whenever it
     /// arrives here, finds it. Not taken (the worker has stopped), its work must be queued.
+    ///
+    /// `ahead`: handed over before the commit that assigns it has ended (see [`Ahead`]).
     #[must_use]
-    pub fn hand_off(&self, claim: Claim, item: WorkItem) -> bool {
+    pub fn hand_off(&self, claim: Claim, item: WorkItem, ahead: Option<Arc<Ahead>>) -> bool {
         let (done, finished) = watch::channel(false);
         self.in_flight.lock().expect("not poisoned").insert(item.objective_id, finished);
         let objective_id = item.objective_id;
-        if self.sender.send(Handed { item, _claim: claim, done }).is_err() {
+        if self.sender.send(Handed { item, ahead, _claim: claim, done }).is_err() {
             self.in_flight.lock().expect("not poisoned").remove(&objective_id);
             return false;
         }
@@ -257,6 +331,24 @@ mod tests {
         let (local, _handed) = LocalWork::new(&["backend-engineering".to_string()], 4);
         local.renewed(Instant::now());
         local
+    }
+
+    #[tokio::test]
+    async fn work_handed_over_ahead_learns_how_its_commit_ended_and_an_untold_end_is_not_known() {
+        let (ahead, tell) = Ahead::new(Staged::default());
+        let waiting = {
+            let ahead = ahead.clone();
+            tokio::spawn(async move { ahead.outcome().await })
+        };
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished(), "waits while the commit is in flight");
+        tell.tell(Outcome::Refused);
+        assert_eq!(waiting.await.unwrap(), Outcome::Refused);
+        assert_eq!(ahead.outcome().await, Outcome::Refused, "and says so again");
+
+        let (ahead, tell) = Ahead::new(Staged::default());
+        drop(tell);
+        assert_eq!(ahead.outcome().await, Outcome::Unknown);
     }
 
     #[test]

@@ -101,6 +101,14 @@ pub type ModelFuture<'a> = Pin<Box<dyn Future<Output = Result<ModelResponse, Mod
 /// Anything that answers model requests.
 pub trait ModelProvider: Send + Sync {
     fn complete<'a>(&'a self, request: &'a ModelRequest) -> ModelFuture<'a>;
+
+    /// Whether every call is answered inside this process, costing nothing and reaching
+    /// nothing outside it (the scripted provider, a replay of recorded answers). Only such
+    /// calls are made by work started ahead of the commit that assigns it, before that
+    /// commit is known to stand (docs/architecture.md, "Work started ahead of its commit").
+    fn answers_in_process(&self) -> bool {
+        false
+    }
 }
 
 /// The first line of every repair request, so that providers and tests can recognise one.

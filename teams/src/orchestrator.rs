@@ -21,7 +21,7 @@
 //! aggregates' current state, so handling an event twice, or in memory before the stream's
 //! copy of an earlier one arrives, changes nothing.
 
-use crate::handoff::{Claim, LocalWork};
+use crate::handoff::{Ahead, Claim, LocalWork, Outcome, Tell};
 use crate::pipeline::Pipeline;
 use async_nats::jetstream::{self, AckKind, consumer::pull};
 use factory_commands::store::CommitError;
@@ -432,7 +432,7 @@ impl Orchestrator {
     /// `at_least` is the run's sequence the caller has seen.
     async fn step(&self, run_id: RunId, at_least: usize, first: Option<RunCommand>, delivered: Delivered) -> Result<(), OrchestratorError> {
         let mut attempt = 0;
-        let mut dispatches = loop {
+        let dispatches = loop {
             attempt += 1;
             let mut changes = self.store.changes();
             if let Some(command) = &first {
@@ -462,22 +462,25 @@ impl Orchestrator {
                 let requeue = delivered == Delivered::Stream || attempt > 1;
                 plan(&mut changes, run_id, &run, requeue, &mut dispatches, self.handoff.as_deref()).await?;
             }
-            match changes.commit().await {
+            let tell = hand_over(run_id, &mut dispatches, self.handoff.as_deref(), &changes);
+            let committed = changes.commit().await;
+            if let Some(tell) = tell {
+                tell.tell(outcome_of(&committed));
+            }
+            match committed {
                 Ok(()) => break dispatches,
                 Err(CommitError::Conflict) if self.store.pause_after_conflict(attempt).await => {
                     tracing::debug!(%run_id, attempt, "concurrent write; deciding again on fresh state");
                 }
                 Err(error) => {
                     // The outcome is not known: the append may have committed. What it
-                    // claimed is handed over all the same, so that no objective stays claimed
-                    // by this live process with nobody working it; an attempt whose
-                    // objective shows no assignment ends without working it.
-                    hand_over(run_id, &mut dispatches, self.handoff.as_deref());
+                    // claimed was handed over ahead of it all the same, so that no objective
+                    // stays claimed by this live process with nobody working it; an attempt
+                    // whose objective shows no assignment ends without working it.
                     return Err(store_err(CommandError::<RunError>::from(error)));
                 }
             }
         };
-        hand_over(run_id, &mut dispatches, self.handoff.as_deref());
         for dispatch in &dispatches {
             if dispatch.queued_again {
                 // Assigned in the commit that started it, save for runs written before
@@ -575,15 +578,39 @@ pub(crate) async fn plan(
 }
 
 
-/// Hands the objectives claimed for this process's worker to it (see [`crate::handoff`]).
-/// Called right after the commit that claimed them, before anything that can fail: a claim
-/// committed and never handed over would leave the objective to a worker that does not
-/// know of it (until the sweep took this process for dead).
-pub(crate) fn hand_over(run_id: RunId, dispatches: &mut [Dispatch], handoff: Option<&LocalWork>) {
+/// Hands the objectives claimed for this process's worker to it (see [`crate::handoff`]),
+/// right before `changes`, the unit that claims them, is committed: the work starts from
+/// what the commit writes while it is in flight (see [`crate::handoff::Ahead`]). Before
+/// anything that can fail: a claim committed and never handed over would leave the
+/// objective to a worker that does not know of it (until the sweep took this process for
+/// dead). The caller tells the commit's outcome with what this returns (nothing to tell
+/// when nothing was claimed); dropped untold, the work asks the store.
+pub(crate) fn hand_over(
+    run_id: RunId,
+    dispatches: &mut [Dispatch],
+    handoff: Option<&LocalWork>,
+    changes: &factory_commands::store::Changes<'_>,
+) -> Option<Tell> {
+    let local = handoff?;
+    if dispatches.iter().all(|dispatch| dispatch.claim.is_none()) {
+        return None;
+    }
+    let (ahead, tell) = Ahead::new(changes.staged());
     for dispatch in dispatches.iter_mut() {
-        if let (Some(claim), Some(local)) = (dispatch.claim.take(), handoff) {
-            dispatch.handed = local.hand_off(claim, WorkItem::new(run_id, dispatch.objective_id, &dispatch.stage));
+        if let Some(claim) = dispatch.claim.take() {
+            let item = WorkItem::new(run_id, dispatch.objective_id, &dispatch.stage);
+            dispatch.handed = local.hand_off(claim, item, Some(ahead.clone()));
         }
+    }
+    Some(tell)
+}
+
+/// What a commit's result tells the work handed over ahead of it.
+pub fn outcome_of(result: &Result<(), CommitError>) -> Outcome {
+    match result {
+        Ok(()) => Outcome::Committed,
+        Err(CommitError::Conflict) => Outcome::Refused,
+        Err(CommitError::Store(_)) => Outcome::Unknown,
     }
 }
 

@@ -286,6 +286,11 @@ struct Recorded {
 }
 
 impl ModelProvider for Recorded {
+    /// Answers from the recording: nothing outside the process.
+    fn answers_in_process(&self) -> bool {
+        true
+    }
+
     fn complete<'a>(&'a self, request: &'a ModelRequest) -> ModelFuture<'a> {
         Box::pin(async move {
             let digest = operative::request_digest(request);

@@ -50,6 +50,10 @@ impl ModelProvider for ScriptedProvider {
             Ok(respond(request, &markers))
         })
     }
+
+    fn answers_in_process(&self) -> bool {
+        true
+    }
 }
 
 /// Whether the first target of `alias` should fail with HTTP 500 (the `#fail=<alias>` marker),

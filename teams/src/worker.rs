@@ -8,7 +8,7 @@
 //! message's stream sequence.
 
 use crate::catalog::{ObjectiveContext, team as team_docs};
-use crate::handoff::{Attempts, Handed, LocalWork};
+use crate::handoff::{Ahead, Attempts, Handed, LocalWork, Outcome};
 use crate::model::ModelProvider;
 use crate::operative;
 use crate::orchestrator::WorkItem;
@@ -371,7 +371,9 @@ impl Worker {
         let key = format!("claim:{}", self.local.instance());
         let attempts = self.options.max_deliver.max(1);
         for attempt in 1..=attempts {
-            match self.attempt_locally(item, &key, attempt > 1).await {
+            // Only the first attempt starts ahead of the commit; later ones read the store.
+            let ahead = if attempt == 1 { handed.ahead.clone() } else { None };
+            match self.attempt_locally(item, &key, attempt > 1, ahead).await {
                 Ok(()) => {
                     told.how = Attempts::Ended;
                     return;
@@ -416,9 +418,9 @@ impl Worker {
 
     /// One local attempt, as a task of its own so that a panic is a failed attempt (and
     /// dropped with this future).
-    async fn attempt_locally(&self, item: &WorkItem, key: &str, again: bool) -> Result<(), WorkerError> {
+    async fn attempt_locally(&self, item: &WorkItem, key: &str, again: bool, ahead: Option<Arc<Ahead>>) -> Result<(), WorkerError> {
         let (worker, item, key) = (self.clone(), item.clone(), key.to_string());
-        let task = tokio::spawn(async move { worker.work_on(&item, &key, again, Path::Local).await });
+        let task = tokio::spawn(async move { worker.work_on(&item, &key, again, Path::Local, ahead).await });
         struct AbortOnDrop(tokio::task::AbortHandle);
         impl Drop for AbortOnDrop {
             fn drop(&mut self) {
@@ -523,7 +525,7 @@ impl Worker {
                 crate::handoff::until_ended(attempts).await;
             }
             let path = if self.local.take_abandoned(item.objective_id) { Path::Abandoned } else { Path::Message };
-            self.work_on(&item, &key, delivered > 1, path).await
+            self.work_on(&item, &key, delivered > 1, path, None).await
         };
         tokio::pin!(work);
         // Tell JetStream we are alive while the team works (model calls can be long).
@@ -564,22 +566,35 @@ impl Worker {
     /// objective when it can (its own commit just assigned the objective, mostly): no read.
     /// A redelivery (`redelivered`) reads them afresh.
     pub async fn process(&self, item: &WorkItem, key: &str, redelivered: bool) -> Result<(), WorkerError> {
-        self.work_on(item, key, redelivered, Path::Message).await
+        self.work_on(item, key, redelivered, Path::Message, None).await
     }
 
-    async fn work_on(&self, item: &WorkItem, key: &str, redelivered: bool, path: Path) -> Result<(), WorkerError> {
-        let (mut run, mut objective) = self.states(item, redelivered || path == Path::Abandoned).await?;
+    /// `ahead`: handed over ahead of the commit that assigns it (see [`Ahead`]); the work
+    /// starts from what that commit writes, and writes nothing before it has committed.
+    async fn work_on(&self, item: &WorkItem, key: &str, redelivered: bool, path: Path, ahead: Option<Arc<Ahead>>) -> Result<(), WorkerError> {
+        let staged = ahead.as_deref().and_then(|ahead| Some((ahead.run(item.run_id)?.clone(), ahead.objective(item.objective_id)?.clone())));
+        let ahead = match (ahead, staged.is_some()) {
+            (Some(ahead), true) => Some(ahead),
+            (Some(ahead), false) => {
+                // The commit does not assign it (it cannot be, but then): started after it.
+                ahead.outcome().await;
+                None
+            }
+            (None, _) => None,
+        };
+        let (mut run, mut objective) = match staged {
+            Some(states) => states,
+            None => self.states(item, redelivered || path == Path::Abandoned).await?,
+        };
         if path == Path::Local && objective.status == ObjectiveStatus::New {
             // Handed over after a commit whose outcome was not known: worked if its
             // assignment shows, else it was never made.
-            let deadline = tokio::time::Instant::now() + DOUBTFUL_ASSIGNMENT_WAIT;
-            while objective.status == ObjectiveStatus::New && tokio::time::Instant::now() < deadline {
-                tokio::time::sleep(CLAIM_CHECK).await;
-                (run, objective) = self.states(item, true).await?;
-            }
-            if objective.status == ObjectiveStatus::New {
-                tracing::info!(objective = %item.objective_id, "its assignment never committed; nothing to work");
-                return Ok(());
+            match self.assignment_shows(item).await? {
+                Some(states) => (run, objective) = states,
+                None => {
+                    tracing::info!(objective = %item.objective_id, "its assignment never committed; nothing to work");
+                    return Ok(());
+                }
             }
         }
         // Queued again after it ended: a redelivery may be the retry of work whose commit
@@ -622,7 +637,7 @@ impl Worker {
             }
             return Ok(());
         }
-        let objectives = self.context_objectives(&run, objective, item, redelivered).await?;
+        let objectives = self.context_objectives(&run, objective, item, redelivered, ahead.as_deref()).await?;
         let objective = &objectives[&item.objective_id];
         let team = team_docs(&item.team).ok_or_else(|| WorkerError::UnknownTeam(item.team.clone()))?;
         let granted = granted_tools(team.tools).map_err(|e| WorkerError::UnknownTeam(format!("{}: {e}", item.team)))?;
@@ -632,7 +647,16 @@ impl Worker {
         let name = format!("{}-{}-{}", item.objective_id, key.replace(':', "-"), uuid::Uuid::now_v7());
         // The earlier stages' artifacts, served from memory (not written into the directory).
         let shas: Vec<&str> = run.artifacts.values().map(String::as_str).collect();
-        let contents = self.store.artifact_contents(&shas).await.map_err(store_err)?;
+        let contents = self.contents(&shas, ahead.as_deref()).await?;
+        if let Some(ahead) = ahead.as_deref()
+            && !self.provider.answers_in_process()
+            && !self.stands(item, ahead).await?
+        {
+            // A model outside the process is called only for work that stands: a call made
+            // for nothing would cost and go unrecorded.
+            tracing::debug!(objective = %item.objective_id, "the commit that assigned it was refused; nothing to work");
+            return Ok(());
+        }
         let workspace =
             self.options.work_dir.workspace(&name, workspace_inputs(&run.artifacts, |sha| contents.get(sha).map(|c| c.as_ref().clone())))?;
         let prompt = run.prompt(team, objective.iterations + 1, item.max_iterations);
@@ -641,7 +665,7 @@ impl Worker {
         // final commit instead (with a fast model, most of them).
         let calls = Arc::new(CallLog::default());
         let recorder = {
-            let (store, calls) = (self.store.clone(), calls.clone());
+            let (store, calls, ahead) = (self.store.clone(), calls.clone(), ahead.clone());
             let (objective_id, run_id) = (item.objective_id, item.run_id);
             tokio::spawn(async move {
                 loop {
@@ -660,6 +684,14 @@ impl Worker {
                             return Ok::<(), WorkerError>(());
                         }
                         continue;
+                    }
+                    // Nothing is recorded before the commit that assigned the objective has
+                    // committed; refused, there is nothing to record it for. (Not known, the
+                    // recording is refused unless the objective was assigned.)
+                    if let Some(ahead) = &ahead
+                        && ahead.outcome().await == Outcome::Refused
+                    {
+                        return Ok(());
                     }
                     let commands = batch.into_iter().map(|call| ObjectiveCommand::RecordModelCall(call.into())).collect();
                     ignore_finished(store.execute_objective_all(objective_id, run_id, commands).await)?;
@@ -710,6 +742,13 @@ impl Worker {
         let unrecorded = calls.take();
         calls.finish();
         recorder.await.map_err(|e| WorkerError::Store(Box::new(e)))??;
+        if let Some(ahead) = ahead.as_deref()
+            && !self.stands(item, ahead).await?
+        {
+            tracing::debug!(objective = %item.objective_id, "the commit that assigned it was refused; work dropped");
+            remove_workspace(workspace);
+            return Ok(());
+        }
         // The contents (content-addressed, so a repeat is a no-op), the artifacts, the result
         // and the objective's end, in one commit.
         let mut commands: Vec<ObjectiveCommand> =
@@ -763,6 +802,49 @@ impl Worker {
         }
     }
 
+    /// Whether the work handed over ahead of a commit stands: the commit assigned the
+    /// objective (asked of the store when its outcome is not known).
+    async fn stands(&self, item: &WorkItem, ahead: &Ahead) -> Result<bool, WorkerError> {
+        match ahead.outcome().await {
+            Outcome::Committed => Ok(true),
+            Outcome::Refused => Ok(false),
+            Outcome::Unknown => Ok(self.assignment_shows(item).await?.is_some()),
+        }
+    }
+
+    /// The run and the objective once the objective's assignment shows in the store, for
+    /// work handed over with a commit whose outcome was not known; `None` when it has not
+    /// shown after a while (then it was never made).
+    async fn assignment_shows(&self, item: &WorkItem) -> Result<Option<(Run, Objective)>, WorkerError> {
+        let deadline = tokio::time::Instant::now() + DOUBTFUL_ASSIGNMENT_WAIT;
+        loop {
+            let (run, objective) = self.states(item, true).await?;
+            if objective.status != ObjectiveStatus::New {
+                return Ok(Some((run, objective)));
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Ok(None);
+            }
+            tokio::time::sleep(CLAIM_CHECK).await;
+        }
+    }
+
+    /// Artifact contents by digest: those the commit a piece of work was handed over ahead
+    /// of stores from it, the rest from the store (see [`Store::artifact_contents`]).
+    async fn contents(&self, shas: &[&str], ahead: Option<&Ahead>) -> Result<HashMap<String, Arc<Vec<u8>>>, WorkerError> {
+        let Some(ahead) = ahead else {
+            return self.store.artifact_contents(shas).await.map_err(store_err);
+        };
+        let (staged, stored): (Vec<&str>, Vec<&str>) = shas.iter().partition(|sha| ahead.content(sha).is_some());
+        let mut contents = if stored.is_empty() { HashMap::new() } else { self.store.artifact_contents(&stored).await.map_err(store_err)? };
+        for sha in staged {
+            if let Some(content) = ahead.content(sha) {
+                contents.insert(sha.to_string(), content.clone());
+            }
+        }
+        Ok(contents)
+    }
+
     /// The run and the objective: as remembered (see [`Worker::process`]) when the
     /// remembered run knows the objective, else read.
     async fn states(&self, item: &WorkItem, fresh: bool) -> Result<(Run, Objective), WorkerError> {
@@ -780,14 +862,16 @@ impl Worker {
     }
 
     /// The objectives a team's context needs ([`RunContext::needs`]), this one included:
-    /// the finished ones from memory when remembered finished (their state is final), the
-    /// rest read unless remembered.
+    /// as the commit handed over `ahead` of writes them when it changes them, the finished
+    /// ones from memory when remembered finished (their state is final), the rest read
+    /// unless remembered.
     async fn context_objectives(
         &self,
         run: &Run,
         objective: Objective,
         item: &WorkItem,
         fresh: bool,
+        ahead: Option<&Ahead>,
     ) -> Result<HashMap<ObjectiveId, Objective>, WorkerError> {
         let (finished, team) = RunContext::needs(run, item.objective_id);
         let mut objectives = HashMap::with_capacity(finished.len() + team.len() + 1);
@@ -795,6 +879,12 @@ impl Worker {
         let needed = finished.into_iter().map(|id| (id, true)).chain(team.into_iter().map(|id| (id, false)));
         for (id, must_be_final) in needed {
             if objectives.contains_key(&id) {
+                continue;
+            }
+            // As the commit handed over ahead of writes it, if it changes it: the states the
+            // unit was decided on, and nothing else of the store is newer than them.
+            if let Some(staged) = ahead.and_then(|ahead| ahead.objective(id)) {
+                objectives.insert(id, staged.clone());
                 continue;
             }
             let remembered = if fresh { None } else { self.store.remembered_objective(id) };
@@ -816,7 +906,7 @@ impl Worker {
     async fn finish(&self, item: &WorkItem, commands: Vec<ObjectiveCommand>, contents: Vec<ArtifactContent>) -> Result<(), WorkerError> {
         let follow_up = crate::orchestrator::follow_up(&commands, &item.stage, item.objective_id);
         let mut attempt = 0;
-        let mut dispatches = loop {
+        let dispatches = loop {
             attempt += 1;
             let mut changes = self.store.changes();
             changes.store_artifacts(contents.clone());
@@ -833,22 +923,25 @@ impl Worker {
                     .await
                     .map_err(store_err)?;
             }
-            match changes.commit().await {
+            // What it claims is handed over now, to work from what the commit writes while
+            // it is in flight.
+            let tell = crate::orchestrator::hand_over(item.run_id, &mut dispatches, Some(&self.local), &changes);
+            let committed = changes.commit().await;
+            if let Some(tell) = tell {
+                tell.tell(crate::orchestrator::outcome_of(&committed));
+            }
+            match committed {
                 Ok(()) => break dispatches,
                 // Another writer of the run (a parallel stage's end, say) came first: decided
                 // again on fresh state.
                 Err(CommitError::Conflict) if self.store.pause_after_conflict(attempt).await => {}
-                Err(error) => {
-                    // The outcome is not known (see `Orchestrator::step`): what it claimed is
-                    // handed over all the same.
-                    crate::orchestrator::hand_over(item.run_id, &mut dispatches, Some(&self.local));
-                    return Err(store_err(CommandError::<ObjectiveError>::from(error)));
-                }
+                // The outcome is not known (see `Orchestrator::step`): what it claimed was
+                // handed over all the same.
+                Err(error) => return Err(store_err(CommandError::<ObjectiveError>::from(error))),
             }
         };
         // Committed. The message is settled once the work it started is queued; should the
         // queueing fail, the redelivery queues it again (see `process`).
-        crate::orchestrator::hand_over(item.run_id, &mut dispatches, Some(&self.local));
         crate::orchestrator::queue(&self.js, &self.topology, item.run_id, &dispatches).await.map_err(store_err)
     }
 

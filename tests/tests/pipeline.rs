@@ -721,6 +721,136 @@ async fn a_worker_leaves_an_objective_to_the_live_process_that_claimed_it_and_ta
     assert_eq!(status, factory_domain::objective::ObjectiveStatus::Completed);
 }
 
+/// Scripted answers, counting the calls, through a provider that says it answers inside the
+/// process (as the scripted one does) or not (as every real one does).
+struct Counting {
+    scripted: ScriptedProvider,
+    calls: std::sync::atomic::AtomicUsize,
+    in_process: bool,
+}
+
+impl Counting {
+    fn new(in_process: bool) -> Arc<Self> {
+        Arc::new(Self { scripted: ScriptedProvider::new(), calls: Default::default(), in_process })
+    }
+
+    fn calls(&self) -> usize {
+        self.calls.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl factory_teams::model::ModelProvider for Counting {
+    fn complete<'a>(&'a self, request: &'a factory_teams::model::ModelRequest) -> factory_teams::model::ModelFuture<'a> {
+        self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.scripted.complete(request)
+    }
+
+    fn answers_in_process(&self) -> bool {
+        self.in_process
+    }
+}
+
+/// A worker of the test's own process (its store), running, with its presence announced.
+async fn running_worker(stack: &TestStack, store: &Arc<Store>, provider: Arc<dyn factory_teams::model::ModelProvider>) -> (Worker, tokio::task::JoinHandle<()>) {
+    let teams = factory_teams::TEAM_IDS.iter().map(|t| t.to_string()).collect();
+    let worker = Worker::new(store.clone(), stack.js.clone(), stack.topology.clone(), provider, WorkerOptions::new(teams, factory_teams::tools::Scratch::Memory));
+    let running = tokio::spawn(worker.clone().run());
+    let local = worker.local_work();
+    wait_for("the worker's presence", Duration::from_secs(10), || async { local.try_claim("business-analysis").map(drop) }).await;
+    (worker, running)
+}
+
+/// Hands a phase1 run's first objective to `worker` ahead of the commit that starts its
+/// stage and assigns it, as a step does, and returns that commit, unmade, with what tells
+/// its outcome.
+async fn handed_ahead<'s>(
+    store: &'s Store,
+    worker: &Worker,
+) -> (factory_commands::store::Changes<'s>, factory_teams::handoff::Tell, RunId, factory_domain::ObjectiveId) {
+    let plan = Pipeline::load("phase1").unwrap();
+    let run = RunId::new();
+    let submit = RunCommand::SubmitRequirement { title: None, requirement: "Build it".into(), pipeline: plan.name().into(), pipeline_definition: plan.source().into(), auto_approve: true, submitted_by: "tester".into() };
+    store.execute_run(run, submit).await.unwrap();
+    let first = &plan.stages()[0];
+    let objective = factory_domain::ObjectiveId::new();
+    let local = worker.local_work();
+    let claim = local.try_claim(&first.team).expect("a free slot");
+    let mut changes = store.changes();
+    changes.execute_run(run, RunCommand::StartStage { stage: first.name.clone(), team: first.team.clone(), objective_id: objective }).await.unwrap();
+    changes.new_objective(objective, run);
+    let assign = factory_teams::orchestrator::assignment(run, objective, first, Some(local.instance().to_string()));
+    changes.execute_objective(objective, run, assign).await.unwrap();
+    let (ahead, tell) = factory_teams::handoff::Ahead::new(changes.staged());
+    assert!(local.hand_off(claim, factory_teams::orchestrator::WorkItem::new(run, objective, first), Some(ahead)));
+    (changes, tell, run, objective)
+}
+
+async fn events_of(stack: &TestStack, aggregate_id: String) -> Vec<String> {
+    sqlx::query_scalar("SELECT event_type FROM events WHERE aggregate_id = $1 ORDER BY sequence")
+        .bind(aggregate_id)
+        .fetch_all(&stack.pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn work_handed_over_ahead_of_its_commit_stands_or_falls_with_that_commit() {
+    let (stack, store) = idle_stack().await;
+    let inside = Counting::new(true);
+    let (worker, running) = running_worker(&stack, &store, inside.clone()).await;
+    let local = worker.local_work();
+    let key = format!("claim:{}", local.instance());
+
+    // Committed: the work is done meanwhile but records nothing until then, then completes
+    // once (and its final commit takes the run on: the next stages are worked here too).
+    let (changes, tell, run, objective) = handed_ahead(&store, &worker).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(inside.calls() > 0, "the work went ahead of the commit");
+    assert!(events_of(&stack, objective.to_string()).await.is_empty(), "nothing written before the commit");
+    assert!(local.in_flight(objective).is_some(), "the work waits for the commit");
+    let committed = changes.commit().await;
+    tell.tell(factory_teams::orchestrator::outcome_of(&committed));
+    committed.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), factory_teams::handoff::until_ended(local.in_flight(objective).unwrap_or_else(|| tokio::sync::watch::channel(true).1)))
+        .await
+        .unwrap();
+    assert_eq!(results_of(&stack, objective).await, [key.clone()]);
+    wait_for("the run to go on from the work that stood", Duration::from_secs(20), || async {
+        (store.load_run(run).await.unwrap().status == RunStatus::Completed).then_some(())
+    })
+    .await;
+
+    // Refused: the work is dropped, nothing of it is written, its claim is let go.
+    let (changes, tell, run, objective) = handed_ahead(&store, &worker).await;
+    drop(changes);
+    tell.tell(factory_teams::handoff::Outcome::Refused);
+    if let Some(ended) = local.in_flight(objective) {
+        tokio::time::timeout(Duration::from_secs(10), factory_teams::handoff::until_ended(ended)).await.unwrap();
+    }
+    assert!(events_of(&stack, objective.to_string()).await.is_empty(), "no event of the objective");
+    assert_eq!(events_of(&stack, run.to_string()).await, ["RequirementSubmitted"], "nor of its stage");
+
+    // Not known, and it did commit: the store says so, and the work completes once.
+    let (changes, tell, _, objective) = handed_ahead(&store, &worker).await;
+    changes.commit().await.unwrap();
+    drop(tell);
+    wait_for("the objective worked once", Duration::from_secs(10), || async { (results_of(&stack, objective).await == [key.clone()]).then_some(()) }).await;
+    running.abort();
+
+    // A provider outside the process is not called before the commit stands.
+    let outside = Counting::new(false);
+    let (worker, running) = running_worker(&stack, &store, outside.clone()).await;
+    let (changes, tell, _, objective) = handed_ahead(&store, &worker).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(outside.calls(), 0, "no call while the commit is in flight");
+    changes.commit().await.unwrap();
+    tell.tell(factory_teams::handoff::Outcome::Committed);
+    let key = format!("claim:{}", worker.local_work().instance());
+    wait_for("the objective worked once", Duration::from_secs(10), || async { (results_of(&stack, objective).await == [key.clone()]).then_some(()) }).await;
+    assert!(outside.calls() > 0, "called once it stood");
+    running.abort();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_the_orchestrator_can_never_act_on_is_terminated_not_redelivered_forever() {
     let factory = Factory::start().await;
