@@ -576,6 +576,11 @@ impl<'s> Changes<'s> {
         }
     }
 
+    /// Whether other units of this store are being appended, or queued to be, right now.
+    pub fn others_appending(&self) -> bool {
+        self.store.group.is_busy()
+    }
+
     /// Whether anything is staged.
     pub fn is_empty(&self) -> bool {
         self.order.is_empty() && self.artifacts.is_empty()

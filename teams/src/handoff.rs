@@ -1,9 +1,9 @@
 //! The in-process handoff of work: an objective started by this process (a worker's final
 //! commit, or the orchestrator's step) for a team this process's worker serves is given to
 //! that worker in memory as its assignment is committed, instead of after a round trip
-//! through `FACTORY_WORK`. Its work starts while that commit is in flight, from what the
-//! commit writes, and waits for its outcome before it writes, queues or calls anything
-//! outside the process ([`Ahead`]).
+//! through `FACTORY_WORK`. When the store is otherwise idle, its work starts while that
+//! commit is in flight, from what the commit writes, and waits for its outcome before it
+//! writes, queues or calls anything outside the process ([`Ahead`]).
 //!
 //! No work message is queued for an objective handed over: the claim and the sweep keep its
 //! work from being lost. The assignment that hands an objective over names this worker
