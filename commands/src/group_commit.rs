@@ -194,13 +194,13 @@ impl GroupCommit {
         }
     }
 
-    /// How the group commit is doing, since the store was made.
     /// Whether any unit is queued or being appended now.
     pub(crate) fn is_busy(&self) -> bool {
         let queue = self.queue.lock().expect("not poisoned");
         queue.in_flight > 0 || !queue.pending.is_empty()
     }
 
+    /// How the group commit is doing, since the store was made.
     pub fn stats(&self) -> GroupCommitStats {
         GroupCommitStats {
             statements: self.sent.load(Ordering::Relaxed),

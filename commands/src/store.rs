@@ -401,6 +401,28 @@ impl Store {
         }
     }
 
+    /// A unit of work that starts from what a unit not yet committed writes (`staged`, see
+    /// [`Changes::staged`]): its aggregates as that unit leaves them, the rest as for
+    /// [`Store::changes`]. To be committed only after that unit has: before, its events
+    /// would have no predecessors in the store (refused); and if that unit's commit was
+    /// refused, it must be dropped.
+    pub fn changes_after(&self, staged: &Staged) -> Changes<'_> {
+        fn entries<A: Aggregate + Clone>(later: &HashMap<String, Later<A>>) -> Vec<Entry<A>> {
+            later
+                .iter()
+                .map(|(id, later)| Entry {
+                    id: id.clone(),
+                    run_id: later.run_id,
+                    state: later.state.clone(),
+                    base: later.sequence,
+                    staged: Vec::new(),
+                    fresh: false,
+                })
+                .collect()
+        }
+        Changes { runs: entries(&staged.runs), objectives: entries(&staged.objectives), ..self.changes() }
+    }
+
     /// After a [`CommitError::Conflict`] on the `attempt`th try: waits (from the second
     /// conflict on) a short, growing, jittered pause and says whether to try again (false
     /// past the limit).
@@ -427,9 +449,18 @@ pub struct ArtifactContent {
 /// by digest.
 #[derive(Debug, Default, Clone)]
 pub struct Staged {
-    pub runs: HashMap<String, Run>,
-    pub objectives: HashMap<String, Objective>,
+    pub runs: HashMap<String, Later<Run>>,
+    pub objectives: HashMap<String, Later<Objective>>,
     pub contents: HashMap<String, Arc<Vec<u8>>>,
+}
+
+/// An aggregate as a unit leaves it once committed.
+#[derive(Debug, Clone)]
+pub struct Later<A> {
+    pub state: A,
+    /// Its last event's sequence then.
+    sequence: usize,
+    run_id: RunId,
 }
 
 /// Why a unit of work was not committed. Nothing of it was written.
@@ -569,9 +600,16 @@ impl<'s> Changes<'s> {
     /// docs/architecture.md): none of it is in the store, nor remembered, until the commit
     /// succeeds, and none of it ever is if the commit fails.
     pub fn staged(&self) -> Staged {
+        fn later<A: Aggregate + Clone>(entries: &[Entry<A>]) -> HashMap<String, Later<A>> {
+            entries
+                .iter()
+                .filter(|e| !e.staged.is_empty())
+                .map(|e| (e.id.clone(), Later { state: e.state.clone(), sequence: e.base + e.staged.len(), run_id: e.run_id }))
+                .collect()
+        }
         Staged {
-            runs: self.runs.iter().filter(|e| !e.staged.is_empty()).map(|e| (e.id.clone(), e.state.clone())).collect(),
-            objectives: self.objectives.iter().filter(|e| !e.staged.is_empty()).map(|e| (e.id.clone(), e.state.clone())).collect(),
+            runs: later(&self.runs),
+            objectives: later(&self.objectives),
             contents: self.artifacts.iter().map(|a| (a.sha256.clone(), Arc::new(a.content.clone()))).collect(),
         }
     }

@@ -160,12 +160,17 @@ impl Ahead {
 
     /// The run as the commit leaves it, if it changes it.
     pub(crate) fn run(&self, run_id: RunId) -> Option<&Run> {
-        self.staged.runs.get(&run_id.to_string())
+        self.staged.runs.get(&run_id.to_string()).map(|later| &later.state)
     }
 
     /// An objective as the commit leaves it, if it changes it.
     pub(crate) fn objective(&self, objective_id: ObjectiveId) -> Option<&Objective> {
-        self.staged.objectives.get(&objective_id.to_string())
+        self.staged.objectives.get(&objective_id.to_string()).map(|later| &later.state)
+    }
+
+    /// Everything the commit writes.
+    pub(crate) fn staged(&self) -> &Staged {
+        &self.staged
     }
 
     /// An artifact content the commit stores.

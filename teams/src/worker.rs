@@ -373,7 +373,18 @@ impl Worker {
         for attempt in 1..=attempts {
             // Only the first attempt starts ahead of the commit; later ones read the store.
             let ahead = if attempt == 1 { handed.ahead.clone() } else { None };
-            match self.attempt_locally(item, &key, attempt > 1, ahead).await {
+            let attempted = self.attempt_locally(item, &key, attempt > 1, ahead).await;
+            // Handed over ahead of its commit, an attempt may fail before it knew the
+            // outcome: nothing is retried, blocked or queued before it is known, and nothing
+            // at all if the commit was refused (the objective does not exist).
+            if attempted.is_err()
+                && let Some(ahead) = &handed.ahead
+                && ahead.outcome().await == Outcome::Refused
+            {
+                told.how = Attempts::Ended;
+                return;
+            }
+            match attempted {
                 Ok(()) => {
                     told.how = Attempts::Ended;
                     return;
@@ -715,8 +726,22 @@ impl Worker {
                 }
             }
         };
+        // Handed over ahead of a commit that was refused, the work is dropped at once.
+        let refused = async {
+            match ahead.as_deref() {
+                Some(ahead) if ahead.outcome().await == Outcome::Refused => {}
+                _ => std::future::pending().await,
+            }
+        };
         let outcome = tokio::select! {
             outcome = work => outcome,
+            _ = refused => {
+                tracing::debug!(objective = %item.objective_id, "the commit that assigned it was refused; work dropped");
+                remove_workspace(workspace);
+                calls.finish();
+                let _ = recorder.await;
+                return Ok(());
+            }
             _ = cancelled => {
                 tracing::info!(objective = %item.objective_id, "run stopped; work dropped");
                 remove_workspace(workspace);
@@ -742,13 +767,6 @@ impl Worker {
         let unrecorded = calls.take();
         calls.finish();
         recorder.await.map_err(|e| WorkerError::Store(Box::new(e)))??;
-        if let Some(ahead) = ahead.as_deref()
-            && !self.stands(item, ahead).await?
-        {
-            tracing::debug!(objective = %item.objective_id, "the commit that assigned it was refused; work dropped");
-            remove_workspace(workspace);
-            return Ok(());
-        }
         // The contents (content-addressed, so a repeat is a no-op), the artifacts, the result
         // and the objective's end, in one commit.
         let mut commands: Vec<ObjectiveCommand> =
@@ -761,7 +779,7 @@ impl Worker {
             commands.push(ObjectiveCommand::ProduceArtifact(artifact));
         }
         commands.extend(result_commands(key, outcome));
-        let finished = self.finish(item, commands, contents).await;
+        let finished = self.finish(item, commands, contents, ahead.as_deref()).await;
         remove_workspace(workspace);
         finished
     }
@@ -903,12 +921,20 @@ impl Worker {
     /// clarification (the orchestrator's own step, see [`crate::orchestrator::stage_end`]).
     /// Then the started stages' work is queued. When another delivery finished the
     /// objective first, nothing is recorded.
-    async fn finish(&self, item: &WorkItem, commands: Vec<ObjectiveCommand>, contents: Vec<ArtifactContent>) -> Result<(), WorkerError> {
+    ///
+    /// `ahead`: the work was handed over ahead of the commit that assigns the objective (see
+    /// [`Ahead`]). The first unit is then staged on what that commit writes, perhaps while it
+    /// is still in flight, and committed once it has (dropped, with the work, if refused).
+    async fn finish(&self, item: &WorkItem, commands: Vec<ObjectiveCommand>, contents: Vec<ArtifactContent>, ahead: Option<&Ahead>) -> Result<(), WorkerError> {
         let follow_up = crate::orchestrator::follow_up(&commands, &item.stage, item.objective_id);
         let mut attempt = 0;
         let mut dispatches = loop {
             attempt += 1;
-            let mut changes = self.store.changes();
+            let ahead = if attempt == 1 { ahead } else { None };
+            let mut changes = match ahead {
+                Some(ahead) => self.store.changes_after(ahead.staged()),
+                None => self.store.changes(),
+            };
             changes.store_artifacts(contents.clone());
             for command in commands.iter().cloned() {
                 match changes.execute_objective(item.objective_id, item.run_id, command).await {
@@ -922,6 +948,12 @@ impl Worker {
                 crate::orchestrator::stage_end(&mut changes, item.run_id, command.clone(), &mut dispatches, Some(&self.local))
                     .await
                     .map_err(store_err)?;
+            }
+            if let Some(ahead) = ahead
+                && !self.stands(item, ahead).await?
+            {
+                tracing::debug!(objective = %item.objective_id, "the commit that assigned it was refused; work dropped");
+                return Ok(());
             }
             // What it claims is handed over now, to work from what the commit writes while
             // it is in flight, unless the store is busy (then right after the commit).

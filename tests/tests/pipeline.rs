@@ -804,8 +804,9 @@ async fn work_handed_over_ahead_of_its_commit_stands_or_falls_with_that_commit()
     // Committed: the work is done meanwhile but records nothing until then, then completes
     // once (and its final commit takes the run on: the next stages are worked here too).
     let (changes, tell, run, objective) = handed_ahead(&store, &worker).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(inside.calls() > 0, "the work went ahead of the commit");
+    wait_for("the work to go ahead of the commit", Duration::from_secs(10), || async { (inside.calls() > 0).then_some(()) }).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let made = inside.calls();
     assert!(events_of(&stack, objective.to_string()).await.is_empty(), "nothing written before the commit");
     assert!(local.in_flight(objective).is_some(), "the work waits for the commit");
     let committed = changes.commit().await;
@@ -815,6 +816,8 @@ async fn work_handed_over_ahead_of_its_commit_stands_or_falls_with_that_commit()
         .await
         .unwrap();
     assert_eq!(results_of(&stack, objective).await, [key.clone()]);
+    let recorded = events_of(&stack, objective.to_string()).await.iter().filter(|e| *e == "ModelCalled").count();
+    assert_eq!(recorded, made, "each call made ahead recorded once, in the final commit");
     wait_for("the run to go on from the work that stood", Duration::from_secs(20), || async {
         (store.load_run(run).await.unwrap().status == RunStatus::Completed).then_some(())
     })
@@ -831,10 +834,13 @@ async fn work_handed_over_ahead_of_its_commit_stands_or_falls_with_that_commit()
     assert_eq!(events_of(&stack, run.to_string()).await, ["RequirementSubmitted"], "nor of its stage");
 
     // Not known, and it did commit: the store says so, and the work completes once.
-    let (changes, tell, _, objective) = handed_ahead(&store, &worker).await;
+    let (changes, tell, run, objective) = handed_ahead(&store, &worker).await;
     changes.commit().await.unwrap();
     drop(tell);
     wait_for("the objective worked once", Duration::from_secs(10), || async { (results_of(&stack, objective).await == [key.clone()]).then_some(()) }).await;
+    // Its run goes on here; let it end before this worker stops (the next one would sweep
+    // its open claims and work them).
+    wait_for("the run to end", Duration::from_secs(20), || async { (store.load_run(run).await.unwrap().status == RunStatus::Completed).then_some(()) }).await;
     running.abort();
 
     // A provider outside the process is not called before the commit stands.
