@@ -733,19 +733,19 @@ impl Worker {
                 _ => std::future::pending().await,
             }
         };
+        let dropped = async {
+            tokio::select! {
+                _ = refused => "the commit that assigned it was refused",
+                _ = cancelled => "run stopped",
+            }
+        };
         let outcome = tokio::select! {
             outcome = work => outcome,
-            _ = refused => {
-                tracing::debug!(objective = %item.objective_id, "the commit that assigned it was refused; work dropped");
+            why = dropped => {
+                tracing::info!(objective = %item.objective_id, why, "work dropped");
                 remove_workspace(workspace);
-                calls.finish();
-                let _ = recorder.await;
-                return Ok(());
-            }
-            _ = cancelled => {
-                tracing::info!(objective = %item.objective_id, "run stopped; work dropped");
-                remove_workspace(workspace);
-                // The calls made so far are recorded before the message is settled.
+                // The calls made so far are recorded before the message is settled (none
+                // when the commit was refused: there is no objective to record them for).
                 calls.finish();
                 let _ = recorder.await;
                 return Ok(());
