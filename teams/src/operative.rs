@@ -51,7 +51,6 @@ impl From<ModelCall> for factory_domain::objective::ModelCalled {
 #[derive(Debug)]
 pub struct Outcome {
     pub result: TaskResult,
-    pub calls: Vec<ModelCall>,
     /// Workspace paths the tools wrote, in order, without repeats.
     pub written: Vec<String>,
     /// When the answer stayed malformed after the repair request: the raw text.
@@ -63,7 +62,7 @@ pub struct Outcome {
 /// `spent_usd` is what the team has spent in the run before this objective.
 /// A malformed answer gets one repair request, then becomes BLOCKED. Each model
 /// call is handed to `on_call` as soon as it returns, so that it is recorded even if the
-/// attempt dies later.
+/// attempt dies later (the only copy of it: the outcome does not keep the calls).
 #[allow(clippy::too_many_arguments)]
 pub async fn work(
     provider: &dyn ModelProvider,
@@ -74,7 +73,7 @@ pub async fn work(
     granted: &[String],
     workspace: &Workspace,
     spent_usd: f64,
-    on_call: &(dyn Fn(&ModelCall) + Send + Sync),
+    on_call: &(dyn Fn(ModelCall) + Send + Sync),
 ) -> Result<Outcome, ModelError> {
     let mut request = ModelRequest {
         alias: alias.to_string(),
@@ -85,7 +84,6 @@ pub async fn work(
         response_schema: Some(task_result_schema()),
         spent_usd,
     };
-    let mut calls = Vec::new();
     let mut written: Vec<String> = Vec::new();
     let mut repaired = false;
     for _ in 0..MAX_TURNS {
@@ -97,14 +95,13 @@ pub async fn work(
                     format!("the team reached its hard budget limit for this run (${limit_usd:.4}); no further model calls"),
                     format!("budget: ${spent_usd:.4} spent of ${limit_usd:.4}"),
                 );
-                return Ok(Outcome { result, calls, written, unparsed: None });
+                return Ok(Outcome { result, written, unparsed: None });
             }
             Err(error) => return Err(error),
         };
         let call = record(&request, &response, started);
         request.spent_usd += call.cost_usd;
-        on_call(&call);
-        calls.push(call);
+        on_call(call);
         if !response.tool_calls.is_empty() {
             let mut results = Vec::new();
             for call in &response.tool_calls {
@@ -124,7 +121,7 @@ pub async fn work(
             continue;
         }
         match parse_task_result(&response.content) {
-            Ok(result) => return Ok(Outcome { result, calls, written, unparsed: None }),
+            Ok(result) => return Ok(Outcome { result, written, unparsed: None }),
             Err(error) if !repaired => {
                 repaired = true;
                 request.messages.push(Message::Assistant { content: response.content.clone(), tool_calls: vec![] });
@@ -135,13 +132,12 @@ pub async fn work(
                     "the team's answer was not a valid TaskResult, even after a repair request".into(),
                     format!("malformed answer: {error}"),
                 );
-                return Ok(Outcome { result, calls, written, unparsed: Some(response.content) });
+                return Ok(Outcome { result, written, unparsed: Some(response.content) });
             }
         }
     }
     Ok(Outcome {
         result: blocked(format!("the team did not answer within {MAX_TURNS} model calls"), "too many tool-call turns".into()),
-        calls,
         written,
         unparsed: None,
     })
@@ -168,11 +164,15 @@ pub fn request_digest(request: &ModelRequest) -> String {
 }
 
 fn record(request: &ModelRequest, response: &ModelResponse, started: Instant) -> ModelCall {
-    let response_text = serde_json::to_string(&serde_json::json!({
-        "content": response.content,
-        "tool_calls": response.tool_calls,
-    }))
-    .unwrap_or_default();
+    /// The answer as recorded: the same JSON as a `{"content", "tool_calls"}` object,
+    /// written from the response in place (no copy of its tool calls' arguments).
+    #[derive(serde::Serialize)]
+    struct Said<'a> {
+        content: &'a str,
+        tool_calls: &'a [crate::model::ToolCall],
+    }
+    let response_text =
+        serde_json::to_string(&Said { content: &response.content, tool_calls: &response.tool_calls }).unwrap_or_default();
     let alias = if response.alias.is_empty() { request.alias.clone() } else { response.alias.clone() };
     let outcome = match (alias != request.alias, !response.failed_targets.is_empty()) {
         (false, false) => "ok",
@@ -197,4 +197,38 @@ fn record(request: &ModelRequest, response: &ModelResponse, started: Instant) ->
 
 pub fn hex(bytes: &[u8]) -> String {
     factory_commands::events::hex(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::ToolCall;
+
+    #[test]
+    fn a_call_records_the_answer_as_the_json_of_its_content_and_tool_calls() {
+        let request = ModelRequest {
+            alias: "factory/coder".into(),
+            team: "backend-engineering".into(),
+            system: "You build it.".into(),
+            messages: vec![Message::User { content: "Build it".into() }],
+            tools: vec![],
+            response_schema: None,
+            spent_usd: 0.0,
+        };
+        let response = ModelResponse {
+            content: "done \"quoted\"\n".into(),
+            tool_calls: vec![ToolCall {
+                id: "call-1".into(),
+                name: "write_file".into(),
+                arguments: serde_json::json!({"path": "src/main.rs", "content": "fn main() {}\n", "mode": {"z": 1, "a": [true, null]}}),
+            }],
+            ..ModelResponse::default()
+        };
+        let call = record(&request, &response, Instant::now());
+        let parsed: serde_json::Value = serde_json::from_str(&call.response).unwrap();
+        assert_eq!(parsed, serde_json::json!({"content": response.content, "tool_calls": response.tool_calls}));
+        // Fields in the order the types declare them, whatever serde_json's features (a
+        // `Value` in between wrote them sorted, or not, depending on the build).
+        assert!(call.response.starts_with(r#"{"content":"done \"quoted\"\n","tool_calls":[{"id":"call-1","name":"write_file","arguments":{"#), "{}", call.response);
+    }
 }

@@ -528,7 +528,7 @@ impl Simulation {
             unanswered: self.unanswered.clone(),
         };
         let calls: Mutex<Vec<ModelCall>> = Mutex::new(Vec::new());
-        let on_call = |call: &ModelCall| calls.lock().expect("not poisoned").push(call.clone());
+        let on_call = |call: ModelCall| calls.lock().expect("not poisoned").push(call);
         let outcome = operative::work(
             &provider,
             team,

@@ -713,7 +713,7 @@ impl Worker {
         let _finish_recording = calls.finisher();
         let on_call = {
             let calls = calls.clone();
-            move |call: &operative::ModelCall| calls.push(call.clone())
+            move |call: operative::ModelCall| calls.push(call)
         };
         let work = operative::work(self.provider.as_ref(), team, &item.alias, prompt, &self.tools, &granted, &workspace, run.team_spent_usd, &on_call);
         // A run cancelled while its team works drops the in-flight model call. (A run that
