@@ -432,7 +432,7 @@ impl Orchestrator {
     /// `at_least` is the run's sequence the caller has seen.
     async fn step(&self, run_id: RunId, at_least: usize, first: Option<RunCommand>, delivered: Delivered) -> Result<(), OrchestratorError> {
         let mut attempt = 0;
-        let mut dispatches = loop {
+        let dispatches = loop {
             attempt += 1;
             let mut changes = self.store.changes();
             if let Some(command) = &first {
@@ -462,27 +462,14 @@ impl Orchestrator {
                 let requeue = delivered == Delivered::Stream || attempt > 1;
                 plan(&mut changes, run_id, &run, requeue, &mut dispatches, self.handoff.as_deref()).await?;
             }
-            let tell = hand_over_ahead(run_id, &mut dispatches, self.handoff.as_deref(), &changes);
-            let committed = changes.commit().await;
-            if let Some(tell) = tell {
-                tell.tell(outcome_of(&committed));
-            }
-            match committed {
+            match commit_handing_over(run_id, &mut dispatches, self.handoff.as_deref(), changes).await {
                 Ok(()) => break dispatches,
                 Err(CommitError::Conflict) if self.store.pause_after_conflict(attempt).await => {
                     tracing::debug!(%run_id, attempt, "concurrent write; deciding again on fresh state");
                 }
-                Err(error) => {
-                    // The outcome is not known: the append may have committed. What it
-                    // claimed is handed over all the same, so that no objective stays claimed
-                    // by this live process with nobody working it; an attempt whose
-                    // objective shows no assignment ends without working it.
-                    hand_over(run_id, &mut dispatches, self.handoff.as_deref());
-                    return Err(store_err(CommandError::<RunError>::from(error)));
-                }
+                Err(error) => return Err(store_err(CommandError::<RunError>::from(error))),
             }
         };
-        hand_over(run_id, &mut dispatches, self.handoff.as_deref());
         for dispatch in &dispatches {
             if dispatch.queued_again {
                 // Assigned in the commit that started it, save for runs written before
@@ -580,6 +567,30 @@ pub(crate) async fn plan(
 }
 
 
+/// Commits `changes`, the unit that claims `dispatches`' objectives for this process's
+/// worker, and hands those over to it (see [`crate::handoff`]): ahead of the commit when the
+/// store is otherwise idle ([`hand_over_ahead`], told the outcome), else right after it.
+/// Also when the outcome is not known (the append may have committed): so that no objective
+/// stays claimed by this live process with nobody working it; an attempt whose objective
+/// shows no assignment ends without working it. Not after a conflict: nothing was written,
+/// and the claims are let go with the dispatches.
+pub(crate) async fn commit_handing_over(
+    run_id: RunId,
+    dispatches: &mut [Dispatch],
+    handoff: Option<&LocalWork>,
+    changes: factory_commands::store::Changes<'_>,
+) -> Result<(), CommitError> {
+    let tell = hand_over_ahead(run_id, dispatches, handoff, &changes);
+    let committed = changes.commit().await;
+    if let Some(tell) = tell {
+        tell.tell(outcome_of(&committed));
+    }
+    if !matches!(committed, Err(CommitError::Conflict)) {
+        hand_over(run_id, dispatches, handoff);
+    }
+    committed
+}
+
 /// Hands the objectives claimed for this process's worker to it (see [`crate::handoff`]),
 /// right before `changes`, the unit that claims them, is committed, when nothing else of
 /// the store is being appended: the work starts from what the commit writes while it is in
@@ -590,7 +601,7 @@ pub(crate) async fn plan(
 /// Only then: with other appends in flight the cores are busy, and work started ahead
 /// only slows the commits it overlaps (in `bench pipeline`, 5% fewer stages/s at 200 runs
 /// and slower 17-stage runs when every hand-over went ahead).
-pub(crate) fn hand_over_ahead(
+fn hand_over_ahead(
     run_id: RunId,
     dispatches: &mut [Dispatch],
     handoff: Option<&LocalWork>,
@@ -612,10 +623,9 @@ pub(crate) fn hand_over_ahead(
 
 /// Hands the objectives claimed for this process's worker, and not handed over ahead of the
 /// commit, to it. Called right after the commit that claimed them, before anything that
-/// can fail (also when its outcome is not known): a claim committed and never handed over
-/// would leave the objective to a worker that does not know of it (until the sweep took
-/// this process for dead).
-pub(crate) fn hand_over(run_id: RunId, dispatches: &mut [Dispatch], handoff: Option<&LocalWork>) {
+/// can fail: a claim committed and never handed over would leave the objective to a worker
+/// that does not know of it (until the sweep took this process for dead).
+fn hand_over(run_id: RunId, dispatches: &mut [Dispatch], handoff: Option<&LocalWork>) {
     for dispatch in dispatches.iter_mut() {
         if let (Some(claim), Some(local)) = (dispatch.claim.take(), handoff) {
             dispatch.handed = local.hand_off(claim, WorkItem::new(run_id, dispatch.objective_id, &dispatch.stage), None);
@@ -633,7 +643,7 @@ pub fn outcome_of(result: &Result<(), CommitError>) -> Outcome {
 }
 
 /// Puts the objectives' work on their teams' queues, all but those handed over in memory
-/// (after [`hand_over`]; see [`crate::handoff`]).
+/// (after [`commit_handing_over`]; see [`crate::handoff`]).
 pub(crate) async fn queue(js: &jetstream::Context, topology: &Topology, run_id: RunId, dispatches: &[Dispatch]) -> Result<(), OrchestratorError> {
     let items: Vec<WorkItem> = dispatches
         .iter()

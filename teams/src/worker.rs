@@ -928,7 +928,7 @@ impl Worker {
     async fn finish(&self, item: &WorkItem, commands: Vec<ObjectiveCommand>, contents: Vec<ArtifactContent>, ahead: Option<&Ahead>) -> Result<(), WorkerError> {
         let follow_up = crate::orchestrator::follow_up(&commands, &item.stage, item.objective_id);
         let mut attempt = 0;
-        let mut dispatches = loop {
+        let dispatches = loop {
             attempt += 1;
             let ahead = if attempt == 1 { ahead } else { None };
             let mut changes = match ahead {
@@ -955,29 +955,17 @@ impl Worker {
                 tracing::debug!(objective = %item.objective_id, "the commit that assigned it was refused; work dropped");
                 return Ok(());
             }
-            // What it claims is handed over now, to work from what the commit writes while
-            // it is in flight, unless the store is busy (then right after the commit).
-            let tell = crate::orchestrator::hand_over_ahead(item.run_id, &mut dispatches, Some(&self.local), &changes);
-            let committed = changes.commit().await;
-            if let Some(tell) = tell {
-                tell.tell(crate::orchestrator::outcome_of(&committed));
-            }
-            match committed {
+            // What it claims is handed over with the commit (see `commit_handing_over`).
+            match crate::orchestrator::commit_handing_over(item.run_id, &mut dispatches, Some(&self.local), changes).await {
                 Ok(()) => break dispatches,
                 // Another writer of the run (a parallel stage's end, say) came first: decided
                 // again on fresh state.
                 Err(CommitError::Conflict) if self.store.pause_after_conflict(attempt).await => {}
-                Err(error) => {
-                    // The outcome is not known (see `Orchestrator::step`): what it claimed is
-                    // handed over all the same.
-                    crate::orchestrator::hand_over(item.run_id, &mut dispatches, Some(&self.local));
-                    return Err(store_err(CommandError::<ObjectiveError>::from(error)));
-                }
+                Err(error) => return Err(store_err(CommandError::<ObjectiveError>::from(error))),
             }
         };
         // Committed. The message is settled once the work it started is queued; should the
         // queueing fail, the redelivery queues it again (see `process`).
-        crate::orchestrator::hand_over(item.run_id, &mut dispatches, Some(&self.local));
         crate::orchestrator::queue(&self.js, &self.topology, item.run_id, &dispatches).await.map_err(store_err)
     }
 
