@@ -40,6 +40,7 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use chrono::Utc;
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::str::FromStr;
 use std::sync::atomic::Ordering;
@@ -64,6 +65,11 @@ pub struct BenchArgs {
     /// or 5 with `--quick`). More make a longer single-run phase, to profile it.
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub single_runs: Option<u32>,
+    /// With `pipeline`: also run the reference, LangGraph with its PostgreSQL checkpointer,
+    /// on the same server and plan, and print the ratios of the Factory's figures to its.
+    /// `./factory bench` installs it into `.factory/reference-venv` on first use.
+    #[arg(long)]
+    pub reference: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -161,6 +167,11 @@ pub async fn run(args: BenchArgs, config: &Config) -> Result<ExitCode> {
     if let Some(runs) = args.single_runs {
         plan.single_runs = runs as usize;
     }
+    let reference = match (args.reference, args.which) {
+        (false, _) => None,
+        (true, Suite::Pipeline | Suite::All) => Some(Reference::find(config)?),
+        (true, _) => bail!("--reference goes with the `pipeline` bench (or `all`)"),
+    };
     if matches!(args.which, Suite::Store | Suite::All) {
         store_suite(config, plan).await?;
     }
@@ -168,7 +179,7 @@ pub async fn run(args: BenchArgs, config: &Config) -> Result<ExitCode> {
         relay_suite(config, plan).await?;
     }
     if matches!(args.which, Suite::Pipeline | Suite::All) {
-        pipeline_suite(config, plan).await?;
+        pipeline_suite(config, plan, reference.as_ref()).await?;
     }
     if matches!(args.which, Suite::Rebuild | Suite::All) {
         rebuild_suite(config, plan).await?;
@@ -865,11 +876,18 @@ const HOPS: [&str; 9] = [
     "orchestrator_seen_to_stage_completed",
 ];
 
-async fn pipeline_suite(config: &Config, plan: Plan) -> Result<()> {
+async fn pipeline_suite(config: &Config, plan: Plan, reference: Option<&Reference>) -> Result<()> {
+    let ours = Arc::new(Mutex::new(PipelineFigures::default()));
+    let measured = ours.clone();
     with_components(config, "pipe", |pool, stack| {
-        pipeline_figures(pool, stack.components, stack.reader, stack.topology, stack.work_dir, stack.relay, plan)
+        pipeline_figures(pool, stack.components, stack.reader, stack.topology, stack.work_dir, stack.relay, plan, measured)
     })
-    .await
+    .await?;
+    if let Some(reference) = reference {
+        let ours = *ours.lock().expect("pipeline figures");
+        reference.compare(config, plan, ours).await?;
+    }
+    Ok(())
 }
 
 /// What a suite that runs the stack's own components gets.
@@ -940,6 +958,7 @@ async fn pipeline_figures(
     work_dir: Scratch,
     relay_options: RelayOptions,
     plan: Plan,
+    measured: Arc<Mutex<PipelineFigures>>,
 ) -> Result<()> {
     let store = Arc::new(Store::new(pool.clone(), Arc::new(SystemServices)));
     let calls = Arc::new(Mutex::new(CallTimes::new()));
@@ -989,10 +1008,12 @@ async fn pipeline_figures(
         single.add(samples);
     }
     single.sort();
+    let stage_overhead_p50_ms = percentile(&single.overhead_ms, 0.50);
+    measured.lock().expect("pipeline figures").stage_overhead_p50_ms = stage_overhead_p50_ms;
     print_figure(
         "pipeline",
         "stage_overhead_p50_ms",
-        percentile(&single.overhead_ms, 0.50),
+        stage_overhead_p50_ms,
         "ms",
         Target::AtMost(TARGET_STAGE_OVERHEAD_P50_MS),
         None,
@@ -1041,17 +1062,26 @@ async fn pipeline_figures(
     // 3. Many phase1 runs at once.
     let outcome = concurrent_runs(&store, &mut observer, &phase1, &calls, plan).await;
     components.shutdown().await;
-    outcome
+    measured.lock().expect("pipeline figures").stages_per_s = outcome?;
+    Ok(())
 }
 
-/// Submits `plan.concurrent_runs` phase1 runs at once and waits for all of them.
+/// The figures the reference is compared with.
+#[derive(Debug, Default, Clone, Copy)]
+struct PipelineFigures {
+    stage_overhead_p50_ms: f64,
+    stages_per_s: f64,
+}
+
+/// Submits `plan.concurrent_runs` phase1 runs at once and waits for all of them; their
+/// stages/s.
 async fn concurrent_runs(
     store: &Arc<Store>,
     observer: &mut Observer,
     phase1: &Pipeline,
     calls: &Mutex<CallTimes>,
     plan: Plan,
-) -> Result<()> {
+) -> Result<f64> {
     let runs = plan.concurrent_runs;
     tracing::info!(runs, "phase1 runs submitted at once");
     let mut submits = JoinSet::new();
@@ -1091,12 +1121,14 @@ async fn concurrent_runs(
     .fetch_one(store.pool())
     .await?;
     let completed = completed as usize;
+    let mut stages_per_s = 0.0;
     if let (Some(first), Some(last)) = (first_submitted, last_completed) {
         let seconds = micros(first, last) / 1e6;
+        stages_per_s = (PHASE1_STAGES * completed) as f64 / seconds;
         print_figure(
             "pipeline",
             &format!("stages_per_s_{runs}_runs"),
-            (PHASE1_STAGES * completed) as f64 / seconds,
+            stages_per_s,
             "stages/s",
             Target::AtLeast(TARGET_STAGES_PER_S),
             None,
@@ -1131,7 +1163,7 @@ async fn concurrent_runs(
     }
     loaded.sort();
     loaded.print_breakdown(&format!("_{runs}_runs"));
-    Ok(())
+    Ok(stages_per_s)
 }
 
 async fn submit_run(store: &Store, pipeline: &Pipeline) -> Result<RunId> {
@@ -1550,6 +1582,122 @@ fn percentile(sorted: &[f64], q: f64) -> f64 {
     }
     let rank = (q * sorted.len() as f64).ceil() as usize;
     sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+// ---- the reference ----
+
+/// LangGraph with its PostgreSQL checkpointer (`cli/bench/langgraph_pipeline.py`), the
+/// framework the pipeline targets were set against: run on the same server, with the
+/// same plan, right after the Factory's own figures, so that their ratios come from one run
+/// whatever the machine's speed that day.
+struct Reference {
+    python: PathBuf,
+    script: PathBuf,
+}
+
+/// What the reference's script prints, one figure per line.
+#[derive(Debug, serde::Deserialize)]
+struct ReferenceFigure {
+    figure: String,
+    value: f64,
+}
+
+impl Reference {
+    fn find(config: &Config) -> Result<Self> {
+        let python = config.home.join(".factory").join("reference-venv").join("bin").join("python");
+        let script = config.home.join("cli").join("bench").join("langgraph_pipeline.py");
+        if !python.exists() {
+            bail!(
+                "the reference is not installed ({} is missing); run the bench as `./factory bench pipeline --reference`, which installs it",
+                python.display()
+            );
+        }
+        if !script.exists() {
+            bail!("the reference's script {} is missing; is FACTORY_HOME the project's folder?", script.display());
+        }
+        Ok(Self { python, script })
+    }
+
+    /// Runs the reference in a scratch database of its own and prints its figures, and the
+    /// Factory's with the reference's as their baseline.
+    async fn compare(&self, config: &Config, plan: Plan, ours: PipelineFigures) -> Result<()> {
+        tracing::info!(
+            single_runs = plan.single_runs,
+            runs = plan.concurrent_runs,
+            "the reference: LangGraph with its PostgreSQL checkpointer"
+        );
+        let scratch = ScratchDatabase::create(config).await?;
+        let outcome = tokio::select! {
+            outcome = self.run(config, &scratch.name, plan) => outcome,
+            _ = crate::up::shutdown_signal() => Err(anyhow!("interrupted")),
+        };
+        let cleanup = scratch.remove().await;
+        let theirs = match (outcome, cleanup) {
+            (Ok(theirs), Ok(())) => theirs,
+            (Ok(_), Err(error)) => return Err(error),
+            (Err(error), cleanup) => return settle(Err(error), cleanup),
+        };
+        let runs = plan.concurrent_runs;
+        let their_stages_per_s = format!("reference_stages_per_s_{runs}_runs");
+        print_figure("pipeline", "reference_stage_p50_ms", theirs.stage_overhead_p50_ms, "ms", Target::None, None);
+        print_figure("pipeline", &their_stages_per_s, theirs.stages_per_s, "stages/s", Target::None, None);
+        print_figure(
+            "pipeline",
+            "stage_overhead_p50_ms_vs_reference",
+            ours.stage_overhead_p50_ms,
+            "ms",
+            Target::None,
+            Some(("reference_stage_p50_ms", theirs.stage_overhead_p50_ms)),
+        );
+        print_figure(
+            "pipeline",
+            &format!("stages_per_s_{runs}_runs_vs_reference"),
+            ours.stages_per_s,
+            "stages/s",
+            Target::None,
+            Some((&their_stages_per_s, theirs.stages_per_s)),
+        );
+        Ok(())
+    }
+
+    async fn run(&self, config: &Config, database: &str, plan: Plan) -> Result<PipelineFigures> {
+        // The server's URL goes by the environment, not the command line (`ps` shows that).
+        let output = tokio::process::Command::new(&self.python)
+            .arg(&self.script)
+            .arg(plan.single_runs.to_string())
+            .arg(plan.concurrent_runs.to_string())
+            .env("REFERENCE_DATABASE_URL", stack::admin_database_url(config, "postgres")?)
+            .env("REFERENCE_DATABASE", database)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .kill_on_drop(true)
+            .output()
+            .await
+            .with_context(|| format!("starting {}", self.python.display()))?;
+        if !output.status.success() {
+            bail!("the reference failed ({}); what it said is above", output.status);
+        }
+        reference_figures(&String::from_utf8_lossy(&output.stdout))
+    }
+}
+
+/// The reference script's two figures from its output.
+fn reference_figures(output: &str) -> Result<PipelineFigures> {
+    let mut figures = (None, None);
+    for line in output.lines().filter(|line| !line.trim().is_empty()) {
+        let figure: ReferenceFigure = serde_json::from_str(line)
+            .with_context(|| format!("the reference printed a line that is not a figure: {line}"))?;
+        match figure.figure.as_str() {
+            "stage_p50_ms" => figures.0 = Some(figure.value),
+            "stages_per_s" => figures.1 = Some(figure.value),
+            _ => {}
+        }
+    }
+    match figures {
+        (Some(stage_overhead_p50_ms), Some(stages_per_s)) => Ok(PipelineFigures { stage_overhead_p50_ms, stages_per_s }),
+        _ => bail!("the reference ended without printing both stage_p50_ms and stages_per_s: {output:?}"),
+    }
 }
 
 // ---- rebuild ----
@@ -2463,8 +2611,19 @@ impl Replay {
 
 #[cfg(test)]
 mod tests {
-    use super::{Message, ModelRequest, RUN_TAG, percentile, pieces, render, tagged_run};
+    use super::{Message, ModelRequest, RUN_TAG, percentile, pieces, reference_figures, render, tagged_run};
     use uuid::Uuid;
+
+    #[test]
+    fn the_references_figures_are_read_from_its_lines_and_a_missing_one_is_an_error() {
+        let output = "{\"figure\": \"stage_p50_ms\", \"value\": 4.1}\n\n{\"figure\": \"stages_per_s\", \"value\": 180.5, \"runs\": 200}\n";
+        let figures = reference_figures(output).unwrap();
+        assert_eq!((figures.stage_overhead_p50_ms, figures.stages_per_s), (4.1, 180.5));
+        let missing = reference_figures("{\"figure\": \"stage_p50_ms\", \"value\": 4.1}\n").unwrap_err();
+        assert!(missing.to_string().contains("stages_per_s"), "{missing}");
+        let garbled = reference_figures("Traceback (most recent call last):\n").unwrap_err();
+        assert!(garbled.to_string().contains("not a figure"), "{garbled}");
+    }
 
     #[test]
     fn the_run_is_found_in_the_objective_prompt() {

@@ -12,6 +12,8 @@ use std::time::Duration;
 
 #[derive(Debug)]
 pub struct Config {
+    /// Where the project lives (`FACTORY_HOME`): its teams, pipelines and `.factory` folder.
+    pub home: PathBuf,
     pub http_addr: SocketAddr,
     pub data_dir: PathBuf,
     /// Where workers keep each attempt's scratch workspace (dropped after the attempt; what
@@ -236,6 +238,7 @@ impl Config {
                 .unwrap_or_else(|| home.join(".factory").join("venv")),
             data_dir,
             work_dir,
+            home,
         };
         if let Some(demo) = config.demo {
             config.models.demo = Some(demo);
