@@ -1,14 +1,18 @@
 """The reference for `factory bench pipeline --reference`: LangGraph with its PostgreSQL
-checkpointer, running the same shape of work as the bench's phase1 runs.
+checkpointer, running the same pipelines as the bench: phase1 (five stages in a chain) and
+full (17 stages, a DAG whose ready stages run in parallel).
 
-A run is a graph of five nodes in a chain (ba -> sa -> backend -> qa -> docs), each a
-plain function that adds its output to the state, checkpointed by `AsyncPostgresSaver` in
-the database REFERENCE_DATABASE on the server of REFERENCE_DATABASE_URL. As in the Factory's bench, there is no model
-latency: what is measured is the framework's own cost per step, durably recorded.
+Each stage is a plain function that adds its output to the run's state; the graph is built
+from the pipelines the bench passes in REFERENCE_PIPELINES (JSON: pipeline name -> list of
+{"name", "inputs"}) and checkpointed by `AsyncPostgresSaver` in the database
+REFERENCE_DATABASE on the server of REFERENCE_DATABASE_URL. As in the Factory's bench, there
+is no model latency: what is measured is the framework's own cost per step, durably recorded.
 
-Prints one JSON line per figure on stdout:
-  {"figure": "stage_p50_ms", "value": ...}     per-stage time of sequential runs
-  {"figure": "stages_per_s", "value": ..., "runs": N}   N runs at once, all completing
+Usage: langgraph_pipeline.py SINGLE_RUNS FULL_RUNS CONCURRENT_RUNS. Prints one JSON line per
+figure on stdout:
+  {"figure": "stage_p50_ms", "value": ...}       per-stage time of sequential phase1 runs
+  {"figure": "full_wall_ms_p50", "value": ...}   wall time of sequential full runs
+  {"figure": "stages_per_s", "value": ..., "runs": N}   N phase1 runs at once, all completing
 
 Installed by `./factory bench pipeline --reference` into .factory/reference-venv (pinned
 versions in ./factory); nothing of it runs in `up` or in the tests.
@@ -16,12 +20,13 @@ versions in ./factory); nothing of it runs in `up` or in the tests.
 
 import asyncio
 import json
+import operator
 import os
 import statistics
 import sys
 import time
 import uuid
-from typing import TypedDict
+from typing import Annotated, TypedDict
 
 from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
 from langgraph.graph import END, START, StateGraph
@@ -29,68 +34,87 @@ from psycopg.conninfo import make_conninfo
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
-STAGES = ["business-analysis", "solution-architecture", "backend-engineering", "qa", "documentation"]
 # As many connections as the Factory's bench pools hold.
 POOL_SIZE = 10
 
 
 class RunState(TypedDict):
     requirement: str
-    outputs: dict
+    # Parallel stages each add their own key; the reducer merges them.
+    outputs: Annotated[dict, operator.or_]
 
 
 def stage(name):
     def work(state: RunState):
-        outputs = dict(state.get("outputs") or {})
-        outputs[name] = f"{name}: done for {state['requirement'][:40]}"
-        return {"outputs": outputs}
+        return {"outputs": {name: f"{name}: done for {state['requirement'][:40]}"}}
 
     return work
 
 
-def pipeline(checkpointer):
-    graph = StateGraph(RunState)
-    previous = START
-    for name in STAGES:
-        graph.add_node(name, stage(name))
-        graph.add_edge(previous, name)
-        previous = name
-    graph.add_edge(previous, END)
-    return graph.compile(checkpointer=checkpointer)
+def graph(stages, checkpointer):
+    builder = StateGraph(RunState)
+    feeds = {input for s in stages for input in s["inputs"]}
+    for s in stages:
+        builder.add_node(s["name"], stage(s["name"]))
+    for s in stages:
+        if not s["inputs"]:
+            builder.add_edge(START, s["name"])
+        elif len(s["inputs"]) == 1:
+            builder.add_edge(s["inputs"][0], s["name"])
+        else:
+            # Waits for every input, as the Factory's orchestrator does.
+            builder.add_edge(list(s["inputs"]), s["name"])
+        if s["name"] not in feeds:
+            builder.add_edge(s["name"], END)
+    return builder.compile(checkpointer=checkpointer)
 
 
 def figure(name, value, **extra):
     print(json.dumps({"figure": name, "value": round(value, 3), **extra}), flush=True)
 
 
-async def main(single_runs, concurrent_runs):
+async def main(single_runs, full_runs, concurrent_runs):
+    pipelines = json.loads(os.environ["REFERENCE_PIPELINES"])
     # The server's URL and, in place of its database, the scratch one the bench made.
     url = make_conninfo(os.environ["REFERENCE_DATABASE_URL"], dbname=os.environ["REFERENCE_DATABASE"])
     kwargs = {"autocommit": True, "prepare_threshold": 0, "row_factory": dict_row}
     async with AsyncConnectionPool(url, max_size=POOL_SIZE, kwargs=kwargs, open=False) as pool:
         checkpointer = AsyncPostgresSaver(pool)
         await checkpointer.setup()
-        app = pipeline(checkpointer)
+        apps = {name: (graph(stages, checkpointer), len(stages)) for name, stages in pipelines.items()}
 
-        async def run():
+        async def run(pipeline):
+            app, stages = apps[pipeline]
             config = {"configurable": {"thread_id": str(uuid.uuid4())}}
             state = await app.ainvoke({"requirement": "Build a URL shortener with expiry", "outputs": {}}, config)
-            if len(state["outputs"]) != len(STAGES):
-                raise RuntimeError(f"a run ended with {len(state['outputs'])} of {len(STAGES)} stages")
+            if len(state["outputs"]) != stages:
+                raise RuntimeError(f"a {pipeline} run ended with {len(state['outputs'])} of {stages} stages")
 
-        for _ in range(5):
-            await run()
+        # Warm up, as the Factory's bench does: a phase1 and a full run, and a few more.
+        for _ in range(3):
+            await run("phase1")
+            await run("full")
+
+        phase1_stages = apps["phase1"][1]
         per_stage_ms = []
         for _ in range(single_runs):
             started = time.perf_counter()
-            await run()
-            per_stage_ms.append((time.perf_counter() - started) * 1000 / len(STAGES))
+            await run("phase1")
+            per_stage_ms.append((time.perf_counter() - started) * 1000 / phase1_stages)
         figure("stage_p50_ms", statistics.median(per_stage_ms))
 
+        walls_ms = []
+        for _ in range(full_runs):
+            started = time.perf_counter()
+            await run("full")
+            walls_ms.append((time.perf_counter() - started) * 1000)
+        figure("full_wall_ms_p50", statistics.median(walls_ms))
+
         started = time.perf_counter()
-        await asyncio.gather(*(run() for _ in range(concurrent_runs)))
-        figure("stages_per_s", concurrent_runs * len(STAGES) / (time.perf_counter() - started), runs=concurrent_runs)
+        await asyncio.gather(*(run("phase1") for _ in range(concurrent_runs)))
+        elapsed = time.perf_counter() - started
+        figure("stages_per_s", concurrent_runs * phase1_stages / elapsed, runs=concurrent_runs)
 
 
 if __name__ == "__main__":
-    asyncio.run(main(int(sys.argv[1]), int(sys.argv[2])))
+    asyncio.run(main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])))

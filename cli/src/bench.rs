@@ -1040,10 +1040,12 @@ async fn pipeline_figures(
         full_stages.add(samples);
     }
     walls_ms.sort_by(f64::total_cmp);
+    let full_run_wall_ms_p50 = percentile(&walls_ms, 0.50);
+    measured.lock().expect("pipeline figures").full_run_wall_ms_p50 = full_run_wall_ms_p50;
     print_figure(
         "pipeline",
         "full_run_wall_ms_p50",
-        percentile(&walls_ms, 0.50),
+        full_run_wall_ms_p50,
         "ms",
         Target::AtMost(TARGET_FULL_RUN_WALL_MS),
         None,
@@ -1070,6 +1072,7 @@ async fn pipeline_figures(
 #[derive(Debug, Default, Clone, Copy)]
 struct PipelineFigures {
     stage_overhead_p50_ms: f64,
+    full_run_wall_ms_p50: f64,
     stages_per_s: f64,
 }
 
@@ -1640,6 +1643,7 @@ impl Reference {
         let runs = plan.concurrent_runs;
         let their_stages_per_s = format!("reference_stages_per_s_{runs}_runs");
         print_figure("pipeline", "reference_stage_p50_ms", theirs.stage_overhead_p50_ms, "ms", Target::None, None);
+        print_figure("pipeline", "reference_full_run_wall_ms_p50", theirs.full_run_wall_ms_p50, "ms", Target::None, None);
         print_figure("pipeline", &their_stages_per_s, theirs.stages_per_s, "stages/s", Target::None, None);
         print_figure(
             "pipeline",
@@ -1648,6 +1652,14 @@ impl Reference {
             "ms",
             Target::None,
             Some(("reference_stage_p50_ms", theirs.stage_overhead_p50_ms)),
+        );
+        print_figure(
+            "pipeline",
+            "full_run_wall_ms_p50_vs_reference",
+            ours.full_run_wall_ms_p50,
+            "ms",
+            Target::None,
+            Some(("reference_full_run_wall_ms_p50", theirs.full_run_wall_ms_p50)),
         );
         print_figure(
             "pipeline",
@@ -1661,11 +1673,23 @@ impl Reference {
     }
 
     async fn run(&self, config: &Config, database: &str, plan: Plan) -> Result<PipelineFigures> {
+        // The same pipelines, as stages and their inputs.
+        let mut pipelines = serde_json::Map::new();
+        for name in ["phase1", "full"] {
+            let stages: Vec<_> = Pipeline::load(name)?
+                .stages()
+                .iter()
+                .map(|stage| json!({"name": stage.name, "inputs": stage.inputs}))
+                .collect();
+            pipelines.insert(name.into(), stages.into());
+        }
         // The server's URL goes by the environment, not the command line (`ps` shows that).
         let output = tokio::process::Command::new(&self.python)
             .arg(&self.script)
             .arg(plan.single_runs.to_string())
+            .arg(plan.full_runs.to_string())
             .arg(plan.concurrent_runs.to_string())
+            .env("REFERENCE_PIPELINES", serde_json::Value::Object(pipelines).to_string())
             .env("REFERENCE_DATABASE_URL", stack::admin_database_url(config, "postgres")?)
             .env("REFERENCE_DATABASE", database)
             .stdin(std::process::Stdio::null())
@@ -1682,21 +1706,24 @@ impl Reference {
     }
 }
 
-/// The reference script's two figures from its output.
+/// The reference script's three figures from its output.
 fn reference_figures(output: &str) -> Result<PipelineFigures> {
-    let mut figures = (None, None);
+    let mut figures = (None, None, None);
     for line in output.lines().filter(|line| !line.trim().is_empty()) {
         let figure: ReferenceFigure = serde_json::from_str(line)
             .with_context(|| format!("the reference printed a line that is not a figure: {line}"))?;
         match figure.figure.as_str() {
             "stage_p50_ms" => figures.0 = Some(figure.value),
-            "stages_per_s" => figures.1 = Some(figure.value),
+            "full_wall_ms_p50" => figures.1 = Some(figure.value),
+            "stages_per_s" => figures.2 = Some(figure.value),
             _ => {}
         }
     }
     match figures {
-        (Some(stage_overhead_p50_ms), Some(stages_per_s)) => Ok(PipelineFigures { stage_overhead_p50_ms, stages_per_s }),
-        _ => bail!("the reference ended without printing both stage_p50_ms and stages_per_s: {output:?}"),
+        (Some(stage_overhead_p50_ms), Some(full_run_wall_ms_p50), Some(stages_per_s)) => {
+            Ok(PipelineFigures { stage_overhead_p50_ms, full_run_wall_ms_p50, stages_per_s })
+        }
+        _ => bail!("the reference ended without printing stage_p50_ms, full_wall_ms_p50 and stages_per_s: {output:?}"),
     }
 }
 
@@ -2616,9 +2643,10 @@ mod tests {
 
     #[test]
     fn the_references_figures_are_read_from_its_lines_and_a_missing_one_is_an_error() {
-        let output = "{\"figure\": \"stage_p50_ms\", \"value\": 4.1}\n\n{\"figure\": \"stages_per_s\", \"value\": 180.5, \"runs\": 200}\n";
+        let output = "{\"figure\": \"stage_p50_ms\", \"value\": 4.1}\n{\"figure\": \"full_wall_ms_p50\", \"value\": 61.2}\n\n\
+                      {\"figure\": \"stages_per_s\", \"value\": 180.5, \"runs\": 200}\n";
         let figures = reference_figures(output).unwrap();
-        assert_eq!((figures.stage_overhead_p50_ms, figures.stages_per_s), (4.1, 180.5));
+        assert_eq!((figures.stage_overhead_p50_ms, figures.full_run_wall_ms_p50, figures.stages_per_s), (4.1, 61.2, 180.5));
         let missing = reference_figures("{\"figure\": \"stage_p50_ms\", \"value\": 4.1}\n").unwrap_err();
         assert!(missing.to_string().contains("stages_per_s"), "{missing}");
         let garbled = reference_figures("Traceback (most recent call last):\n").unwrap_err();
