@@ -310,10 +310,10 @@ async fn drop_database(server: &PgPool, name: &str) -> Result<(), sqlx::Error> {
 /// Runs `bench` on a fresh scratch database and drops it afterwards, also when the bench
 /// fails or the user presses Ctrl-C (the bench's future is dropped, and with it the
 /// `JoinSet`s that abort its tasks).
-async fn in_scratch_database<F, Fut>(config: &Config, bench: F) -> Result<()>
+async fn in_scratch_database<F, Fut, T>(config: &Config, bench: F) -> Result<T>
 where
     F: FnOnce(PgPool) -> Fut,
-    Fut: Future<Output = Result<()>>,
+    Fut: Future<Output = Result<T>>,
 {
     let scratch = ScratchDatabase::create(config).await?;
     let outcome = tokio::select! {
@@ -325,9 +325,9 @@ where
 
 /// The bench's own outcome first; a failed clean-up is an error too (the bench promised
 /// to leave nothing behind), logged when the bench had already failed.
-fn settle(outcome: Result<()>, cleanup: Result<()>) -> Result<()> {
+fn settle<T>(outcome: Result<T>, cleanup: Result<()>) -> Result<T> {
     match (outcome, cleanup) {
-        (Ok(()), cleanup) => cleanup,
+        (Ok(value), cleanup) => cleanup.map(|()| value),
         (Err(error), Err(cleanup_error)) => {
             tracing::error!(error = %crate::telemetry::chain(cleanup_error.as_ref()), "clean-up failed");
             Err(error)
@@ -877,14 +877,11 @@ const HOPS: [&str; 9] = [
 ];
 
 async fn pipeline_suite(config: &Config, plan: Plan, reference: Option<&Reference>) -> Result<()> {
-    let ours = Arc::new(Mutex::new(PipelineFigures::default()));
-    let measured = ours.clone();
-    with_components(config, "pipe", |pool, stack| {
-        pipeline_figures(pool, stack.components, stack.reader, stack.topology, stack.work_dir, stack.relay, plan, measured)
+    let ours = with_components(config, "pipe", |pool, stack| {
+        pipeline_figures(pool, stack.components, stack.reader, stack.topology, stack.work_dir, stack.relay, plan)
     })
     .await?;
     if let Some(reference) = reference {
-        let ours = *ours.lock().expect("pipeline figures");
         reference.compare(config, plan, ours).await?;
     }
     Ok(())
@@ -903,10 +900,10 @@ struct BenchStack {
 
 /// Runs `figures` on a scratch database, streams of a namespace of its own and a work dir,
 /// and removes all three afterwards, whatever happened.
-async fn with_components<F, Fut>(config: &Config, name: &str, figures: F) -> Result<()>
+async fn with_components<F, Fut, T>(config: &Config, name: &str, figures: F) -> Result<T>
 where
     F: FnOnce(PgPool, BenchStack) -> Fut,
-    Fut: Future<Output = Result<()>>,
+    Fut: Future<Output = Result<T>>,
 {
     let topology = Topology::namespaced(&format!("bench{name}{}", std::process::id()));
     let components = jetstream::new(stack::connect_nats(config).await?);
@@ -958,8 +955,7 @@ async fn pipeline_figures(
     work_dir: Scratch,
     relay_options: RelayOptions,
     plan: Plan,
-    measured: Arc<Mutex<PipelineFigures>>,
-) -> Result<()> {
+) -> Result<PipelineFigures> {
     let store = Arc::new(Store::new(pool.clone(), Arc::new(SystemServices)));
     let calls = Arc::new(Mutex::new(CallTimes::new()));
     // Before any event exists, so that it sees every one.
@@ -1009,7 +1005,6 @@ async fn pipeline_figures(
     }
     single.sort();
     let stage_overhead_p50_ms = percentile(&single.overhead_ms, 0.50);
-    measured.lock().expect("pipeline figures").stage_overhead_p50_ms = stage_overhead_p50_ms;
     print_figure(
         "pipeline",
         "stage_overhead_p50_ms",
@@ -1041,7 +1036,6 @@ async fn pipeline_figures(
     }
     walls_ms.sort_by(f64::total_cmp);
     let full_run_wall_ms_p50 = percentile(&walls_ms, 0.50);
-    measured.lock().expect("pipeline figures").full_run_wall_ms_p50 = full_run_wall_ms_p50;
     print_figure(
         "pipeline",
         "full_run_wall_ms_p50",
@@ -1064,12 +1058,11 @@ async fn pipeline_figures(
     // 3. Many phase1 runs at once.
     let outcome = concurrent_runs(&store, &mut observer, &phase1, &calls, plan).await;
     components.shutdown().await;
-    measured.lock().expect("pipeline figures").stages_per_s = outcome?;
-    Ok(())
+    Ok(PipelineFigures { stage_overhead_p50_ms, full_run_wall_ms_p50, stages_per_s: outcome? })
 }
 
 /// The figures the reference is compared with.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Clone, Copy)]
 struct PipelineFigures {
     stage_overhead_p50_ms: f64,
     full_run_wall_ms_p50: f64,
@@ -1629,17 +1622,11 @@ impl Reference {
             runs = plan.concurrent_runs,
             "the reference: LangGraph with its PostgreSQL checkpointer"
         );
-        let scratch = ScratchDatabase::create(config).await?;
-        let outcome = tokio::select! {
-            outcome = self.run(config, &scratch.name, plan) => outcome,
-            _ = crate::up::shutdown_signal() => Err(anyhow!("interrupted")),
-        };
-        let cleanup = scratch.remove().await;
-        let theirs = match (outcome, cleanup) {
-            (Ok(theirs), Ok(())) => theirs,
-            (Ok(_), Err(error)) => return Err(error),
-            (Err(error), cleanup) => return settle(Err(error), cleanup),
-        };
+        let theirs = in_scratch_database(config, |pool| async move {
+            let database = pool.connect_options().get_database().context("the scratch pool names no database")?.to_string();
+            self.run(config, &database, plan).await
+        })
+        .await?;
         let runs = plan.concurrent_runs;
         let their_stages_per_s = format!("reference_stages_per_s_{runs}_runs");
         print_figure("pipeline", "reference_stage_p50_ms", theirs.stage_overhead_p50_ms, "ms", Target::None, None);
