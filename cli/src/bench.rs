@@ -1027,8 +1027,10 @@ async fn pipeline_figures(
     tracing::info!(runs = plan.full_runs, "full runs");
     let mut walls_ms = Vec::with_capacity(plan.full_runs);
     let mut full_stages = StageFigures::default();
+    let mut full_run_ids = Vec::with_capacity(plan.full_runs);
     for _ in 0..plan.full_runs {
         let run = run_to_completion(&store, &mut observer, &full).await?;
+        full_run_ids.push(run.0);
         let events = factory_commands::events::run_events(&pool, run.0, None).await?;
         walls_ms.push(run_wall_ms(&events)?);
         let samples = observer.with_seen(|seen| stage_samples(run.0, &full, &events, seen, &calls.lock().expect("call times")))?;
@@ -1042,6 +1044,22 @@ async fn pipeline_figures(
         full_run_wall_ms_p50,
         "ms",
         Target::AtMost(TARGET_FULL_RUN_WALL_MS),
+        None,
+    );
+    // Parallel stages ending together are committed together (see teams/src/lanes.rs): the
+    // stage ends of those runs per commit that records any.
+    let (stage_ends, commits): (i64, i64) = sqlx::query_as(
+        "SELECT count(*), count(DISTINCT xid::text) FROM events WHERE run_id = ANY($1) AND event_type = 'StageCompleted'",
+    )
+    .bind(&full_run_ids)
+    .fetch_one(&pool)
+    .await?;
+    print_figure(
+        "pipeline",
+        "stage_ends_per_commit_full",
+        stage_ends as f64 / commits.max(1) as f64,
+        "ends",
+        Target::None,
         None,
     );
     full_stages.sort();

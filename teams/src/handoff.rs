@@ -158,6 +158,11 @@ impl Ahead {
         }
     }
 
+    /// Whether the commit's outcome is known yet (it may still be in flight).
+    pub(crate) fn is_known(&self) -> bool {
+        self.outcome.borrow().is_some()
+    }
+
     /// The run as the commit leaves it, if it changes it.
     pub(crate) fn run(&self, run_id: RunId) -> Option<&Run> {
         self.staged.runs.get(&run_id.to_string()).map(|later| &later.state)

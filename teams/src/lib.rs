@@ -12,6 +12,7 @@ pub mod catalog;
 pub mod fork;
 pub mod gate;
 pub mod handoff;
+mod lanes;
 pub mod model;
 pub mod operative;
 pub mod orchestrator;

@@ -462,7 +462,7 @@ impl Orchestrator {
                 let requeue = delivered == Delivered::Stream || attempt > 1;
                 plan(&mut changes, run_id, &run, requeue, &mut dispatches, self.handoff.as_deref()).await?;
             }
-            match commit_handing_over(run_id, &mut dispatches, self.handoff.as_deref(), changes).await {
+            match commit_handing_over(run_id, &mut dispatches, self.handoff.as_deref(), changes, |_| {}).await {
                 Ok(()) => break dispatches,
                 Err(CommitError::Conflict) if self.store.pause_after_conflict(attempt).await => {
                     tracing::debug!(%run_id, attempt, "concurrent write; deciding again on fresh state");
@@ -574,14 +574,19 @@ pub(crate) async fn plan(
 /// stays claimed by this live process with nobody working it; an attempt whose objective
 /// shows no assignment ends without working it. Not after a conflict: nothing was written,
 /// and the claims are let go with the dispatches.
+///
+/// `on_commit` is called with the commit's result as soon as it is known, before the work
+/// handed over ahead hears it (a worker frees its run's lane there, see [`crate::lanes`]).
 pub(crate) async fn commit_handing_over(
     run_id: RunId,
     dispatches: &mut [Dispatch],
     handoff: Option<&LocalWork>,
     changes: factory_commands::store::Changes<'_>,
+    on_commit: impl FnOnce(&Result<(), CommitError>),
 ) -> Result<(), CommitError> {
     let tell = hand_over_ahead(run_id, dispatches, handoff, &changes);
     let committed = changes.commit().await;
+    on_commit(&committed);
     if let Some(tell) = tell {
         tell.tell(outcome_of(&committed));
     }

@@ -9,16 +9,17 @@
 
 use crate::catalog::{ObjectiveContext, team as team_docs};
 use crate::handoff::{Ahead, Attempts, Handed, LocalWork, Outcome};
+use crate::lanes::{Entered, Lanes, Lead, Waiting};
 use crate::model::ModelProvider;
 use crate::operative;
-use crate::orchestrator::WorkItem;
+use crate::orchestrator::{Dispatch, WorkItem};
 use crate::tools::{Scratch, ToolRegistry, Workspace, granted_tools};
 use async_nats::jetstream::{self, AckKind, consumer::pull};
 use factory_commands::claims;
-use factory_commands::store::{ArtifactContent, CommitError};
+use factory_commands::store::{ArtifactContent, Changes, CommitError};
 use factory_commands::{CommandError, Store};
 use factory_domain::objective::{ArtifactProduced, ObjectiveStatus};
-use factory_domain::{Objective, ObjectiveCommand, ObjectiveError, ObjectiveId, Run, TaskStatus};
+use factory_domain::{Objective, ObjectiveCommand, ObjectiveError, ObjectiveId, Run, RunCommand, TaskStatus};
 use factory_nats::Topology;
 use futures::StreamExt;
 use sha2::{Digest, Sha256};
@@ -89,6 +90,50 @@ pub enum WorkerError {
     UnknownTeam(String),
     #[error("the attempt's task panicked: {0}")]
     Panicked(String),
+    /// The commit of stage ends that waited in their run's lane together, or the queueing
+    /// of what it started, failed (see [`crate::lanes`]).
+    #[error(transparent)]
+    Together(Arc<WorkerError>),
+}
+
+/// An objective's end, as its run's lane carries it (see [`Worker::finish`]).
+struct End {
+    item: WorkItem,
+    commands: Vec<ObjectiveCommand>,
+    contents: Vec<ArtifactContent>,
+    /// What it means for the run ([`crate::orchestrator::follow_up`]).
+    follow_up: Option<RunCommand>,
+}
+
+/// How the commit of ends that went together went, for each of them.
+type Together = Result<(), Arc<WorkerError>>;
+
+type EndLead = Lead<Arc<End>, Together>;
+
+/// A unit of work decided, with the stages it starts.
+type Decided<'s> = (Changes<'s>, Vec<Dispatch>);
+
+/// An end in a unit its lane's holder commits: the holder's own (its outcome returned), or
+/// one that waited (told).
+struct Member {
+    end: Arc<End>,
+    reply: Option<tokio::sync::oneshot::Sender<Together>>,
+}
+
+impl From<Waiting<Arc<End>, Together>> for Member {
+    fn from(waiting: Waiting<Arc<End>, Together>) -> Self {
+        Self { end: waiting.end, reply: Some(waiting.reply) }
+    }
+}
+
+impl Member {
+    fn tell(self, outcome: Together, own: &mut Together) {
+        match self.reply {
+            // Its waiter may have gone (aborted): nobody to tell.
+            Some(reply) => drop(reply.send(outcome)),
+            None => *own = outcome,
+        }
+    }
 }
 
 /// Which way an attempt at an objective came.
@@ -123,6 +168,8 @@ pub struct Worker {
     handed: Arc<std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<Handed>>>>,
     /// The workers bucket, looked up once (every renewal and presence check uses it).
     bucket: Arc<tokio::sync::OnceCell<jetstream::kv::Store>>,
+    /// The runs whose stage ends are being committed (see [`crate::lanes`]).
+    lanes: Arc<Lanes<Arc<End>, Together>>,
 }
 
 impl Worker {
@@ -136,7 +183,7 @@ impl Worker {
         let (local, handed) = LocalWork::new(&options.teams, options.concurrency);
         let handed = Arc::new(std::sync::Mutex::new(Some(handed)));
         let bucket = Arc::default();
-        Self { store, js, topology, provider, tools: Arc::new(ToolRegistry::standard()), options, local, handed, bucket }
+        Self { store, js, topology, provider, tools: Arc::new(ToolRegistry::standard()), options, local, handed, bucket, lanes: Arc::default() }
     }
 
     /// This worker as the code that starts objectives sees it, to hand them over in memory
@@ -922,51 +969,137 @@ impl Worker {
     /// Then the started stages' work is queued. When another delivery finished the
     /// objective first, nothing is recorded.
     ///
+    /// The commit goes through the run's lane ([`crate::lanes`]): while another unit of the
+    /// run is being committed from this process, the end waits, and is committed with the
+    /// others that waited, by whichever holds the lane.
+    ///
     /// `ahead`: the work was handed over ahead of the commit that assigns the objective (see
-    /// [`Ahead`]). The first unit is then staged on what that commit writes, perhaps while it
-    /// is still in flight, and committed once it has (dropped, with the work, if refused).
+    /// [`Ahead`]). The end is then decided on what that commit writes, perhaps while it is
+    /// still in flight, and committed once it has (dropped, with the work, if refused); but
+    /// not when that commit is known and another unit of the run is in its lane now: one of
+    /// the run's parallel stages ending, which leaves the run as that commit did not.
     async fn finish(&self, item: &WorkItem, commands: Vec<ObjectiveCommand>, contents: Vec<ArtifactContent>, ahead: Option<&Ahead>) -> Result<(), WorkerError> {
         let follow_up = crate::orchestrator::follow_up(&commands, &item.stage, item.objective_id);
-        let mut attempt = 0;
-        let dispatches = loop {
-            attempt += 1;
-            let ahead = if attempt == 1 { ahead } else { None };
-            let mut changes = match ahead {
-                Some(ahead) => self.store.changes_after(ahead.staged()),
-                None => self.store.changes(),
-            };
-            changes.store_artifacts(contents.clone());
-            for command in commands.iter().cloned() {
-                match changes.execute_objective(item.objective_id, item.run_id, command).await {
-                    Ok(()) => {}
-                    Err(CommandError::Refused(ObjectiveError::Finished(_))) => return Ok(()),
-                    Err(other) => return Err(store_err(other)),
+        let end = Arc::new(End { item: item.clone(), commands, contents, follow_up });
+        let mut decided = None;
+        if let Some(ahead) = ahead {
+            if !ahead.is_known() || !self.lanes.is_busy(item.run_id) {
+                let mut changes = self.store.changes_after(ahead.staged());
+                let mut dispatches = Vec::new();
+                if !self.decide(&end, &mut changes, &mut dispatches).await? {
+                    return Ok(());
                 }
+                decided = Some((changes, dispatches));
             }
-            let mut dispatches = Vec::new();
-            if let Some(command) = &follow_up {
-                crate::orchestrator::stage_end(&mut changes, item.run_id, command.clone(), &mut dispatches, Some(&self.local))
-                    .await
-                    .map_err(store_err)?;
-            }
-            if let Some(ahead) = ahead
-                && !self.stands(item, ahead).await?
-            {
+            if !self.stands(item, ahead).await? {
                 tracing::debug!(objective = %item.objective_id, "the commit that assigned it was refused; work dropped");
                 return Ok(());
             }
-            // What it claims is handed over with the commit (see `commit_handing_over`).
-            match crate::orchestrator::commit_handing_over(item.run_id, &mut dispatches, Some(&self.local), changes).await {
-                Ok(()) => break dispatches,
-                // Another writer of the run (a parallel stage's end, say) came first: decided
-                // again on fresh state.
-                Err(CommitError::Conflict) if self.store.pause_after_conflict(attempt).await => {}
-                Err(error) => return Err(store_err(CommandError::<ObjectiveError>::from(error))),
+        }
+        loop {
+            match self.lanes.enter(item.run_id, end.clone()) {
+                Entered::Lead(lead) => return self.lead(lead, end, decided).await,
+                // Told nothing: its holder has gone (its task aborted) without committing it.
+                Entered::Wait(told) => {
+                    if let Ok(outcome) = told.await {
+                        return outcome.map_err(WorkerError::Together);
+                    }
+                }
             }
-        };
-        // Committed. The message is settled once the work it started is queued; should the
-        // queueing fail, the redelivery queues it again (see `process`).
-        crate::orchestrator::queue(&self.js, &self.topology, item.run_id, &dispatches).await.map_err(store_err)
+        }
+    }
+
+    /// Commits `own`'s end holding its run's lane (`decided`: staged already), then the
+    /// ends that waited meanwhile, together, until none waits; each waiting end is told its
+    /// outcome, `own`'s is returned.
+    async fn lead(&self, mut lead: EndLead, own: Arc<End>, mut decided: Option<Decided<'_>>) -> Result<(), WorkerError> {
+        let run_id = own.item.run_id;
+        let mut own_outcome: Together = Ok(());
+        let mut ends = vec![Member { end: own, reply: None }];
+        while !ends.is_empty() {
+            let mut attempt = 0;
+            let mut next = None;
+            let committed = loop {
+                attempt += 1;
+                let (changes, mut dispatches) = match decided.take() {
+                    Some(decided) => decided,
+                    None => self.decide_together(&mut ends, &mut own_outcome).await,
+                };
+                if ends.is_empty() {
+                    break Ok(Vec::new());
+                }
+                // The lane is freed (or the ends that came are taken) as soon as the commit
+                // is known, before the work handed over ahead of it hears.
+                let on_commit = |result: &Result<(), CommitError>| {
+                    if !matches!(result, Err(CommitError::Conflict)) {
+                        next = Some(lead.next());
+                    }
+                };
+                match crate::orchestrator::commit_handing_over(run_id, &mut dispatches, Some(&self.local), changes, on_commit).await {
+                    Ok(()) => break Ok(dispatches),
+                    // Another writer of the run (another process, the orchestrator) came
+                    // first: decided again on fresh state, with the ends that came meanwhile.
+                    Err(CommitError::Conflict) if self.store.pause_after_conflict(attempt).await => {
+                        ends.extend(lead.take().into_iter().map(Member::from));
+                    }
+                    Err(error) => break Err(store_err(CommandError::<ObjectiveError>::from(error))),
+                }
+            };
+            let next = next.unwrap_or_else(|| lead.next());
+            // Committed. Each message is settled once the work it started is queued; should
+            // the queueing fail, the redelivery queues it again (see `process`).
+            let outcome = match committed {
+                Ok(dispatches) => crate::orchestrator::queue(&self.js, &self.topology, run_id, &dispatches).await.map_err(store_err),
+                Err(error) => Err(error),
+            }
+            .map_err(Arc::new);
+            for member in ends.drain(..) {
+                member.tell(outcome.clone(), &mut own_outcome);
+            }
+            ends = next.into_iter().map(Member::from).collect();
+        }
+        own_outcome.map_err(|error| Arc::try_unwrap(error).unwrap_or_else(WorkerError::Together))
+    }
+
+    /// `ends` decided together, in order, on the run as the store has it. An end refused
+    /// (another delivery finished its objective) or failing is taken out and told so, and the
+    /// others are decided again without it: what it staged cannot be taken back.
+    async fn decide_together(&self, ends: &mut Vec<Member>, own_outcome: &mut Together) -> Decided<'_> {
+        'again: loop {
+            let mut changes = self.store.changes();
+            let mut dispatches = Vec::new();
+            for i in 0..ends.len() {
+                let outcome = match self.decide(&ends[i].end, &mut changes, &mut dispatches).await {
+                    Ok(true) => continue,
+                    Ok(false) => Ok(()),
+                    Err(error) => Err(Arc::new(error)),
+                };
+                ends.remove(i).tell(outcome, own_outcome);
+                continue 'again;
+            }
+            return (changes, dispatches);
+        }
+    }
+
+    /// Stages `end` into `changes`: the objective's commands, its artifacts' contents and,
+    /// when it ends the stage, the orchestrator's step (the stages it starts added to
+    /// `dispatches`). `false`: another delivery finished the objective first.
+    async fn decide(&self, end: &End, changes: &mut Changes<'_>, dispatches: &mut Vec<Dispatch>) -> Result<bool, WorkerError> {
+        let item = &end.item;
+        for command in end.commands.iter().cloned() {
+            match changes.execute_objective(item.objective_id, item.run_id, command).await {
+                Ok(()) => {}
+                Err(CommandError::Refused(ObjectiveError::Finished(_))) => return Ok(false),
+                Err(other) => return Err(store_err(other)),
+            }
+        }
+        changes.store_artifacts(end.contents.clone());
+        if let Some(command) = &end.follow_up {
+            crate::orchestrator::stage_end(changes, item.run_id, command.clone(), dispatches, Some(&self.local))
+                .await
+                .map_err(store_err)?;
+        }
+        Ok(true)
     }
 
     async fn run_has_ended(&self, item: &WorkItem) -> Result<bool, WorkerError> {
