@@ -157,6 +157,27 @@ async fn the_full_pipeline_runs_all_17_teams_with_parallel_stages() {
             || started_before_completion("frontend-engineering", "backend-engineering"),
         "backend and frontend should run side by side: {order:?}"
     );
+    // Every stage started and completed once, though parallel ends went through their run's
+    // lane (teams/src/lanes.rs) and were committed together.
+    for event_type in ["StageStarted", "StageCompleted"] {
+        let mut stages: Vec<&str> = order.iter().filter(|(t, _)| t == event_type).map(|(_, s)| s.as_str()).collect();
+        stages.sort();
+        stages.dedup();
+        assert_eq!(stages.len(), 17, "{event_type}: {order:?}");
+        assert_eq!(order.iter().filter(|(t, _)| t == event_type).count(), 17, "{event_type}: {order:?}");
+    }
+    let most_ends_in_one_commit: i64 = sqlx::query_scalar(
+        "SELECT max(n) FROM (SELECT count(*) AS n FROM events WHERE run_id = $1 AND event_type = 'StageCompleted' GROUP BY xid::text) AS c",
+    )
+    .bind(run.0)
+    .fetch_one(&factory.stack.pool)
+    .await
+    .unwrap();
+    // Five waves have parallel stages; the ends of one that come while the first of them is
+    // committed go into one unit (a wave whose ends all came apart is possible, all five so
+    // is not to be expected).
+    assert!(most_ends_in_one_commit >= 2, "no two stage ends were committed together: {order:?}");
+    assert!(factory_commands::audit::verify(&factory.stack.pool).await.unwrap().broken.is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
