@@ -845,35 +845,35 @@ const RUN_ENDS: [&str; 6] = [
 /// events stream, the moment the orchestrator's durable consumer gets it too, near enough.
 /// Model-call bounds come from the bench's wrapper around the scripted provider. All are
 /// the same machine's real-time clock.
-const HOPS: [&str; 9] = [
+const HOPS: [&str; 8] = [
     // the trigger (the latest StageCompleted of the stage's inputs, or RequirementSubmitted)
-    // recorded -> seen on the stream:
-    // commit, relay wake-up, horizon, publish, PubAck, delivery.
-    "relay_trigger_to_seen",
-    // -> StageStarted recorded: the orchestrator's delivery, ack of the previous message,
-    // load of the run, pipeline parse, StartStage (after starting any sibling stage that
-    // became ready with it).
-    "orchestrator_seen_to_stage_started",
-    // -> ObjectiveAssigned recorded: the AssignObjective command.
+    // recorded -> StageStarted recorded: the same statement when the worker that ended the
+    // last input took the orchestrator's step in its final commit; else the orchestrator's
+    // reaction (told of the commit in memory, or by the stream), its load of the run and
+    // StartStage.
+    "trigger_to_stage_started",
+    // -> ObjectiveAssigned recorded: the AssignObjective command, in the same statement.
     "stage_started_to_objective_assigned",
-    // -> the first model call starts: commit, publish on FACTORY_WORK (awaiting its
-    // PubAck), pull by the team's worker, load of the objective, whether the run ended, the
-    // run's events read, earlier artifacts fetched and written to the workspace, the prompt.
+    // -> the first model call starts: the hand-over in memory (or the work message), the
+    // context and the prompt. Negative when the work was handed over ahead of the commit
+    // that assigns it and started before that commit's rows were written.
     "objective_assigned_to_first_model_call",
     // first model call starts -> last one returns: scripted answers and tools (the worker
     // records ModelCalled events meanwhile, as calls return).
     "model_calls",
-    // -> TaskResultRecorded: the ModelCalled commands still pending, artifact contents
-    // stored, ArtifactProduced commands, the TaskResult.
+    // -> TaskResultRecorded: waiting for the commit that assigned the objective, the final
+    // unit decided (the ModelCalled commands still pending, artifact contents,
+    // ArtifactProduced, the TaskResult, the stage's end and what it starts), the run's lane,
+    // and its statement sent until its rows are written.
     "last_model_call_to_task_result",
-    // -> ObjectiveCompleted recorded: one command and nothing else, so this is also what one
-    // command costs in situ.
+    // -> ObjectiveCompleted recorded: the same statement.
     "task_result_to_objective_completed",
-    // ObjectiveCompleted recorded -> seen on the stream: as the first hop.
-    "relay_objective_completed_to_seen",
-    // -> StageCompleted recorded: the orchestrator's delivery, load of the objective,
-    // CompleteStage.
-    "orchestrator_seen_to_stage_completed",
+    // -> StageCompleted recorded: the same statement (the worker takes the step).
+    "objective_completed_to_stage_completed",
+    // ObjectiveCompleted recorded -> seen on the stream, as any outside reader sees it:
+    // commit, relay wake-up, horizon, publish, PubAck, delivery. Not on the stage's path:
+    // the next stage's work is told of the commit in memory.
+    "stream_objective_completed_to_seen",
 ];
 
 async fn pipeline_suite(config: &Config, plan: Plan, reference: Option<&Reference>) -> Result<()> {
@@ -1515,18 +1515,16 @@ fn stage_samples(
             .map(|e| e.payload["latency_ms"].as_f64().unwrap_or(0.0))
             .sum();
         let model_calls = calls.get(&(run, stage.team.clone())).copied();
-        let trigger_seen = seen_at(trigger);
         let completed_seen = seen_at(objective_completed);
         let hops_ms = [
-            trigger_seen.map(|at| ms(trigger.recorded_at, at)),
-            trigger_seen.map(|at| ms(at, started.recorded_at)),
+            Some(ms(trigger.recorded_at, started.recorded_at)),
             Some(ms(started.recorded_at, assigned.recorded_at)),
             model_calls.map(|(first, _)| ms(assigned.recorded_at, first)),
             model_calls.map(|(first, last)| ms(first, last)),
             model_calls.map(|(_, last)| ms(last, task_result.recorded_at)),
             Some(ms(task_result.recorded_at, objective_completed.recorded_at)),
+            Some(ms(objective_completed.recorded_at, completed.recorded_at)),
             completed_seen.map(|at| ms(objective_completed.recorded_at, at)),
-            completed_seen.map(|at| ms(at, completed.recorded_at)),
         ];
         samples.push(StageSample {
             overhead_ms: ms(trigger.recorded_at, completed.recorded_at) - latency_ms,
