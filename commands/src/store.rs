@@ -490,7 +490,7 @@ struct Entry<A: Aggregate> {
     run_id: RunId,
     state: A,
     base: usize,
-    staged: Vec<A::Event>,
+    staged: Vec<StagedEvent>,
     /// Read from the store by this unit, not taken from what the process remembers.
     fresh: bool,
 }
@@ -627,7 +627,7 @@ impl<'s> Changes<'s> {
     /// Appends every staged event, in the order staged, and the artifact contents, in one
     /// statement. Then the process remembers the aggregates' new state, the relay is woken
     /// and in-process consumers are told (see [`Committed`]).
-    pub async fn commit(self) -> Result<(), CommitError> {
+    pub async fn commit(mut self) -> Result<(), CommitError> {
         if self.is_empty() {
             return Ok(());
         }
@@ -635,8 +635,8 @@ impl<'s> Changes<'s> {
         let (mut next_run, mut next_objective) = (vec![0; self.runs.len()], vec![0; self.objectives.len()]);
         for slot in &self.order {
             match *slot {
-                Slot::Run(i) => rows.push(&self.runs[i], &mut next_run[i])?,
-                Slot::Objective(i) => rows.push(&self.objectives[i], &mut next_objective[i])?,
+                Slot::Run(i) => rows.push(&mut self.runs[i], &mut next_run[i])?,
+                Slot::Objective(i) => rows.push(&mut self.objectives[i], &mut next_objective[i])?,
             }
         }
         let store = self.store;
@@ -717,10 +717,25 @@ where
         match state.handle(command.clone(), services, &sink).await {
             Ok(()) => {
                 let events = sink.collect().await;
-                let staged = events.len();
-                entry.staged.extend(events);
+                let mut staged = Vec::with_capacity(events.len());
+                let mut cleaned = false;
+                for event in &events {
+                    let (event, clean) = StagedEvent::of(event).map_err(|e| CommandError::Store(Box::new(e)))?;
+                    cleaned |= clean;
+                    staged.push(event);
+                }
+                if cleaned {
+                    // The state follows the text as stored, as a load from the store would.
+                    state = entry.state.clone();
+                    for event in &staged {
+                        let event: A::Event = serde_json::from_str(&event.payload).map_err(|e| CommandError::Store(Box::new(e)))?;
+                        state.apply(event);
+                    }
+                }
+                let count = staged.len();
+                entry.staged.extend(staged);
                 entry.state = state;
-                return Ok(staged);
+                return Ok(count);
             }
             Err(_) if !entry.fresh && entry.staged.is_empty() => {
                 let (state, sequence) = writer.load(&entry.id).await?;
@@ -747,6 +762,60 @@ fn settle<A: Aggregate + Clone>(writer: &Writer<A>, entries: &[Entry<A>], commit
     }
 }
 
+/// An event staged in a unit of work, as it is stored: its payload written once, when the
+/// command is handled, and NUL-free.
+struct StagedEvent {
+    event_type: String,
+    event_version: String,
+    /// cqrs-es's tagged payload, JSON text written straight from the event (no
+    /// `serde_json::Value` in between).
+    payload: String,
+}
+
+impl StagedEvent {
+    /// The event as stored, and whether a NUL of its text was replaced (see [`without_nul`]).
+    fn of<E: DomainEvent>(event: &E) -> Result<(Self, bool), serde_json::Error> {
+        let payload = serde_json::to_string(event)?;
+        let (payload, cleaned) = match without_nul(&payload) {
+            Some(clean) => (clean, true),
+            None => (payload, false),
+        };
+        Ok((Self { event_type: event.event_type(), event_version: event.event_version(), payload }, cleaned))
+    }
+}
+
+/// JSON text with every U+0000 in its strings (written `\u0000`) replaced by U+FFFD, or
+/// `None` when it has none. PostgreSQL's `jsonb` (and `text`) cannot hold U+0000 and refuses
+/// the whole statement; it can reach an event from a model's answer, a file a tool wrote, or
+/// a requirement sent over HTTP. An escaped backslash (`\\`) is passed over, so the six
+/// characters `\u0000` written as text are kept as they are.
+fn without_nul(json: &str) -> Option<String> {
+    const NUL: &str = "\\u0000";
+    if !json.contains(NUL) {
+        return None;
+    }
+    let mut out = String::with_capacity(json.len());
+    let mut rest = json;
+    let mut replaced = false;
+    while let Some(at) = rest.find('\\') {
+        out.push_str(&rest[..at]);
+        let escape = &rest[at..];
+        if escape.starts_with(NUL) {
+            out.push('\u{FFFD}');
+            replaced = true;
+            rest = &escape[NUL.len()..];
+        } else {
+            // A backslash always starts a two-character escape (`\\`, `\"`, `\n`, ...,
+            // or the `\u` of one with four hex digits, which are copied as they come).
+            let end = escape.char_indices().nth(2).map_or(escape.len(), |(i, _)| i);
+            out.push_str(&escape[..end]);
+            rest = &escape[end..];
+        }
+    }
+    out.push_str(rest);
+    replaced.then_some(out)
+}
+
 /// The rows of one append, column by column.
 #[derive(Default)]
 pub(crate) struct Rows {
@@ -763,15 +832,17 @@ pub(crate) struct Rows {
 
 impl Rows {
     /// The entry's next staged event, as stored: cqrs-es's tagged payload, the run in the metadata.
-    fn push<A: Aggregate>(&mut self, entry: &Entry<A>, next: &mut usize) -> Result<(), CommitError> {
-        let event = &entry.staged[*next];
+    /// (The payload is moved out of the entry: only the count of its staged events is read
+    /// after.)
+    fn push<A: Aggregate>(&mut self, entry: &mut Entry<A>, next: &mut usize) -> Result<(), CommitError> {
+        let event = &mut entry.staged[*next];
         *next += 1;
         self.aggregate_types.push(A::TYPE);
         self.aggregate_ids.push(entry.id.clone());
         self.sequences.push((entry.base + *next) as i64);
-        self.event_types.push(event.event_type());
-        self.event_versions.push(event.event_version());
-        self.payloads.push(serde_json::to_string(event).map_err(|e| CommitError::Store(Box::new(e)))?);
+        self.event_types.push(event.event_type.clone());
+        self.event_versions.push(event.event_version.clone());
+        self.payloads.push(std::mem::take(&mut event.payload));
         self.metadata.push(metadata_text(entry.run_id));
         self.run_ids.push(entry.run_id);
         Ok(())
@@ -838,6 +909,25 @@ fn rand_below(n: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nul_escapes_and_only_they_become_the_replacement_character() {
+        let text = |value: &str| serde_json::to_string(&serde_json::json!({ "s": value })).unwrap();
+        assert_eq!(without_nul(&text("plain")), None);
+        // Written as text, the six characters are an escaped backslash and `u0000`: kept.
+        assert_eq!(without_nul(&text("\\u0000")), None);
+        assert_eq!(without_nul(&text("\\\\u0000")), None);
+        for (value, expected) in [
+            ("\u{0}", "\u{FFFD}"),
+            ("a\u{0}b\u{0}", "a\u{FFFD}b\u{FFFD}"),
+            ("\\\u{0}\"\n\u{1}é\u{0}", "\\\u{FFFD}\"\n\u{1}é\u{FFFD}"),
+            ("\\u0000\u{0}", "\\u0000\u{FFFD}"),
+        ] {
+            let cleaned = without_nul(&text(value)).unwrap_or_else(|| panic!("{value:?} has a NUL"));
+            let parsed: serde_json::Value = serde_json::from_str(&cleaned).unwrap();
+            assert_eq!(parsed["s"], expected, "{value:?}");
+        }
+    }
 
     #[test]
     fn a_committed_events_payload_is_its_own_fields_untagged_from_the_stored_text() {

@@ -497,6 +497,31 @@ async fn artifact_contents_come_back_by_digest_from_memory_or_the_store() {
 }
 
 #[tokio::test]
+async fn a_nul_in_an_events_text_is_stored_as_the_replacement_character_and_the_state_follows_it() {
+    let stack = TestStack::new().await;
+    let writer = store(&stack).await;
+    let (run, objective) = assigned_objective(&writer).await;
+    // U+0000 from a model's answer (jsonb refuses it, and with it the whole unit), next to
+    // the six characters `\u0000` written as text, which are kept.
+    let answer = "{\"content\":\"a\u{0}b \\u0000 c\u{0}\"}";
+    writer.execute_objective_all(objective, run, vec![model_call(answer)]).await.unwrap();
+    let stored: String = sqlx::query_scalar("SELECT payload->'ModelCalled'->>'response' FROM events WHERE event_type = 'ModelCalled'")
+        .fetch_one(&stack.pool)
+        .await
+        .unwrap();
+    let expected = "{\"content\":\"a\u{FFFD}b \\u0000 c\u{FFFD}\"}";
+    assert_eq!(stored, expected);
+    // A requirement too; the state the process remembers is the stored one, not the sent one.
+    let other_run = RunId::new();
+    writer.execute_run(other_run, submit("Build\u{0} it")).await.unwrap();
+    let remembered = writer.remembered_run(other_run).expect("remembered after its commit");
+    assert_eq!(remembered.requirement, "Build\u{FFFD} it");
+    let loaded = store_of_another_process(&stack).await.load_run(other_run).await.unwrap();
+    assert_eq!(loaded.requirement, remembered.requirement);
+    assert!(audit::verify(&stack.pool).await.unwrap().broken.is_empty());
+}
+
+#[tokio::test]
 async fn payloads_up_to_a_page_are_stored_uncompressed() {
     let stack = TestStack::new().await;
     let store = store(&stack).await;
