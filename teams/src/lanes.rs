@@ -59,6 +59,7 @@ impl<E, R> Default for Lanes<E, R> {
 
 impl<E, R> Lanes<E, R> {
     /// Whether a unit of `run` is being committed from this process now.
+    #[cfg(test)]
     pub fn is_busy(&self, run: RunId) -> bool {
         self.lock().contains_key(&run)
     }

@@ -974,16 +974,15 @@ impl Worker {
     /// others that waited, by whichever holds the lane.
     ///
     /// `ahead`: the work was handed over ahead of the commit that assigns the objective (see
-    /// [`Ahead`]). The end is then decided on what that commit writes, perhaps while it is
-    /// still in flight, and committed once it has (dropped, with the work, if refused); but
-    /// not when that commit is known and another unit of the run is in its lane now: one of
-    /// the run's parallel stages ending, which leaves the run as that commit did not.
+    /// [`Ahead`]). While that commit is in flight, the end is decided on what it writes, and
+    /// committed once it has (dropped, with the work, if refused). Once it is known, the
+    /// process remembers what it wrote, or newer, and the end is decided on that.
     async fn finish(&self, item: &WorkItem, commands: Vec<ObjectiveCommand>, contents: Vec<ArtifactContent>, ahead: Option<&Ahead>) -> Result<(), WorkerError> {
         let follow_up = crate::orchestrator::follow_up(&commands, &item.stage, item.objective_id);
         let end = Arc::new(End { item: item.clone(), commands, contents, follow_up });
         let mut decided = None;
         if let Some(ahead) = ahead {
-            if !ahead.is_known() || !self.lanes.is_busy(item.run_id) {
+            if !ahead.is_known() {
                 let mut changes = self.store.changes_after(ahead.staged());
                 let mut dispatches = Vec::new();
                 if !self.decide(&end, &mut changes, &mut dispatches).await? {
@@ -996,14 +995,28 @@ impl Worker {
                 return Ok(());
             }
         }
+        let mut orphaned = false;
         loop {
             match self.lanes.enter(item.run_id, end.clone()) {
-                Entered::Lead(lead) => return self.lead(lead, end, decided).await,
-                // Told nothing: its holder has gone (its task aborted) without committing it.
+                Entered::Lead(lead) => {
+                    self.lead(lead, end, decided).await?;
+                    if orphaned {
+                        // The holder that went may have committed this end and not queued
+                        // what it started; found finished, the end queues nothing itself.
+                        let run = self.store.load_run(item.run_id).await.map_err(store_err)?;
+                        self.queue_in_progress(item.run_id, &run).await?;
+                    }
+                    return Ok(());
+                }
                 Entered::Wait(told) => {
+                    // Undecided while it waits (the holder decides it on what it commits
+                    // first), so the claims of what it would have started are let go now.
+                    drop(decided.take());
                     if let Ok(outcome) = told.await {
                         return outcome.map_err(WorkerError::Together);
                     }
+                    // Told nothing: its holder has gone (its task aborted).
+                    orphaned = true;
                 }
             }
         }
@@ -1016,6 +1029,9 @@ impl Worker {
         let run_id = own.item.run_id;
         let mut own_outcome: Together = Ok(());
         let mut ends = vec![Member { end: own, reply: None }];
+        // Ends found finished while the unit was decided: perhaps by another end of the same
+        // objective in it (two deliveries), so they are told the unit's outcome too.
+        let mut riders = Vec::new();
         while !ends.is_empty() {
             let mut attempt = 0;
             let mut next = None;
@@ -1023,7 +1039,7 @@ impl Worker {
                 attempt += 1;
                 let (changes, mut dispatches) = match decided.take() {
                     Some(decided) => decided,
-                    None => self.decide_together(&mut ends, &mut own_outcome).await,
+                    None => self.decide_together(&mut ends, &mut riders, &mut own_outcome).await,
                 };
                 if ends.is_empty() {
                     break Ok(Vec::new());
@@ -1053,7 +1069,7 @@ impl Worker {
                 Err(error) => Err(error),
             }
             .map_err(Arc::new);
-            for member in ends.drain(..) {
+            for member in ends.drain(..).chain(riders.drain(..)) {
                 member.tell(outcome.clone(), &mut own_outcome);
             }
             ends = next.into_iter().map(Member::from).collect();
@@ -1061,20 +1077,20 @@ impl Worker {
         own_outcome.map_err(|error| Arc::try_unwrap(error).unwrap_or_else(WorkerError::Together))
     }
 
-    /// `ends` decided together, in order, on the run as the store has it. An end refused
-    /// (another delivery finished its objective) or failing is taken out and told so, and the
-    /// others are decided again without it: what it staged cannot be taken back.
-    async fn decide_together(&self, ends: &mut Vec<Member>, own_outcome: &mut Together) -> Decided<'_> {
+    /// `ends` decided together, in order, on the run as the store has it. An end refused or
+    /// failing is taken out, and the others are decided again without it: what it staged
+    /// cannot be taken back. Refused (its objective found finished), it goes to `riders`;
+    /// failing, it is told so.
+    async fn decide_together(&self, ends: &mut Vec<Member>, riders: &mut Vec<Member>, own_outcome: &mut Together) -> Decided<'_> {
         'again: loop {
             let mut changes = self.store.changes();
             let mut dispatches = Vec::new();
             for i in 0..ends.len() {
-                let outcome = match self.decide(&ends[i].end, &mut changes, &mut dispatches).await {
+                match self.decide(&ends[i].end, &mut changes, &mut dispatches).await {
                     Ok(true) => continue,
-                    Ok(false) => Ok(()),
-                    Err(error) => Err(Arc::new(error)),
-                };
-                ends.remove(i).tell(outcome, own_outcome);
+                    Ok(false) => riders.push(ends.remove(i)),
+                    Err(error) => ends.remove(i).tell(Err(Arc::new(error)), own_outcome),
+                }
                 continue 'again;
             }
             return (changes, dispatches);
