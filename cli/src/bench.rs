@@ -2656,6 +2656,29 @@ mod tests {
         assert!(garbled.to_string().contains("not a figure"), "{garbled}");
     }
 
+    /// The reference's script stands in for by a shell script (the runner is the same).
+    #[tokio::test]
+    async fn a_reference_that_fails_mid_run_or_stops_short_is_an_error_that_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = crate::config::Config::from_sources(&[
+            ("FACTORY_HOME".to_string(), dir.path().display().to_string()),
+            ("FACTORY_DATABASE_ADMIN_URL".to_string(), "postgres://nobody@127.0.0.1:1/postgres".to_string()),
+        ])
+        .unwrap();
+        let reference = |name: &str, body: &str| {
+            let script = dir.path().join(name);
+            std::fs::write(&script, body).unwrap();
+            super::Reference { python: "/bin/sh".into(), script }
+        };
+        let first_figure = "echo '{\"figure\": \"stage_p50_ms\", \"value\": 4.1}'\n";
+        let failing = reference("fails.sh", &format!("{first_figure}echo 'the checkpointer lost its connection' >&2\nexit 3\n"));
+        let error = failing.run(&config, "scratch", super::Plan::new(true)).await.unwrap_err().to_string();
+        assert!(error.contains("the reference failed") && error.contains('3'), "{error}");
+        let short = reference("short.sh", first_figure);
+        let error = short.run(&config, "scratch", super::Plan::new(true)).await.unwrap_err().to_string();
+        assert!(error.contains("ended without printing"), "{error}");
+    }
+
     #[test]
     fn the_run_is_found_in_the_objective_prompt() {
         let run = Uuid::now_v7();
