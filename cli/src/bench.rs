@@ -838,13 +838,12 @@ const RUN_ENDS: [&str; 6] = [
     "RunNeedsClarification",
 ];
 
-/// The hops of one stage, in order; together they span the time from the event that made
-/// the stage ready to its `StageCompleted`. `recorded_at` is the store's
-/// clock at insert (inside the transaction, so a hop ending at an event includes its
+/// The hops of one stage, in order; all but the last together span the time from the event
+/// that made the stage ready to its `StageCompleted`. `recorded_at` is the store's clock at
+/// insert (inside the transaction, so a hop that starts at an event includes that event's
 /// commit); "seen" is when the bench's own ordered consumer received the event from the
-/// events stream, the moment the orchestrator's durable consumer gets it too, near enough.
-/// Model-call bounds come from the bench's wrapper around the scripted provider. All are
-/// the same machine's real-time clock.
+/// events stream, as any outside reader would. Model-call bounds come from the bench's
+/// wrapper around the scripted provider. All are the same machine's real-time clock.
 const HOPS: [&str; 8] = [
     // the trigger (the latest StageCompleted of the stage's inputs, or RequirementSubmitted)
     // recorded -> StageStarted recorded: the same statement when the worker that ended the

@@ -635,8 +635,8 @@ impl<'s> Changes<'s> {
         let (mut next_run, mut next_objective) = (vec![0; self.runs.len()], vec![0; self.objectives.len()]);
         for slot in &self.order {
             match *slot {
-                Slot::Run(i) => rows.push(&mut self.runs[i], &mut next_run[i])?,
-                Slot::Objective(i) => rows.push(&mut self.objectives[i], &mut next_objective[i])?,
+                Slot::Run(i) => rows.push(&mut self.runs[i], &mut next_run[i]),
+                Slot::Objective(i) => rows.push(&mut self.objectives[i], &mut next_objective[i]),
             }
         }
         let store = self.store;
@@ -832,20 +832,19 @@ pub(crate) struct Rows {
 
 impl Rows {
     /// The entry's next staged event, as stored: cqrs-es's tagged payload, the run in the metadata.
-    /// (The payload is moved out of the entry: only the count of its staged events is read
+    /// (Its text is moved out of the entry: only the count of its staged events is read
     /// after.)
-    fn push<A: Aggregate>(&mut self, entry: &mut Entry<A>, next: &mut usize) -> Result<(), CommitError> {
+    fn push<A: Aggregate>(&mut self, entry: &mut Entry<A>, next: &mut usize) {
         let event = &mut entry.staged[*next];
         *next += 1;
         self.aggregate_types.push(A::TYPE);
         self.aggregate_ids.push(entry.id.clone());
         self.sequences.push((entry.base + *next) as i64);
-        self.event_types.push(event.event_type.clone());
-        self.event_versions.push(event.event_version.clone());
+        self.event_types.push(std::mem::take(&mut event.event_type));
+        self.event_versions.push(std::mem::take(&mut event.event_version));
         self.payloads.push(std::mem::take(&mut event.payload));
         self.metadata.push(metadata_text(entry.run_id));
         self.run_ids.push(entry.run_id);
-        Ok(())
     }
 
     pub(crate) fn len(&self) -> usize {
