@@ -1170,9 +1170,21 @@ async fn concurrent_runs(
     let observed = observer.snapshot();
     let calls = calls.lock().expect("call times").clone();
     let mut loaded = StageFigures::default();
+    // How long a run submitted in the burst waited for its first stage to start: the
+    // orchestrator's share of the queueing (a team's free slots are the workers').
+    let mut first_started_ms = Vec::with_capacity(submitted.len());
     for run in &submitted {
         let events = factory_commands::events::run_events(store.pool(), *run, None).await?;
+        let first = |event_type: &str| events.iter().find(|e| e.aggregate_type == "run" && e.event_type == event_type);
+        if let (Some(submitted), Some(started)) = (first("RequirementSubmitted"), first("StageStarted")) {
+            first_started_ms.push(micros(submitted.recorded_at, started.recorded_at) / 1e3);
+        }
         loaded.add(stage_samples(*run, phase1, &events, &observed, &calls)?);
+    }
+    first_started_ms.sort_by(f64::total_cmp);
+    for (q, name) in [(0.50, "p50"), (0.99, "p99")] {
+        let figure = format!("submitted_to_first_stage_started_{name}_ms_{runs}_runs");
+        print_figure("pipeline", &figure, percentile(&first_started_ms, q), "ms", Target::None, None);
     }
     loaded.sort();
     loaded.print_breakdown(&format!("_{runs}_runs"));

@@ -33,7 +33,7 @@ use factory_domain::{
 use factory_nats::{EventEnvelope, Topology};
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -91,12 +91,13 @@ fn reacts_to(aggregate_type: &str, event_type: &str) -> bool {
     REACTS_TO.iter().any(|&(a, e)| a == aggregate_type && e == event_type)
 }
 
-/// Runs handled side by side by one orchestrator.
-const LANES: usize = 16;
+/// Runs whose events one orchestrator handles at once; past this, it reads no more events
+/// until one of them has nothing left to handle.
+const RUNS_AT_ONCE: usize = 256;
 
-/// Events a lane remembers having handled in memory, waiting for the stream's copy; past
-/// this it forgets them all (the copies are then handled again, which is harmless).
-const HANDLED_IN_MEMORY: usize = 50_000;
+/// Events remembered as handled in memory, waiting for their stream copies; past this all
+/// are forgotten (the copies are then handled again, which is harmless).
+const HANDLED_IN_MEMORY: usize = 200_000;
 
 /// How an event reached the orchestrator.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -107,10 +108,73 @@ pub enum Delivered {
     InMemory,
 }
 
-/// What a lane is given: an event from the stream, or one this process just committed.
+/// An event to handle: from the stream, or one this process just committed.
 enum Delivery {
     Stream(jetstream::Message),
     Local(Arc<Committed>),
+}
+
+/// The events of each run being handled, waiting their turn: a run's events are handled one
+/// at a time, in the order they came, by the task that took its first; other runs' go on
+/// beside it. (Fixed lanes shared by several runs made a burst of submissions wait behind
+/// one another's commits: a run's first stage started up to half a second after it was
+/// submitted, with 200 submitted at once.)
+struct RunQueues<D> {
+    waiting: std::sync::Mutex<HashMap<String, VecDeque<D>>>,
+}
+
+impl<D> Default for RunQueues<D> {
+    fn default() -> Self {
+        Self { waiting: std::sync::Mutex::new(HashMap::new()) }
+    }
+}
+
+impl<D> RunQueues<D> {
+    /// Queues `delivery` behind the run's events being handled; none being handled, it is
+    /// given back for the caller to handle (and the run is marked as being handled).
+    fn push(&self, run: &str, delivery: D) -> Option<D> {
+        let mut waiting = self.waiting.lock().expect("not poisoned");
+        match waiting.get_mut(run) {
+            Some(queue) => {
+                queue.push_back(delivery);
+                None
+            }
+            None => {
+                waiting.insert(run.to_string(), VecDeque::new());
+                Some(delivery)
+            }
+        }
+    }
+
+    /// The run's next event to handle; none left, the run is no longer being handled.
+    fn next(&self, run: &str) -> Option<D> {
+        let mut waiting = self.waiting.lock().expect("not poisoned");
+        let next = waiting.get_mut(run).and_then(VecDeque::pop_front);
+        if next.is_none() {
+            waiting.remove(run);
+        }
+        next
+    }
+}
+
+/// Events handled in memory, by aggregate and sequence, until their stream copies come.
+#[derive(Default)]
+struct HandledInMemory(std::sync::Mutex<HashSet<(String, i64)>>);
+
+impl HandledInMemory {
+    fn insert(&self, event: &Committed) {
+        let mut handled = self.0.lock().expect("not poisoned");
+        if handled.len() >= HANDLED_IN_MEMORY {
+            handled.clear();
+        }
+        handled.insert((event.aggregate_id.clone(), event.sequence));
+    }
+
+    /// Whether the event was handled in memory (forgotten now: its copy has come).
+    fn take(&self, aggregate_id: &str, sequence: i64) -> bool {
+        let mut handled = self.0.lock().expect("not poisoned");
+        handled.remove(&(aggregate_id.to_string(), sequence))
+    }
 }
 
 /// What the orchestrator needs of an event, wherever it came from.
@@ -207,93 +271,84 @@ impl Orchestrator {
         // Subscribed before the stream is read (at construction for the first consume): what
         // is committed from then on is in one or the other, or both.
         let taken = self.local.lock().expect("not poisoned").take();
-        let mut local = taken.unwrap_or_else(|| self.store.subscribe_committed());
+        let mut local = Some(taken.unwrap_or_else(|| self.store.subscribe_committed()));
         let mut messages = consumer.messages().await.map_err(stream_err)?;
-        // Runs are independent: their events are handled in lanes side by side, each run's
-        // events in one lane, in stream order (and this process's own, in commit order).
-        let (senders, receivers): (Vec<_>, Vec<_>) =
-            (0..LANES).map(|_| tokio::sync::mpsc::channel::<Delivery>(256)).unzip();
-        let lanes = futures::future::join_all(receivers.into_iter().map(|mut lane| async move {
-            let mut handled_in_memory: HashSet<(String, i64)> = HashSet::new();
-            while let Some(delivery) = lane.recv().await {
-                match delivery {
-                    Delivery::Stream(message) => {
-                        if let Err(error) = self.settle(message, &mut handled_in_memory).await {
-                            tracing::warn!(error = %error, "event not settled; it will be redelivered");
-                        }
-                    }
-                    Delivery::Local(event) => match self.react_committed(&event).await {
-                        Ok(()) => {
-                            if handled_in_memory.len() >= HANDLED_IN_MEMORY {
-                                handled_in_memory.clear();
-                            }
-                            handled_in_memory.insert((event.aggregate_id.clone(), event.sequence));
-                        }
-                        // The stream's copy will be handled (and retried) as usual.
-                        Err(error) => tracing::debug!(error = %error, event = %event.event_type, "in-memory event not handled; the stream's copy will be"),
-                    },
-                }
-            }
-        }));
-        let stream_feed = {
-            let senders = senders.clone();
-            async move {
-                while let Some(message) = messages.next().await {
-                    let message = message.map_err(stream_err)?;
-                    let lane = self.lane_of(&message.subject);
-                    if senders[lane].send(Delivery::Stream(message)).await.is_err() {
-                        break;
+        // Runs are independent: each run's events are handled in order (and this process's
+        // own in commit order), one at a time, and runs side by side, none waiting behind
+        // another's (see `RunQueues`).
+        let queues = RunQueues::default();
+        let handled = HandledInMemory::default();
+        let mut active = futures::stream::FuturesUnordered::new();
+        let fed = loop {
+            let room = active.len() < RUNS_AT_ONCE;
+            tokio::select! {
+                Some(()) = active.next(), if !active.is_empty() => {}
+                message = messages.next(), if room => {
+                    let message = match message {
+                        Some(Ok(message)) => message,
+                        Some(Err(error)) => break Err(stream_err(error)),
+                        None => break Ok(()),
+                    };
+                    let run = self.run_of_subject(&message.subject).to_string();
+                    if let Some(first) = queues.push(&run, Delivery::Stream(message)) {
+                        active.push(self.drain(run, first, &queues, &handled));
                     }
                 }
-                Ok::<(), OrchestratorError>(())
-            }
-        };
-        let local_feed = async move {
-            loop {
-                match local.recv().await {
+                event = async { local.as_mut().expect("guarded").recv().await }, if room && local.is_some() => match event {
                     Ok(event) => {
                         if !reacts_to(&event.aggregate_type, &event.event_type) {
                             continue;
                         }
-                        let lane = lane_of_run(&event.run_id.to_string());
-                        if senders[lane].send(Delivery::Local(event)).await.is_err() {
-                            break;
+                        let run = event.run_id.to_string();
+                        if let Some(first) = queues.push(&run, Delivery::Local(event)) {
+                            active.push(self.drain(run, first, &queues, &handled));
                         }
                     }
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
                         tracing::debug!(missed, "fast path fell behind; the stream brings those events");
                     }
-                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
-                }
-            }
-            // Without the fast path the stream still brings everything.
-            futures::future::pending::<()>().await;
-        };
-        // The stream ending (or failing) ends both feeds; their senders dropped, the lanes
-        // finish what they hold and end.
-        let feeds = async move {
-            tokio::select! {
-                fed = stream_feed => fed,
-                () = local_feed => Ok(()),
+                    // Without the fast path the stream still brings everything.
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => local = None,
+                },
             }
         };
-        let (fed, _) = futures::join!(feeds, lanes);
+        // The stream ended (or failed): what is being handled is finished first.
+        while active.next().await.is_some() {}
         fed
     }
 
-    /// The lane of an event: by its run (the subject's token after the prefix).
-    fn lane_of(&self, subject: &str) -> usize {
-        let run = subject
+    /// Handles `first`, then whatever comes for `run` meanwhile, until nothing is left.
+    async fn drain(&self, run: String, first: Delivery, queues: &RunQueues<Delivery>, handled: &HandledInMemory) {
+        let mut next = Some(first);
+        while let Some(delivery) = next {
+            match delivery {
+                Delivery::Stream(message) => {
+                    if let Err(error) = self.settle(message, handled).await {
+                        tracing::warn!(error = %error, "event not settled; it will be redelivered");
+                    }
+                }
+                Delivery::Local(event) => match self.react_committed(&event).await {
+                    Ok(()) => handled.insert(&event),
+                    // The stream's copy will be handled (and retried) as usual.
+                    Err(error) => tracing::debug!(error = %error, event = %event.event_type, "in-memory event not handled; the stream's copy will be"),
+                },
+            }
+            next = queues.next(&run);
+        }
+    }
+
+    /// The run an event's subject names (its token after the prefix).
+    fn run_of_subject<'s>(&self, subject: &'s str) -> &'s str {
+        subject
             .strip_prefix(self.topology.events_prefix.as_str())
             .and_then(|rest| rest.strip_prefix('.'))
             .and_then(|rest| rest.split('.').next())
-            .unwrap_or(subject);
-        lane_of_run(run)
+            .unwrap_or(subject)
     }
 
     /// One event from the stream: handled (unless it already was, in memory), then acked;
     /// or handed back for redelivery.
-    async fn settle(&self, message: jetstream::Message, handled_in_memory: &mut HashSet<(String, i64)>) -> Result<(), OrchestratorError> {
+    async fn settle(&self, message: jetstream::Message, handled: &HandledInMemory) -> Result<(), OrchestratorError> {
         // A copy of an event handled in memory is known by its `Nats-Msg-Id`
         // (`<aggregate_type>:<aggregate_id>:<sequence>`), without parsing the event.
         let identity = message
@@ -302,9 +357,9 @@ impl Orchestrator {
             .and_then(|headers| headers.get("Nats-Msg-Id"))
             .and_then(|id| {
                 let (rest, sequence) = id.as_str().rsplit_once(':')?;
-                Some((rest.split_once(':')?.1.to_string(), sequence.parse::<i64>().ok()?))
+                Some((rest.split_once(':')?.1, sequence.parse::<i64>().ok()?))
             });
-        if identity.is_some_and(|identity| handled_in_memory.remove(&identity)) {
+        if identity.is_some_and(|(aggregate_id, sequence)| handled.take(aggregate_id, sequence)) {
             message.ack().await.map_err(stream_err)?;
             return Ok(());
         }
@@ -316,7 +371,7 @@ impl Orchestrator {
                 return Ok(());
             }
         };
-        if handled_in_memory.remove(&(envelope.aggregate_id.clone(), envelope.sequence)) {
+        if handled.take(&envelope.aggregate_id, envelope.sequence) {
             message.ack().await.map_err(stream_err)?;
             return Ok(());
         }
@@ -794,14 +849,6 @@ fn run_pipeline(run: &factory_domain::Run) -> Result<Arc<Pipeline>, String> {
 /// Parsed pipelines kept in memory at most.
 const PARSED_PIPELINES: usize = 256;
 
-/// The lane of a run (its id as text).
-fn lane_of_run(run: &str) -> usize {
-    use std::hash::{Hash, Hasher};
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    run.hash(&mut hasher);
-    (hasher.finish() % LANES as u64) as usize
-}
-
 /// The objective an objective event belongs to (its aggregate id).
 fn objective_id_of(event: Seen<'_>) -> Result<ObjectiveId, OrchestratorError> {
     event
@@ -930,5 +977,31 @@ pub fn reaction(event_type: &str, payload: &serde_json::Value, stage: String, ob
             Some(RunCommand::AwaitClarification { stage, question, objective_id })
         }
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RunQueues;
+
+    #[test]
+    fn a_runs_events_wait_behind_the_one_being_handled_and_other_runs_do_not() {
+        let queues = RunQueues::<u32>::default();
+        // The first event of a run is the caller's to handle; the next wait, in order.
+        assert_eq!(queues.push("a", 1), Some(1));
+        assert_eq!(queues.push("a", 2), None);
+        assert_eq!(queues.push("a", 3), None);
+        // Another run is not held up by the first.
+        assert_eq!(queues.push("b", 10), Some(10));
+        assert_eq!(queues.next("a"), Some(2));
+        // Still being handled: what comes meanwhile queues behind what waits.
+        assert_eq!(queues.push("a", 4), None);
+        assert_eq!(queues.next("a"), Some(3));
+        assert_eq!(queues.next("a"), Some(4));
+        assert_eq!(queues.next("b"), None);
+        // Nothing left: the run is let go, and its next event is handled by whoever brings it.
+        assert_eq!(queues.next("a"), None);
+        assert_eq!(queues.push("a", 5), Some(5));
+        assert_eq!(queues.push("b", 11), Some(11));
     }
 }
