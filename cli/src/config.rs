@@ -33,6 +33,8 @@ pub struct Config {
     /// Forces demo mode on or off; unset, demo mode is on when no provider is configured.
     pub demo: Option<bool>,
     pub db_max_connections: u32,
+    /// Objectives each team works at once in one worker process.
+    pub worker_concurrency: usize,
     pub relay_batch_size: usize,
     pub relay_poll_interval: Duration,
     /// The model router's settings: the `[models]` table over the built-in defaults.
@@ -81,6 +83,7 @@ const KEYS: &[&str] = &[
     "admin_token",
     "demo",
     "db_max_connections",
+    "worker_concurrency",
     "relay_batch_size",
     "relay_poll_interval_ms",
     "openai_compatible_url",
@@ -213,6 +216,13 @@ impl Config {
                 Some(v) => Some(parse_bool(v, "demo")?),
             },
             db_max_connections: parse_range(get("db_max_connections"), "db_max_connections", 16, 1, 1000)?,
+            worker_concurrency: parse_range(
+                get("worker_concurrency"),
+                "worker_concurrency",
+                factory_teams::worker::DEFAULT_CONCURRENCY,
+                1,
+                1024,
+            )?,
             relay_batch_size: parse_range(get("relay_batch_size"), "relay_batch_size", 2000, 1, 100_000)?,
             relay_poll_interval: Duration::from_millis(parse_range(
                 get("relay_poll_interval_ms"),
@@ -409,6 +419,19 @@ mod tests {
         assert!(text.contains("embedded_pg_port") && text.contains("FACTORY_EMBEDDED_PG_PORT"), "{text}");
         let e = Config::from_sources(&env(&[("FACTORY_DEMO", "maybe")])).unwrap_err();
         assert!(e.to_string().contains("`demo`"), "{e}");
+    }
+
+    #[test]
+    fn a_teams_objectives_at_once_default_to_the_workers_and_are_bounded() {
+        let c = Config::from_sources(&env(&[])).unwrap();
+        assert_eq!(c.worker_concurrency, factory_teams::worker::DEFAULT_CONCURRENCY);
+        let c = Config::from_sources(&env(&[("FACTORY_WORKER_CONCURRENCY", "4")])).unwrap();
+        assert_eq!(c.worker_concurrency, 4);
+        for bad in ["0", "1025", "many"] {
+            let e = Config::from_sources(&env(&[("FACTORY_WORKER_CONCURRENCY", bad)])).unwrap_err();
+            let text = e.to_string();
+            assert!(text.contains("worker_concurrency") && text.contains("FACTORY_WORKER_CONCURRENCY"), "{text}");
+        }
     }
 
     #[test]

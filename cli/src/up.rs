@@ -166,7 +166,8 @@ fn worker(
     } else {
         teams
     };
-    let options = factory_teams::worker::WorkerOptions::new(teams, config.scratch());
+    let mut options = factory_teams::worker::WorkerOptions::new(teams, config.scratch());
+    options.concurrency = config.worker_concurrency;
     factory_teams::worker::Worker::new(store, js, topology, router, options)
 }
 

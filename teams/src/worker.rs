@@ -70,9 +70,19 @@ pub struct WorkerOptions {
     pub concurrency: usize,
 }
 
+/// Objectives one team works at once in one worker process, unless configured
+/// (`worker_concurrency`). Those a team's free slots here cannot take go through the queue.
+pub const DEFAULT_CONCURRENCY: usize = 32;
+
 impl WorkerOptions {
     pub fn new(teams: Vec<String>, work_dir: impl Into<Scratch>) -> Self {
-        Self { teams, work_dir: work_dir.into(), ack_wait: Duration::from_secs(30), max_deliver: 5, concurrency: 16 }
+        Self {
+            teams,
+            work_dir: work_dir.into(),
+            ack_wait: Duration::from_secs(30),
+            max_deliver: 5,
+            concurrency: DEFAULT_CONCURRENCY,
+        }
     }
 }
 
