@@ -91,8 +91,8 @@ fn reacts_to(aggregate_type: &str, event_type: &str) -> bool {
     REACTS_TO.iter().any(|&(a, e)| a == aggregate_type && e == event_type)
 }
 
-/// Runs whose events one orchestrator handles at once; past this, it reads no more events
-/// until one of them has nothing left to handle.
+/// Runs whose events one orchestrator handles at once; past this, a run with events to
+/// handle waits for another to have nothing left.
 const RUNS_AT_ONCE: usize = 256;
 
 /// Events remembered as handled in memory, waiting for their stream copies; past this all
@@ -279,11 +279,26 @@ impl Orchestrator {
         let queues = RunQueues::default();
         let handled = HandledInMemory::default();
         let mut active = futures::stream::FuturesUnordered::new();
+        // Runs with events to handle beyond `RUNS_AT_ONCE`, in the order they came: each
+        // starts when another run has nothing left. Events are read on meanwhile, so that
+        // the in-memory feed does not fall behind (its events would then come from the
+        // stream, each to be loaded again).
+        let mut ready: VecDeque<(String, Delivery)> = VecDeque::new();
+        let start = |run: String, first: Delivery, active: &mut futures::stream::FuturesUnordered<_>, ready: &mut VecDeque<_>| {
+            if active.len() < RUNS_AT_ONCE {
+                active.push(self.drain(run, first, &queues, &handled));
+            } else {
+                ready.push_back((run, first));
+            }
+        };
         let fed = loop {
-            let room = active.len() < RUNS_AT_ONCE;
             tokio::select! {
-                Some(()) = active.next(), if !active.is_empty() => {}
-                message = messages.next(), if room => {
+                Some(()) = active.next(), if !active.is_empty() => {
+                    if let Some((run, first)) = ready.pop_front() {
+                        active.push(self.drain(run, first, &queues, &handled));
+                    }
+                }
+                message = messages.next() => {
                     let message = match message {
                         Some(Ok(message)) => message,
                         Some(Err(error)) => break Err(stream_err(error)),
@@ -291,17 +306,17 @@ impl Orchestrator {
                     };
                     let run = self.run_of_subject(&message.subject).to_string();
                     if let Some(first) = queues.push(&run, Delivery::Stream(message)) {
-                        active.push(self.drain(run, first, &queues, &handled));
+                        start(run, first, &mut active, &mut ready);
                     }
                 }
-                event = async { local.as_mut().expect("guarded").recv().await }, if room && local.is_some() => match event {
+                event = async { local.as_mut().expect("guarded").recv().await }, if local.is_some() => match event {
                     Ok(event) => {
                         if !reacts_to(&event.aggregate_type, &event.event_type) {
                             continue;
                         }
                         let run = event.run_id.to_string();
                         if let Some(first) = queues.push(&run, Delivery::Local(event)) {
-                            active.push(self.drain(run, first, &queues, &handled));
+                            start(run, first, &mut active, &mut ready);
                         }
                     }
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
