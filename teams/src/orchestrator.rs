@@ -327,7 +327,9 @@ impl Orchestrator {
                 },
             }
         };
-        // The stream ended (or failed): what is being handled is finished first.
+        // The stream ended (or failed): what is being handled, or waits its turn, is finished
+        // first.
+        active.extend(ready.into_iter().map(|(run, first)| self.drain(run, first, &queues, &handled)));
         while active.next().await.is_some() {}
         fed
     }
