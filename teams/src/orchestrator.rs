@@ -279,25 +279,22 @@ impl Orchestrator {
         let queues = RunQueues::default();
         let handled = HandledInMemory::default();
         let mut active = futures::stream::FuturesUnordered::new();
-        // Runs with events to handle beyond `RUNS_AT_ONCE`, in the order they came: each
-        // starts when another run has nothing left. Events are read on meanwhile, so that
-        // the in-memory feed does not fall behind (its events would then come from the
-        // stream, each to be loaded again).
+        // Runs with events to handle and no task yet, in the order they came: each gets one
+        // while fewer than `RUNS_AT_ONCE` run, else when another has nothing left. Events are
+        // read on meanwhile, so that the in-memory feed does not fall behind (its events would
+        // then come from the stream, each to be loaded again).
         let mut ready: VecDeque<(String, Delivery)> = VecDeque::new();
-        let start = |run: String, first: Delivery, active: &mut futures::stream::FuturesUnordered<_>, ready: &mut VecDeque<_>| {
-            if active.len() < RUNS_AT_ONCE {
+        let start_ready = |active: &mut futures::stream::FuturesUnordered<_>, ready: &mut VecDeque<(String, Delivery)>| {
+            while active.len() < RUNS_AT_ONCE
+                && let Some((run, first)) = ready.pop_front()
+            {
                 active.push(self.drain(run, first, &queues, &handled));
-            } else {
-                ready.push_back((run, first));
             }
         };
         let fed = loop {
+            start_ready(&mut active, &mut ready);
             tokio::select! {
-                Some(()) = active.next(), if !active.is_empty() => {
-                    if let Some((run, first)) = ready.pop_front() {
-                        active.push(self.drain(run, first, &queues, &handled));
-                    }
-                }
+                Some(()) = active.next(), if !active.is_empty() => {}
                 message = messages.next() => {
                     let message = match message {
                         Some(Ok(message)) => message,
@@ -306,7 +303,7 @@ impl Orchestrator {
                     };
                     let run = self.run_of_subject(&message.subject).to_string();
                     if let Some(first) = queues.push(&run, Delivery::Stream(message)) {
-                        start(run, first, &mut active, &mut ready);
+                        ready.push_back((run, first));
                     }
                 }
                 event = async { local.as_mut().expect("guarded").recv().await }, if local.is_some() => match event {
@@ -316,7 +313,7 @@ impl Orchestrator {
                         }
                         let run = event.run_id.to_string();
                         if let Some(first) = queues.push(&run, Delivery::Local(event)) {
-                            start(run, first, &mut active, &mut ready);
+                            ready.push_back((run, first));
                         }
                     }
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
@@ -329,8 +326,12 @@ impl Orchestrator {
         };
         // The stream ended (or failed): what is being handled, or waits its turn, is finished
         // first.
-        active.extend(ready.into_iter().map(|(run, first)| self.drain(run, first, &queues, &handled)));
-        while active.next().await.is_some() {}
+        loop {
+            start_ready(&mut active, &mut ready);
+            if active.next().await.is_none() {
+                break;
+            }
+        }
         fed
     }
 
