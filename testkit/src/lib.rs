@@ -48,10 +48,19 @@ async fn ensure_app_role(servers: &SharedServers) {
 
 /// The checkout's venv (`FACTORY_VENV` overrides).
 pub fn venv() -> Venv {
-    let root = std::env::var_os("FACTORY_VENV").map(PathBuf::from).unwrap_or_else(|| {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(".factory").join("venv")
-    });
+    let root = std::env::var_os("FACTORY_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| package_dir().join("..").join(".factory").join("venv"));
     Venv::new(root)
+}
+
+/// The directory of the package under test, as `cargo test` says when it runs the test (a
+/// build cached in a shared `CARGO_TARGET_DIR` may have been made in another clone), else
+/// this crate's at build time. Every package of the workspace is one level below its root.
+pub fn package_dir() -> PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
 }
 
 /// Removes temp dirs left by test processes that no longer run.
