@@ -494,7 +494,7 @@ async fn relay_suite(config: &Config, plan: Plan) -> Result<()> {
     let reader = jetstream::new(stack::connect_nats(config).await?);
     topology.ensure_streams(&publisher).await?;
     let outcome = in_scratch_database(config, |pool| {
-        relay_figures(pool, publisher.clone(), reader, topology.clone(), plan)
+        relay_figures(pool, publisher.clone(), reader, topology.clone(), relay_options(config), plan)
     })
     .await;
     settle(outcome, delete_streams(&publisher, &topology).await)
@@ -522,20 +522,12 @@ async fn relay_figures(
     publisher: jetstream::Context,
     reader: jetstream::Context,
     topology: Topology,
+    relay_options: RelayOptions,
     plan: Plan,
 ) -> Result<()> {
     let last_position = insert_backlog(&pool, plan.backlog_events).await?;
     let store = Arc::new(Store::new(pool.clone(), Arc::new(SystemServices)));
-    let relay = Relay::new(
-        pool.clone(),
-        publisher,
-        topology.clone(),
-        RelayOptions {
-            name: "bench".into(),
-            ..RelayOptions::default()
-        },
-    )
-    .with_wake(store.committed());
+    let relay = Relay::new(pool.clone(), publisher, topology.clone(), relay_options).with_wake(store.committed());
     let progress = relay.progress();
 
     tracing::info!(events = plan.backlog_events, "relay catching up");
@@ -932,6 +924,7 @@ fn relay_options(config: &Config) -> RelayOptions {
         name: "bench".into(),
         batch_size: config.relay_batch_size,
         poll_interval: config.relay_poll_interval,
+        read_interval: config.relay_read_interval,
         ..RelayOptions::default()
     }
 }

@@ -37,6 +37,8 @@ pub struct Config {
     pub worker_concurrency: usize,
     pub relay_batch_size: usize,
     pub relay_poll_interval: Duration,
+    /// The shortest time between the relay's looks when commits wake it.
+    pub relay_read_interval: Duration,
     /// The model router's settings: the `[models]` table over the built-in defaults.
     pub models: factory_models::RoutingConfig,
     /// Where the real providers are, from `OPENAI_API_KEY`, `ANTHROPIC_API_KEY`, `OLLAMA_URL`,
@@ -86,6 +88,7 @@ const KEYS: &[&str] = &[
     "worker_concurrency",
     "relay_batch_size",
     "relay_poll_interval_ms",
+    "relay_read_interval_ms",
     "openai_compatible_url",
     "openai_compatible_key",
     "log",
@@ -230,6 +233,13 @@ impl Config {
                 500,
                 1,
                 60_000,
+            )?),
+            relay_read_interval: Duration::from_millis(parse_range(
+                get("relay_read_interval_ms"),
+                "relay_read_interval_ms",
+                factory_commands::relay::DEFAULT_READ_INTERVAL.as_millis() as u64,
+                0,
+                1_000,
             )?),
             providers: {
                 let mut providers = factory_models::ProviderSettings::from_env(env);
@@ -431,6 +441,19 @@ mod tests {
             let e = Config::from_sources(&env(&[("FACTORY_WORKER_CONCURRENCY", bad)])).unwrap_err();
             let text = e.to_string();
             assert!(text.contains("worker_concurrency") && text.contains("FACTORY_WORKER_CONCURRENCY"), "{text}");
+        }
+    }
+
+    #[test]
+    fn the_relays_read_interval_defaults_to_the_relays_own_and_zero_turns_it_off() {
+        let c = Config::from_sources(&env(&[])).unwrap();
+        assert_eq!(c.relay_read_interval, factory_commands::relay::DEFAULT_READ_INTERVAL);
+        let c = Config::from_sources(&env(&[("FACTORY_RELAY_READ_INTERVAL_MS", "0")])).unwrap();
+        assert_eq!(c.relay_read_interval, Duration::ZERO);
+        for bad in ["1001", "-1", "soon"] {
+            let e = Config::from_sources(&env(&[("FACTORY_RELAY_READ_INTERVAL_MS", bad)])).unwrap_err();
+            let text = e.to_string();
+            assert!(text.contains("relay_read_interval_ms") && text.contains("FACTORY_RELAY_READ_INTERVAL_MS"), "{text}");
         }
     }
 

@@ -39,6 +39,7 @@ fn relay_options(config: &Config) -> RelayOptions {
         },
         batch_size: config.relay_batch_size,
         poll_interval: config.relay_poll_interval,
+        read_interval: config.relay_read_interval,
         ..RelayOptions::default()
     }
 }

@@ -40,6 +40,8 @@ const MIN_SHORT_PAUSE: Duration = Duration::from_millis(5);
 const MAX_SHORT_PAUSE: Duration = Duration::from_millis(20);
 /// Empty polls (about 100 ms of backing-off pauses) before asking writers to NOTIFY again.
 const QUIET_POLLS_BEFORE_IDLE: u32 = 8;
+/// See [`RelayOptions::read_interval`].
+pub const DEFAULT_READ_INTERVAL: Duration = Duration::from_millis(5);
 
 #[derive(Debug, Clone)]
 pub struct RelayOptions {
@@ -50,6 +52,11 @@ pub struct RelayOptions {
     pub poll_interval: Duration,
     /// How long to wait for JetStream's acknowledgement of a publish.
     pub ack_timeout: Duration,
+    /// The shortest time from one look at the store to the next (a full batch aside, which
+    /// is followed at once): a commit that wakes the relay sooner waits for the rest of it,
+    /// so that commits close together are read, published and checkpointed as one batch. A
+    /// commit after a quiet spell is looked at at once. Zero: every wake-up looks at once.
+    pub read_interval: Duration,
 }
 
 impl Default for RelayOptions {
@@ -59,6 +66,7 @@ impl Default for RelayOptions {
             batch_size: 2000,
             poll_interval: Duration::from_millis(500),
             ack_timeout: Duration::from_secs(5),
+            read_interval: DEFAULT_READ_INTERVAL,
         }
     }
 }
@@ -162,6 +170,7 @@ impl Relay {
         let mut short_pause = MIN_SHORT_PAUSE;
         let mut quiet_polls = 0;
         loop {
+            let looked = Instant::now();
             let (drawn, bound, xmin): (i64, i64, i64) =
                 sqlx::query_as("SELECT last_position, bound, xmin FROM events_horizon()")
                     .fetch_one(&self.pool)
@@ -216,6 +225,11 @@ impl Relay {
                 }
                 _ = tokio::time::sleep(pause) => {}
             }
+            // At most one look per read interval (a full batch aside): each costs the same
+            // whatever it finds (the horizon, a read, the publishes' round trip, the
+            // checkpoint), and looking at every commit of a single run (one every
+            // millisecond or two) took CPU that the next commit waited for.
+            tokio::time::sleep_until((looked + self.options.read_interval).into()).await;
         }
     }
 

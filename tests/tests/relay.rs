@@ -349,3 +349,54 @@ async fn the_checkpoints_skipped_flush_stays_with_its_own_transaction() {
     assert_eq!(setting, "on", "the session the checkpoint ran on commits as configured");
     task.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commits_close_together_wait_for_the_read_interval_and_one_after_a_quiet_spell_does_not() {
+    let stack = TestStack::new().await;
+    let store = Store::new(stack.pool.clone(), Arc::new(SystemServices));
+    let interval = Duration::from_millis(600);
+    let relay = factory_commands::relay::Relay::new(
+        stack.pool.clone(),
+        stack.js.clone(),
+        stack.topology.clone(),
+        factory_commands::relay::RelayOptions { read_interval: interval, ..Default::default() },
+    )
+    .with_wake(store.committed());
+    let task = tokio::spawn(relay.run());
+    let submit = |run: RunId| {
+        let store = &store;
+        async move {
+            store
+                .execute_run(run, RunCommand::SubmitRequirement { title: None, requirement: "Build a URL shortener".into(), pipeline: "phase1".into(), pipeline_definition: String::new(), auto_approve: true, submitted_by: "tester".into() })
+                .await
+                .unwrap();
+        }
+    };
+    // Until the stream holds `count` messages, polled often; the time it took.
+    let published = |count: u64| {
+        let stack = &stack;
+        async move {
+            let started = std::time::Instant::now();
+            while stream_len(&stack.js, stack).await < count {
+                assert!(started.elapsed() < DEADLINE, "{count} events were not published");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            started.elapsed()
+        }
+    };
+    // Quiet for longer than the interval: the first commit is looked at at once.
+    tokio::time::sleep(interval * 2).await;
+    let first_committed = std::time::Instant::now();
+    submit(RunId::new()).await;
+    let first = published(1).await;
+    assert!(first < interval / 2, "a commit after a quiet spell waited {first:?}");
+    // The next, right after: its look waits for the interval since the one that found the
+    // first (which began after the first committed).
+    submit(RunId::new()).await;
+    submit(RunId::new()).await;
+    published(3).await;
+    let next = first_committed.elapsed();
+    assert!(next >= interval - Duration::from_millis(50), "commits right after a look were read after {next:?}");
+    assert_stream_equals_store(&stack.js, &stack).await;
+    task.abort();
+}
