@@ -1000,3 +1000,68 @@ async fn the_sweep_queues_the_open_claims_of_a_process_that_has_gone_and_only_th
     assert_eq!(results_of(&stack, asked).await, ["claim:worker-dead"], "the question is not worked again");
     assert_eq!(results_of(&stack, done).await, ["claim:worker-dead"]);
 }
+
+/// The scripted provider, each call answered only once `pairs` calls wait together: two
+/// deliveries of one objective reach their ends at the same moment.
+struct InStep {
+    inner: ScriptedProvider,
+    together: tokio::sync::Barrier,
+}
+
+impl factory_teams::model::ModelProvider for InStep {
+    fn answers_in_process(&self) -> bool {
+        true
+    }
+
+    fn complete<'a>(&'a self, request: &'a factory_teams::model::ModelRequest) -> factory_teams::model::ModelFuture<'a> {
+        Box::pin(async move {
+            self.together.wait().await;
+            self.inner.complete(request).await
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_deliveries_of_one_objective_ending_together_in_one_process_record_its_end_once_and_both_settle() {
+    // Two work messages of one objective (a redelivery while the first attempt still runs)
+    // reach one worker: both work it, in step, and end together. One end holds the run's
+    // lane and commits; the other, waiting in it, is found finished when the holder decides
+    // the ends that waited, and is told the holder's outcome (the lane's "riders").
+    let (stack, store) = idle_stack().await;
+    let (run, plan, done) = run_with_first_stage_started(&store, None).await;
+    let [first, second] = [&plan.stages()[0], &plan.stages()[1]];
+    let work_dir = tempfile::tempdir().unwrap();
+    let provider = Arc::new(InStep { inner: ScriptedProvider::new(), together: tokio::sync::Barrier::new(2) });
+    let worker = Worker::new(
+        store.clone(),
+        stack.js.clone(),
+        stack.topology.clone(),
+        provider,
+        WorkerOptions::new(vec![first.team.clone()], work_dir.path().to_path_buf()),
+    );
+    let item = factory_teams::orchestrator::WorkItem::new(run, done, first);
+    let deadline = Duration::from_secs(30);
+    let (a, b) = tokio::time::timeout(deadline, async {
+        tokio::join!(worker.process(&item, "work:1", false), worker.process(&item, "work:2", true))
+    })
+    .await
+    .expect("both deliveries settle");
+    a.unwrap();
+    b.unwrap();
+    assert_eq!(results_of(&stack, done).await.len(), 1, "one result recorded");
+    let completions: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM events WHERE aggregate_id = $1 AND event_type = 'StageCompleted'",
+    )
+    .bind(run.to_string())
+    .fetch_one(&stack.pool)
+    .await
+    .unwrap();
+    assert_eq!(completions, 1, "the stage completed once");
+    let queued = queued_objectives(&stack, &second.team).await;
+    assert_eq!(queued.len(), 1, "the next stage's work queued once: {queued:?}");
+    let run_now = store.load_run(run).await.unwrap();
+    match &run_now.stages[&second.name] {
+        factory_domain::run::StageState::InProgress { objective_id, .. } => assert_eq!(objective_id.to_string(), queued[0]),
+        other => panic!("the next stage is {other:?}"),
+    }
+}
