@@ -869,7 +869,7 @@ const HOPS: [&str; 8] = [
 
 async fn pipeline_suite(config: &Config, plan: Plan, reference: Option<&Reference>) -> Result<()> {
     let ours = with_components(config, "pipe", |pool, stack| {
-        pipeline_figures(pool, stack.components, stack.reader, stack.topology, stack.work_dir, stack.relay, plan)
+        pipeline_figures(pool, stack.components, stack.reader, stack.topology, stack.worker, stack.relay, plan)
     })
     .await?;
     if let Some(reference) = reference {
@@ -885,7 +885,8 @@ struct BenchStack {
     /// The bench watches the events stream on another, like any outside reader.
     reader: jetstream::Context,
     topology: Topology,
-    work_dir: Scratch,
+    /// As `up` configures its worker: every team, the work dir, the slots per team.
+    worker: WorkerOptions,
     relay: RelayOptions,
 }
 
@@ -910,7 +911,11 @@ where
         components: components.clone(),
         reader,
         topology: topology.clone(),
-        work_dir: work_dir.clone(),
+        worker: {
+            let mut options = WorkerOptions::new(TEAM_IDS.iter().map(|t| t.to_string()).collect(), work_dir.clone());
+            options.concurrency = config.worker_concurrency;
+            options
+        },
         relay: relay_options(config),
     };
     let outcome = in_scratch_database(config, |pool| figures(pool, stack)).await;
@@ -944,7 +949,7 @@ async fn pipeline_figures(
     js: jetstream::Context,
     reader: jetstream::Context,
     topology: Topology,
-    work_dir: Scratch,
+    worker_options: WorkerOptions,
     relay_options: RelayOptions,
     plan: Plan,
 ) -> Result<PipelineFigures> {
@@ -964,14 +969,7 @@ async fn pipeline_figures(
         inner: ScriptedProvider::new(),
         calls: calls.clone(),
     });
-    let teams = TEAM_IDS.iter().map(|t| t.to_string()).collect();
-    let worker = Worker::new(
-        store.clone(),
-        js.clone(),
-        topology.clone(),
-        provider,
-        WorkerOptions::new(teams, work_dir),
-    );
+    let worker = Worker::new(store.clone(), js.clone(), topology.clone(), provider, worker_options);
     components.spawn(
         Orchestrator::new(store.clone(), js.clone(), topology.clone())
             .with_local_work(worker.local_work())
@@ -1782,7 +1780,7 @@ const TARGET_ACHIEVED_SHARE: f64 = 0.99;
 
 async fn rebuild_suite(config: &Config, plan: Plan) -> Result<()> {
     with_components(config, "rebuild", |pool, stack| {
-        rebuild_figures(pool, stack.components, stack.reader, stack.topology, stack.work_dir, stack.relay, plan)
+        rebuild_figures(pool, stack.components, stack.reader, stack.topology, stack.worker, stack.relay, plan)
     })
     .await
 }
@@ -1792,7 +1790,7 @@ async fn rebuild_figures(
     js: jetstream::Context,
     reader: jetstream::Context,
     topology: Topology,
-    work_dir: Scratch,
+    worker_options: WorkerOptions,
     relay_options: RelayOptions,
     plan: Plan,
 ) -> Result<()> {
@@ -1810,14 +1808,7 @@ async fn rebuild_figures(
     let templates = {
         let mut observer = Observer::start(&reader, &topology).await?;
         let mut pipeline = JoinSet::new();
-        let teams = TEAM_IDS.iter().map(|t| t.to_string()).collect();
-        let worker = Worker::new(
-            store.clone(),
-            js.clone(),
-            topology.clone(),
-            Arc::new(ScriptedProvider::new()),
-            WorkerOptions::new(teams, work_dir),
-        );
+        let worker = Worker::new(store.clone(), js.clone(), topology.clone(), Arc::new(ScriptedProvider::new()), worker_options);
         pipeline.spawn(
             Orchestrator::new(store.clone(), js.clone(), topology.clone())
                 .with_local_work(worker.local_work())

@@ -72,7 +72,7 @@ pub struct WorkerOptions {
 
 /// Objectives one team works at once in one worker process, unless configured
 /// (`worker_concurrency`). Those a team's free slots here cannot take go through the queue.
-pub const DEFAULT_CONCURRENCY: usize = 32;
+pub const DEFAULT_CONCURRENCY: usize = 64;
 
 impl WorkerOptions {
     pub fn new(teams: Vec<String>, work_dir: impl Into<Scratch>) -> Self {
