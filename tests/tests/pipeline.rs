@@ -1001,7 +1001,7 @@ async fn the_sweep_queues_the_open_claims_of_a_process_that_has_gone_and_only_th
     assert_eq!(results_of(&stack, done).await, ["claim:worker-dead"]);
 }
 
-/// The scripted provider, each call answered only once `pairs` calls wait together: two
+/// The scripted provider, each call answered only once two calls wait together: two
 /// deliveries of one objective reach their ends at the same moment.
 struct InStep {
     inner: ScriptedProvider,

@@ -354,12 +354,14 @@ async fn the_checkpoints_skipped_flush_stays_with_its_own_transaction() {
 async fn commits_close_together_wait_for_the_read_interval_and_one_after_a_quiet_spell_does_not() {
     let stack = TestStack::new().await;
     let store = Store::new(stack.pool.clone(), Arc::new(SystemServices));
-    let interval = Duration::from_millis(600);
+    let interval = Duration::from_millis(300);
+    // No backstop poll during the test: every look after the relay goes idle is one a
+    // commit woke.
     let relay = factory_commands::relay::Relay::new(
         stack.pool.clone(),
         stack.js.clone(),
         stack.topology.clone(),
-        factory_commands::relay::RelayOptions { read_interval: interval, ..Default::default() },
+        factory_commands::relay::RelayOptions { read_interval: interval, poll_interval: Duration::from_secs(60), ..Default::default() },
     )
     .with_wake(store.committed());
     let task = tokio::spawn(relay.run());
@@ -384,8 +386,10 @@ async fn commits_close_together_wait_for_the_read_interval_and_one_after_a_quiet
             started.elapsed()
         }
     };
-    // Quiet for longer than the interval: the first commit is looked at at once.
-    tokio::time::sleep(interval * 2).await;
+    // Idle: past its quiet polls after start-up (8, one per interval at most), it looks
+    // again only when woken. Its last look longer ago than the interval, the first commit
+    // is looked at at once.
+    tokio::time::sleep(interval * 13).await;
     let first_committed = std::time::Instant::now();
     submit(RunId::new()).await;
     let first = published(1).await;
