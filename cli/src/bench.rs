@@ -911,11 +911,7 @@ where
         components: components.clone(),
         reader,
         topology: topology.clone(),
-        worker: {
-            let mut options = WorkerOptions::new(TEAM_IDS.iter().map(|t| t.to_string()).collect(), work_dir.clone());
-            options.concurrency = config.worker_concurrency;
-            options
-        },
+        worker: crate::up::worker_options(config, TEAM_IDS.iter().map(|t| t.to_string()).collect(), work_dir.clone()),
         relay: relay_options(config),
     };
     let outcome = in_scratch_database(config, |pool| figures(pool, stack)).await;

@@ -437,10 +437,17 @@ mod tests {
         assert_eq!(c.worker_concurrency, factory_teams::worker::DEFAULT_CONCURRENCY);
         let c = Config::from_sources(&env(&[("FACTORY_WORKER_CONCURRENCY", "4")])).unwrap();
         assert_eq!(c.worker_concurrency, 4);
-        for bad in ["0", "1025", "many"] {
-            let e = Config::from_sources(&env(&[("FACTORY_WORKER_CONCURRENCY", bad)])).unwrap_err();
+        refused_naming_the_key("worker_concurrency", &["0", "1025", "many"]);
+    }
+
+    /// Each of `values`, set for `key` in the environment, stops start-up with an error that
+    /// names the key and its variable.
+    fn refused_naming_the_key(key: &str, values: &[&str]) {
+        let variable = format!("FACTORY_{}", key.to_uppercase());
+        for value in values {
+            let e = Config::from_sources(&env(&[(variable.as_str(), value)])).unwrap_err();
             let text = e.to_string();
-            assert!(text.contains("worker_concurrency") && text.contains("FACTORY_WORKER_CONCURRENCY"), "{text}");
+            assert!(text.contains(key) && text.contains(&variable), "{value}: {text}");
         }
     }
 
@@ -450,11 +457,7 @@ mod tests {
         assert_eq!(c.relay_read_interval, factory_commands::relay::DEFAULT_READ_INTERVAL);
         let c = Config::from_sources(&env(&[("FACTORY_RELAY_READ_INTERVAL_MS", "0")])).unwrap();
         assert_eq!(c.relay_read_interval, Duration::ZERO);
-        for bad in ["1001", "-1", "soon"] {
-            let e = Config::from_sources(&env(&[("FACTORY_RELAY_READ_INTERVAL_MS", bad)])).unwrap_err();
-            let text = e.to_string();
-            assert!(text.contains("relay_read_interval_ms") && text.contains("FACTORY_RELAY_READ_INTERVAL_MS"), "{text}");
-        }
+        refused_naming_the_key("relay_read_interval_ms", &["1001", "-1", "soon"]);
     }
 
     #[test]

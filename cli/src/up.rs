@@ -167,9 +167,18 @@ fn worker(
     } else {
         teams
     };
-    let mut options = factory_teams::worker::WorkerOptions::new(teams, config.scratch());
+    factory_teams::worker::Worker::new(store, js, topology, router, worker_options(config, teams, config.scratch()))
+}
+
+/// A worker's options as configured: its teams, where it keeps workspaces, its slots per team.
+pub(crate) fn worker_options(
+    config: &Config,
+    teams: Vec<String>,
+    work_dir: factory_teams::tools::Scratch,
+) -> factory_teams::worker::WorkerOptions {
+    let mut options = factory_teams::worker::WorkerOptions::new(teams, work_dir);
     options.concurrency = config.worker_concurrency;
-    factory_teams::worker::Worker::new(store, js, topology, router, options)
+    options
 }
 
 pub async fn worker_only(config: &Config, teams: Vec<String>) -> Result<ExitCode> {
